@@ -1,0 +1,33 @@
+# The two contract commands (README): `make run` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYTHONUNBUFFERED := 1
+GRANK := .venv/bin/grank
+PY := .venv/bin/python
+
+.PHONY: setup data run test lint typecheck unit
+
+setup:            ## create/update both pinned environments (idempotent, seconds when unchanged)
+	scripts/setup.sh
+
+data: setup       ## fetch and verify ML-1M and ML-100K, land the full ML-1M raw lake
+	$(GRANK) data fetch ml-1m ml-100k
+	$(GRANK) data land --all
+
+run: setup        ## the main job end to end on embedded defaults
+	scripts/run_main.sh
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: setup
+	.venv/bin/mypy
+
+unit: setup
+	$(PY) -m pytest
+
+test: setup lint typecheck  ## everything CI runs
+	$(GRANK) data fetch ml-1m ml-100k
+	$(PY) -m pytest

@@ -1,0 +1,219 @@
+"""The raw event lake: an append-only, date-partitioned Parquet event log plus dimension tables.
+
+Layout under ``lake_dir``::
+
+    raw/events/dt=YYYY-MM-DD/part-00000.parquet   one partition per UTC day (EVENT_SCHEMA)
+    raw/items/items.parquet                       item dimension (ITEM_SCHEMA)
+    raw/users/users.parquet                       user dimension (USER_SCHEMA)
+    raw/_DATASET                                  which source landed here (refuses mixing)
+
+Rows inside a partition are sorted by ``(event_timestamp, event_id)``; that order is the
+documented tie-break for events with the same timestamp, all the way to the model.
+
+Replays of a historical dataset set ``ingestion_time`` to the end of the logical day
+(the moment a daily batch would have picked the day up), not the wall clock, so landing
+the same day twice writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from common.atomic import atomic_write_text, staging_dir
+from common.errors import UserFacingError
+
+US_PER_DAY = 86_400_000_000
+EPOCH = date(1970, 1, 1)
+
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64(), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("value", pa.float32()),
+        pa.field("event_timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("ingestion_time", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+ITEM_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("year", pa.int32()),
+        pa.field("genres", pa.string()),
+    ]
+)
+USER_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("age", pa.int32()),
+        pa.field("gender", pa.string()),
+        pa.field("occupation", pa.string()),
+        pa.field("zip", pa.string()),
+    ]
+)
+PARQUET_OPTIONS: dict[str, object] = {"compression": "zstd", "write_statistics": True}
+
+
+def day_start_us(day: date) -> int:
+    """Microseconds since the epoch at 00:00:00 UTC of ``day``."""
+    return (day - EPOCH).days * US_PER_DAY
+
+
+def day_of_us(timestamp_us: int) -> date:
+    """The UTC day a microsecond timestamp falls in."""
+    return EPOCH + timedelta(days=timestamp_us // US_PER_DAY)
+
+
+def events_dir(lake_dir: Path) -> Path:
+    return lake_dir / "raw" / "events"
+
+
+def partition_dir(lake_dir: Path, day: date) -> Path:
+    """Folder of the events of ``day`` (``dt=YYYY-MM-DD``)."""
+    return events_dir(lake_dir) / f"dt={day.isoformat()}"
+
+
+def landed_days(lake_dir: Path) -> list[date]:
+    """Days that have a complete partition, oldest first (hidden staging folders ignored)."""
+    root = events_dir(lake_dir)
+    if not root.exists():
+        return []
+    return sorted(
+        date.fromisoformat(p.name[3:]) for p in root.iterdir() if p.name.startswith("dt=")
+    )
+
+
+def read_partition(lake_dir: Path, day: date) -> pa.Table:
+    """All events of one landed day, in the lake's sort order."""
+    folder = partition_dir(lake_dir, day)
+    if not folder.exists():
+        raise UserFacingError(f"no raw partition for {day}: expected {folder}")
+    files = sorted(folder.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f, schema=EVENT_SCHEMA) for f in files])
+
+
+def write_partition(lake_dir: Path, day: date, events: pa.Table) -> Path:
+    """Atomically (re)place the partition of ``day`` with ``events`` (already EVENT_SCHEMA)."""
+    if events.num_rows == 0:
+        raise UserFacingError(f"no events on {day}: refusing to land an empty partition")
+    target = partition_dir(lake_dir, day)
+    with staging_dir(target) as staging:
+        pq.write_table(events, staging / "part-00000.parquet", **PARQUET_OPTIONS)
+    return target
+
+
+def to_lake_events(ratings: pa.Table) -> pa.Table:
+    """Map converted MovieLens ratings onto EVENT_SCHEMA, sorted by the tie-break order."""
+    ts_us = ratings["timestamp"].to_numpy() * 1_000_000
+    ingestion_us = (ts_us // US_PER_DAY + 1) * US_PER_DAY
+    table = pa.table(
+        {
+            "event_id": ratings["source_row"],
+            "user_id": ratings["user_id"],
+            "item_id": ratings["item_id"],
+            "event_type": pa.array(["rating"] * ratings.num_rows, pa.string()),
+            "value": pc.cast(ratings["rating"], pa.float32()),
+            "event_timestamp": pa.array(ts_us, pa.timestamp("us", tz="UTC")),
+            "ingestion_time": pa.array(ingestion_us, pa.timestamp("us", tz="UTC")),
+        },
+        schema=EVENT_SCHEMA,
+    )
+    return table.sort_by([("event_timestamp", "ascending"), ("event_id", "ascending")])
+
+
+@dataclass
+class LandingReport:
+    """What a landing wrote: events per day, and the days in range that had none."""
+
+    events_per_day: dict[date, int] = field(default_factory=dict)
+    empty_days: list[date] = field(default_factory=list)
+
+    @property
+    def total_events(self) -> int:
+        return sum(self.events_per_day.values())
+
+
+def dataset_day_range(events: pa.Table) -> tuple[date, date]:
+    """First and last UTC day that has events."""
+    ts = events["event_timestamp"].cast(pa.int64())
+    return day_of_us(pc.min(ts).as_py()), day_of_us(pc.max(ts).as_py())
+
+
+def land_days(
+    lake_dir: Path, events: pa.Table, first: date, last: date, *, require_events: bool
+) -> LandingReport:
+    """Land every day in ``[first, last]`` from ``events`` (EVENT_SCHEMA, sorted).
+
+    ``require_events`` makes a day without events an error (a single-date landing)
+    instead of a skipped day (a range, where gaps are normal in the real data).
+    """
+    lo, hi = dataset_day_range(events)
+    if first > last:
+        raise UserFacingError(f"empty date range: {first} is after {last}")
+    if first < lo or last > hi:
+        raise UserFacingError(
+            f"date range {first}..{last} is outside the dataset's days {lo}..{hi}"
+        )
+    _check_writable(lake_dir)
+    ts_us = events["event_timestamp"].cast(pa.int64()).to_numpy()
+    day_index = ts_us // US_PER_DAY
+    report = LandingReport()
+    day = first
+    while day <= last:
+        index = (day - EPOCH).days
+        start, stop = np.searchsorted(day_index, [index, index + 1])
+        if stop == start:
+            if require_events:
+                raise UserFacingError(f"no events on {day} in this dataset; nothing landed")
+            report.empty_days.append(day)
+        else:
+            write_partition(lake_dir, day, events.slice(start, stop - start))
+            report.events_per_day[day] = int(stop - start)
+        day += timedelta(days=1)
+    return report
+
+
+def land_dimensions(lake_dir: Path, items: pa.Table, users: pa.Table) -> None:
+    """Write the item and user dimension tables (whole-table replace, atomic)."""
+    for name, table, schema in (("items", items, ITEM_SCHEMA), ("users", users, USER_SCHEMA)):
+        with staging_dir(lake_dir / "raw" / name) as staging:
+            pq.write_table(table.cast(schema), staging / f"{name}.parquet", **PARQUET_OPTIONS)
+
+
+def claim_lake(lake_dir: Path, dataset: str) -> None:
+    """Record which dataset this lake holds; refuse to mix two sources in one lake."""
+    _check_writable(lake_dir)
+    marker = lake_dir / "raw" / "_DATASET"
+    if marker.exists():
+        owner = marker.read_text().strip()
+        if owner != dataset:
+            raise UserFacingError(
+                f"lake {lake_dir} already holds {owner!r}; use another GRANK_DATA_ROOT for"
+                f" {dataset!r}"
+            )
+        return
+    atomic_write_text(marker, dataset + "\n")
+
+
+def _check_writable(lake_dir: Path) -> None:
+    """Fail early, with the path, when the data root cannot be written."""
+    probe = lake_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserFacingError(f"data root is not writable: {probe}")
+
+
+def utc_datetime(day: date) -> datetime:
+    """Midnight UTC at the start of ``day`` as an aware datetime."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)

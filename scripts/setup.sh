@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create or update the two pinned environments; a re-run with unchanged pins takes seconds.
+#   .venv          app environment (requirements/app.in + app.lock), with this project editable
+#   .venv-airflow  Airflow 3.3 (requirements/airflow.in + airflow.lock)
+# Each venv stores the sha256 of the files it was built from; a match skips the install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+fingerprint() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+ensure_venv() {  # ensure_venv DIR STAMP_INPUTS... ; returns 0 if up to date
+  local dir=$1; shift
+  local want; want=$(fingerprint "$@")
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.grank-stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install --quiet --upgrade pip
+  return 1
+}
+
+app_inputs=(requirements/app.in requirements/app.lock pyproject.toml)
+if ensure_venv .venv "${app_inputs[@]}"; then
+  say "app environment up to date (.venv)"
+else
+  say "installing the app environment into .venv (first time: ~3 min; torch first, CPU build)"
+  # torch first: left to the resolver, an unpinned torch pulls a multi-GB CUDA build.
+  .venv/bin/pip install --quiet "torch==2.13.0"
+  .venv/bin/pip install --quiet -r requirements/app.in -c requirements/app.lock
+  .venv/bin/pip install --quiet --no-deps -e .
+  fingerprint "${app_inputs[@]}" > .venv/.grank-stamp
+fi
+
+af_inputs=(requirements/airflow.in requirements/airflow.lock)
+if ensure_venv .venv-airflow "${af_inputs[@]}"; then
+  say "Airflow environment up to date (.venv-airflow)"
+else
+  say "installing Airflow 3.3 into .venv-airflow (~30 s)"
+  .venv-airflow/bin/pip install --quiet -r requirements/airflow.in -c requirements/airflow.lock
+  fingerprint "${af_inputs[@]}" > .venv-airflow/.grank-stamp
+fi
