@@ -42,6 +42,7 @@ def land(
     from features import lake
     from features.datasets import load_events
 
+    lake.claim_lake(settings.lake_dir, settings.dataset)
     events = lake.to_lake_events(load_events(settings.dataset, settings.datasets_dir))
     if land_all:
         if day or first or last:
@@ -49,7 +50,6 @@ def land(
         first, last = lake.dataset_day_range(events)
     else:
         first, last = date_window(day, first, last)
-    lake.claim_lake(settings.lake_dir, settings.dataset)
     report = lake.land_days(settings.lake_dir, events, first, last, require_events=first == last)
     folder = settings.datasets_dir / settings.dataset
     lake.land_dimensions(
