@@ -43,3 +43,16 @@ else
   .venv-airflow/bin/pip install --quiet -r requirements/airflow.in -c requirements/airflow.lock
   fingerprint "${af_inputs[@]}" > .venv-airflow/.grank-stamp
 fi
+
+# docker-compose (Debian's v1 package) validates docker-compose.yml offline in the tests;
+# no Docker engine is needed. Installed only where missing and apt is usable.
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing docker-compose (Debian package) to validate docker-compose.yml"
+    (apt-get install -y -q docker-compose >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null; }) ||
+      say "warning: could not install docker-compose; the compose validation test will fail in CI"
+  else
+    say "note: docker-compose not found; install it to run the compose validation test"
+  fi
+fi
