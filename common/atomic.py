@@ -16,6 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import (``os.umask`` can only be read by setting it)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+_UMASK = _read_umask()
+
+
+def _umask_mode(base: int) -> int:
+    """``base`` as the umask would leave it: temp files start private (0600/0700), but
+    published artefacts must be readable like any other file (e.g. by a serving user)."""
+    return base & ~_UMASK
+
+
 def fsync_dir(path: Path) -> None:
     """Persist a directory entry (a rename is durable only once its parent is synced)."""
     fd = os.open(path, os.O_RDONLY)
@@ -30,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode(0o666))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -59,6 +76,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staging.chmod(_umask_mode(0o777))
     try:
         yield staging
         for file in staging.rglob("*"):
