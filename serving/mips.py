@@ -1,0 +1,88 @@
+"""Exact maximum-inner-product search over the whole item matrix, with no index to build.
+
+Both backends scan every item: faiss ``IndexFlatIP`` on CPU (BLAS over the full matrix)
+and torch ``matmul`` + ``topk`` on a CUDA device. "Adding" vectors to a flat index is a
+copy, so a new snapshot is searchable as soon as it is loaded, and recall is exact by
+construction. Structured indexes (HNSW, IVF, PQ, trees) are deliberately absent: their
+build time is what this design removes (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+
+from common.errors import UserFacingError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ExactMIPS(Protocol):
+    """Top-k inner products of queries against every row of the item matrix."""
+
+    @property
+    def size(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [B, d] -> (scores float32 [B, k], row indices int64 [B, k])."""
+        ...
+
+
+class FaissFlatMIPS:
+    """CPU path: faiss ``IndexFlatIP`` (brute force, releases the GIL while it scans)."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        import faiss
+
+        self._index = faiss.IndexFlatIP(matrix.shape[1])
+        self._index.add(np.ascontiguousarray(matrix, dtype=np.float32))
+
+    @property
+    def size(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.size)
+        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows.astype(np.int64, copy=False)
+
+
+class TorchMIPS:
+    """GPU path (also runs on CPU for tests): one matmul plus ``topk`` per batch."""
+
+    def __init__(self, matrix: np.ndarray, device: str, dtype: str = "float32") -> None:
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device)
+        self._dtype = getattr(torch, dtype)
+        self._matrix = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).to(
+            self._device, self._dtype
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self._matrix.shape[0])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        k = min(k, self.size)
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+            scores = q.to(self._device, self._dtype) @ self._matrix.T
+            top = torch.topk(scores.float(), k, dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
+
+
+def build_mips(matrix: np.ndarray, device: Device = "auto") -> ExactMIPS:
+    """The flat searcher for ``matrix``: CUDA when asked or available (``auto``), else faiss."""
+    if device == "cpu":
+        return FaissFlatMIPS(matrix)
+    import torch
+
+    if torch.cuda.is_available():
+        return TorchMIPS(matrix, "cuda")
+    if device == "cuda":
+        raise UserFacingError("serving device 'cuda' requested but torch sees no CUDA device")
+    return FaissFlatMIPS(matrix)

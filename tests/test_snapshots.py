@@ -1,0 +1,266 @@
+"""Snapshots on real files: refresh, publish, verify, tamper, kill mid-write, rollback, prune."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.errors import UserFacingError
+from grank.cli import cli
+from grank.config import REPO_ROOT
+from serving.embeddings import refresh_embeddings
+from serving.snapshots import (
+    CURRENT,
+    EMBEDDINGS_FILE,
+    ITEM_IDS_FILE,
+    SnapshotError,
+    list_snapshots,
+    prune_snapshots,
+    publish_snapshot,
+    read_current,
+    rollback,
+    verify_snapshot,
+    version_dir,
+)
+from tests.conftest import make_settings
+from training.checkpoint import save_checkpoint
+from training.model import GRank, GRankConfig
+
+DAY = date(2000, 12, 31)
+N_ITEMS = 300
+
+
+def make_refresh(root: Path, seed: int, n_items: int = N_ITEMS) -> Path:
+    """A tiny real checkpoint (seeded) refreshed into an embeddings folder; returns the folder."""
+    torch.manual_seed(seed)
+    config = GRankConfig(
+        n_item_rows=n_items + 1, dim=16, n_layers=1, n_heads=2, short_seq_len=8, long_seq_len=16
+    )
+    checkpoint = root / "checkpoints" / f"ckpt-{seed}"
+    save_checkpoint(GRank(config).eval(), checkpoint, {"metrics": {"recall@50": 0.1 * seed}})
+    popular = list(range(n_items, 0, -1))  # item n_items is the most popular
+    out = root / "embeddings" / f"seed={seed}"
+    refresh_embeddings(checkpoint, out, list(range(1, n_items + 1)), popular, batch_size=64)
+    return out
+
+
+def publish(root: Path, source: Path, keep: int = 5) -> str:
+    return publish_snapshot(root / "snapshots", source, DAY, {"feature_services": []}, keep=keep)
+
+
+def test_refresh_writes_every_item_vector_of_the_model(tmp_path: Path) -> None:
+    out = make_refresh(tmp_path, seed=1)
+    matrix = np.load(out / EMBEDDINGS_FILE)
+    ids = np.load(out / ITEM_IDS_FILE)
+    assert matrix.shape == (N_ITEMS, 16) and matrix.dtype == np.float32
+    assert ids.tolist() == list(range(1, N_ITEMS + 1))
+    torch.manual_seed(1)
+    model = GRank(GRankConfig(N_ITEMS + 1, 16, 1, 2, 8, 16))
+    np.testing.assert_array_equal(matrix, model.item_vectors()[1:].detach().numpy())
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_refresh_refuses_items_the_model_has_no_row_for(tmp_path: Path) -> None:
+    out = make_refresh(tmp_path, seed=1)
+    with pytest.raises(UserFacingError, match="outside the model's table"):
+        refresh_embeddings(
+            tmp_path / "checkpoints" / "ckpt-1", out, [1, N_ITEMS + 5], [1], progress=False
+        )
+
+
+def test_publish_writes_a_verified_version_and_moves_current(tmp_path: Path) -> None:
+    source = make_refresh(tmp_path, seed=1)
+    first = publish(tmp_path, source)
+    second = publish(tmp_path, source)
+    assert (first, second) == ("000001-2000-12-31", "000002-2000-12-31")
+    snapshots = tmp_path / "snapshots"
+    assert read_current(snapshots) == second
+    manifest = verify_snapshot(snapshots / second)
+    assert manifest["item_count"] == N_ITEMS and manifest["dim"] == 16
+    assert manifest["dtype"] == "float32" and manifest["checkpoint_id"] == "ckpt-1"
+    assert manifest["logical_date"] == "2000-12-31" and manifest["metrics"] == {"recall@50": 0.1}
+    assert set(manifest["files"]) >= {EMBEDDINGS_FILE, ITEM_IDS_FILE, "model/model.safetensors"}
+    assert [i.version for i in list_snapshots(snapshots) if i.is_current] == [second]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extra", "missing"])
+def test_a_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "snapshots" / publish(tmp_path, make_refresh(tmp_path, seed=1))
+    target = folder / EMBEDDINGS_FILE
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-4])
+    elif damage == "extra":
+        (folder / "stray.bin").write_bytes(b"x")
+    else:
+        target.unlink()
+    with pytest.raises(SnapshotError, match=folder.name):
+        verify_snapshot(folder)
+
+
+def test_rollback_goes_to_the_previous_version_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    snapshots = tmp_path / "snapshots"
+    source = make_refresh(tmp_path, seed=1)
+    v1, v2, v3 = (publish(tmp_path, source) for _ in range(3))
+    assert rollback(snapshots) == v2
+    assert read_current(snapshots) == v2
+    assert rollback(snapshots, to=v3) == v3
+    emb = snapshots / v1 / EMBEDDINGS_FILE
+    emb.write_bytes(emb.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        rollback(snapshots, to=v1)
+    assert read_current(snapshots) == v3
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        rollback(snapshots, to="000009-2000-12-31")
+
+
+@pytest.mark.parametrize(
+    "name", ["../snapshots", "..", "/etc/passwd", "000001-2000-12-31/../../x", "a b", ""]
+)
+def test_version_names_cannot_escape_the_snapshots_folder(tmp_path: Path, name: str) -> None:
+    with pytest.raises(SnapshotError, match="invalid snapshot version"):
+        version_dir(tmp_path, name)
+    with pytest.raises(SnapshotError, match="invalid snapshot version"):
+        rollback(tmp_path, to=name)
+
+
+def test_a_tampered_current_pointer_is_refused(tmp_path: Path) -> None:
+    (tmp_path / CURRENT).write_text("../../etc\n")
+    with pytest.raises(SnapshotError, match="invalid snapshot version"):
+        read_current(tmp_path)
+
+
+def test_retention_keeps_the_newest_k_and_never_the_current_one(tmp_path: Path) -> None:
+    snapshots = tmp_path / "snapshots"
+    source = make_refresh(tmp_path, seed=1)
+    versions = [publish(tmp_path, source, keep=2) for _ in range(4)]
+    assert [i.version for i in list_snapshots(snapshots)] == versions[2:]
+    rollback(snapshots)  # CURRENT -> versions[2]
+    publish(tmp_path, source, keep=1)  # new one becomes current; the rest pruned
+    assert [i.version for i in list_snapshots(snapshots)] == ["000005-2000-12-31"]
+    (snapshots / CURRENT).write_text(versions[2] + "\n")  # pretend it is served again
+    assert prune_snapshots(snapshots, keep=1) == []  # nothing else left to prune
+    assert not [p for p in snapshots.iterdir() if p.name.startswith(".")]
+
+
+# The child publishes, pausing forever at one step; the test kills it there with SIGKILL.
+KILLED_PUBLISHER = """
+import sys, time
+from datetime import date
+from pathlib import Path
+from serving import snapshots
+
+def pause(*args, **kwargs):
+    print("paused", flush=True)
+    time.sleep(600)
+
+point = sys.argv[3]
+if point == "copy":
+    link = snapshots.link_or_copy
+    def link_then_pause(src, dst):
+        link(src, dst)
+        pause()
+    snapshots.link_or_copy = link_then_pause
+elif point == "rename":
+    snapshots.os.rename = pause
+else:
+    snapshots.atomic_write_text = pause
+snapshots.publish_snapshot(Path(sys.argv[1]), Path(sys.argv[2]), date(2000, 12, 31), {}, 5)
+"""
+
+
+@pytest.mark.parametrize("point", ["copy", "rename", "current"])
+def test_killing_the_publisher_mid_write_keeps_the_old_current(tmp_path: Path, point: str) -> None:
+    snapshots = tmp_path / "snapshots"
+    source = make_refresh(tmp_path, seed=1)
+    old = publish(tmp_path, source)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PUBLISHER, str(snapshots), str(source), point],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "paused"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    assert read_current(snapshots) == old
+    verify_snapshot(snapshots / old)
+    newer = publish(tmp_path, source)
+    assert read_current(snapshots) == newer != old
+    verify_snapshot(snapshots / newer)
+
+
+def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    make_refresh(tmp_path, seed=3)
+    checkpoints = tmp_path / "checkpoints"
+    (settings.models_dir / "checkpoints").mkdir(parents=True)
+    os.replace(checkpoints / "ckpt-3", settings.models_dir / "checkpoints" / "ckpt-3")
+    (settings.models_dir / "PUBLISHED").write_text("ckpt-3\n")
+    items = settings.lake_dir / "raw" / "items"
+    items.mkdir(parents=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"item_id": pa.array(range(1, 51), pa.int64())}), items / "items.parquet"
+    )
+    features = settings.features_dir / "item_features" / f"dt={DAY}"
+    features.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": pa.array(range(1, 61), pa.int64()),
+                "pop_7d": pa.array([i % 7 for i in range(1, 61)], pa.int64()),
+                "pop_total": pa.array(range(1, 61), pa.int64()),
+            }
+        ),
+        features / "part-0.parquet",
+    )
+    env = {"GRANK_DATA_ROOT": str(tmp_path), "GRANK_DATASET": "ml-100k"}
+    runner = CliRunner()
+
+    def grank(*args: str) -> str:
+        result = runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "refreshed 50 items x 16" in grank("embeddings", "refresh", "--date", str(DAY))
+    popular = np.load(tmp_path / "embeddings" / f"dt={DAY}" / "popular_items.npy")
+    assert popular[:3].tolist() == [48, 41, 34] and popular.max() <= 50  # pop_7d=6 first
+    assert "000001-2000-12-31" in grank("snapshot", "publish", "--date", str(DAY))
+    grank("snapshot", "publish", "--date", str(DAY))
+    listing = grank("snapshot", "list")
+    assert "* 000002-2000-12-31" in listing and "checkpoint=ckpt-3" in listing
+    assert "verified" in grank("snapshot", "verify")
+    assert "CURRENT -> 000001-2000-12-31" in grank("snapshot", "rollback")
+    bad = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "grank"), "snapshot", "rollback", "--to", "../x"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("error: invalid snapshot version")
+    assert json.loads((tmp_path / "snapshots" / "000001-2000-12-31" / "manifest.json").read_text())
+
+
+def test_publish_refuses_a_folder_without_embeddings(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SnapshotError, match="no refreshed embeddings"):
+        publish(tmp_path, tmp_path / "empty")
+    assert read_current(tmp_path / "snapshots") is None
