@@ -1,7 +1,112 @@
-"""Commands of ``grank features`` owned by this module (added to the group in features.py)."""
+"""``grank features build`` and ``grank features validate``: the Spark ETL and its quality gates."""
 
 from __future__ import annotations
 
+from datetime import date
+from typing import TYPE_CHECKING
+
 import click
 
-COMMANDS: list[click.Command] = []
+from grank.cli.options import DATE, date_window, each_day
+from grank.config import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from features.jobs import BuildSpec
+
+
+def _session(settings: Settings) -> SparkSession:
+    from features.spark import get_session
+
+    return get_session(
+        master=settings.spark.master,
+        shuffle_partitions=settings.spark.shuffle_partitions,
+        driver_memory=settings.spark.driver_memory,
+    )
+
+
+def build_spec(settings: Settings) -> BuildSpec:
+    """The job's plain arguments from Settings (layers never read grank.config)."""
+    from features.jobs import BuildSpec
+
+    return BuildSpec(
+        lake_dir=settings.lake_dir,
+        features_dir=settings.features_dir,
+        quarantine_dir=settings.quarantine_dir,
+        long_seq_len=settings.features.long_seq_len,
+        short_seq_len=settings.features.short_seq_len,
+        windows_days=settings.features.popularity_windows_days,
+    )
+
+
+@click.command()
+@click.option("--date", "day", type=DATE, help="Build one logical day.")
+@click.option("--from", "first", type=DATE, help="First day of a backfill.")
+@click.option("--to", "last", type=DATE, help="Last day of a backfill (inclusive).")
+@click.option(
+    "--rebuild", is_flag=True, help="Recompute from all history up to the end of the day."
+)
+@click.pass_obj
+def build(
+    settings: Settings, day: date | None, first: date | None, last: date | None, rebuild: bool
+) -> None:
+    """Build the feature tables of a day (or of each landed day of a backfill, in order)."""
+    from features.jobs import build_day, quarantined_raw_days
+    from features.lake import landed_days
+
+    first, last = date_window(day, first, last)
+    if first == last:
+        days = [first]
+    else:
+        # quarantined days stay in the list so that the build stops there with the reason
+        known = {*landed_days(settings.lake_dir), *quarantined_raw_days(settings.quarantine_dir)}
+        days = [d for d in each_day(first, last) if d in known]
+        click.echo(f"backfill {first}..{last}: {len(days)} landed days to build")
+    spec = build_spec(settings)
+    spark = _session(settings)
+    for index, target in enumerate(days):
+        result = build_day(spark, spec, target, rebuild=rebuild and index == 0)
+        click.echo(
+            f"{result.day}: {result.mode}, {result.events:,} events, training examples for"
+            f" {len(result.example_days)} day(s) under {settings.features_dir}"
+        )
+
+
+@click.command()
+@click.option("--date", "day", type=DATE, required=True, help="Logical day to validate.")
+@click.option(
+    "--stage",
+    type=click.Choice(["raw", "features"]),
+    default="raw",
+    show_default=True,
+    help="raw: the landed events of the day; features: the built feature partitions of the day.",
+)
+@click.pass_obj
+def validate(settings: Settings, day: date, stage: str) -> None:
+    """Run the Great Expectations gate; a critical failure quarantines the partition, exit 1."""
+    from common.errors import UserFacingError
+    from features.quality import QualitySpec, validate_features, validate_raw
+
+    spec = QualitySpec(
+        lake_dir=settings.lake_dir,
+        features_dir=settings.features_dir,
+        quarantine_dir=settings.quarantine_dir,
+        reports_dir=settings.reports_dir,
+        long_seq_len=settings.features.long_seq_len,
+        volume_trailing_days=settings.quality.volume_trailing_days,
+        volume_low_ratio=settings.quality.volume_low_ratio,
+        volume_high_ratio=settings.quality.volume_high_ratio,
+    )
+    outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
+    for warning in outcome.warnings:
+        click.echo(f"warning: {warning}")
+    if not outcome.success:
+        raise UserFacingError(
+            f"{stage} quality gate failed for {day} ({'; '.join(outcome.failures)});"
+            f" quarantined under {settings.quarantine_dir}; report: {outcome.report}"
+        )
+    click.echo(f"{stage} quality gate passed for {day}; report: {outcome.report}")
+
+
+COMMANDS: list[click.Command] = [build, validate]

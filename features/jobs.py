@@ -1,0 +1,529 @@
+"""The daily Spark feature job: raw events of day D + the state of the previous day → tables of D.
+
+One code path serves both modes, which is what makes "incremental == rebuild" true by
+construction rather than by care:
+
+- incremental: the batch is raw ``dt=D`` and the previous state is ``_state/*/dt=P``
+  (P = the last built day, with no landed raw day between P and D);
+- rebuild (``--rebuild`` or no previous state): the batch is every landed raw day up to
+  the end of D and the previous state is empty. Training examples then come out for
+  every day of the batch in that same job.
+
+State kept per day (``features/_state/``, docs/features.md): per user the last
+``long_seq_len`` events plus running totals, per item running totals, and daily
+per-user / per-item counts for the popularity windows. A day's cost therefore grows
+with the day's events and the number of known users/items, never with the history.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from common.errors import UserFacingError
+from features import feature_tables as ft
+from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+RAW_EVENTS_DDL = (
+    "event_id BIGINT, user_id BIGINT, item_id BIGINT, event_type STRING, value FLOAT,"
+    " event_timestamp TIMESTAMP, ingestion_time TIMESTAMP"
+)
+# One event inside a sequence; field order = sort order (time, then the event_id tie-break).
+EVENT_STRUCT_DDL = (
+    "STRUCT<ts: BIGINT, event_id: BIGINT, item_id: BIGINT, event_type: STRING, value: FLOAT>"
+)
+USER_STATE_DDL = (
+    f"user_id BIGINT, seq ARRAY<{EVENT_STRUCT_DDL}>, events_total BIGINT, value_sum DOUBLE,"
+    " value_count BIGINT, first_seen_ts TIMESTAMP"
+)
+ITEM_STATE_DDL = "item_id BIGINT, pop_total BIGINT, first_seen_ts TIMESTAMP"
+ITEMS_DDL = "item_id BIGINT, title STRING, year INT, genres STRING"
+USERS_DDL = "user_id BIGINT, age INT, gender STRING, occupation STRING"
+RAW_COLUMNS = {
+    "event_id": pa.int64(),
+    "user_id": pa.int64(),
+    "item_id": pa.int64(),
+    "event_type": pa.string(),
+    "value": pa.float32(),
+    "event_timestamp": pa.timestamp("us", tz="UTC"),
+    "ingestion_time": pa.timestamp("us", tz="UTC"),
+}
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Where the job reads and writes, and the shapes of its tables (plain values from Settings)."""
+
+    lake_dir: Path
+    features_dir: Path
+    quarantine_dir: Path
+    long_seq_len: int = 200
+    short_seq_len: int = 64
+    windows_days: tuple[int, ...] = (1, 7, 30)
+
+
+@dataclass
+class BuildResult:
+    """What one build did, for the CLI line and the benchmark."""
+
+    day: date
+    mode: str
+    events: int
+    example_days: list[date] = field(default_factory=list)
+
+
+def quarantined_raw_dir(quarantine_dir: Path, day: date) -> Path:
+    """Where the raw gate moves a failed raw partition (same relative path as in the lake)."""
+    return quarantine_dir / "raw" / "events" / f"dt={day.isoformat()}"
+
+
+def quarantined_raw_days(quarantine_dir: Path) -> list[date]:
+    """Raw days the gate moved to quarantine (their events are missing from the lake)."""
+    return ft.partition_days(quarantine_dir / "raw" / "events")
+
+
+def check_raw_partition(lake_dir: Path, quarantine_dir: Path, day: date) -> int:
+    """Refuse, with one clear line, a raw day that cannot be built; return its event count.
+
+    Cheap pyarrow checks (schema, readability, ids without nulls, times inside the day)
+    so a bad day fails before Spark starts; the GX gate reports the details.
+    """
+    folder = partition_dir(lake_dir, day)
+    if not folder.exists():
+        if quarantined_raw_dir(quarantine_dir, day).exists():
+            raise UserFacingError(f"raw events of {day} are quarantined; fix and re-land them")
+        raise UserFacingError(f"no raw events for {day}: expected {folder}")
+    files = sorted(folder.glob("part-*.parquet"))
+    rows = 0
+    for file in files:
+        try:
+            table = pq.read_table(
+                file, columns=["user_id", "item_id", "event_id", "event_timestamp"]
+            )
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserFacingError(f"raw file {file} of {day} is unreadable: {exc}") from exc
+        for name, kind in RAW_COLUMNS.items():
+            if name not in schema.names:
+                raise UserFacingError(f"raw events of {day} lack column {name!r} ({file})")
+            if schema.field(name).type != kind:
+                raise UserFacingError(
+                    f"raw column {name!r} of {day} is {schema.field(name).type}, expected {kind}"
+                )
+        for name in ("user_id", "item_id", "event_id", "event_timestamp"):
+            if table[name].null_count:
+                raise UserFacingError(f"raw events of {day} have null {name} ({file})")
+        if table.num_rows:
+            lo, hi = pc.min_max(table["event_timestamp"].cast(pa.int64())).values()
+            start = day_start_us(day)
+            if lo.as_py() < start or hi.as_py() >= start + US_PER_DAY:
+                raise UserFacingError(f"raw events of {day} contain times outside that day")
+        rows += table.num_rows
+    if rows == 0:
+        raise UserFacingError(f"raw partition of {day} holds no events")
+    return rows
+
+
+def previous_state_day(spec: BuildSpec, day: date) -> date | None:
+    """The built day whose state day D continues from, or None when there is none (bootstrap).
+
+    Days without a landed raw partition are simply days without events, so the state of
+    the last built day P serves D as long as no landed or quarantined day lies strictly
+    between them (a quarantined day's events would otherwise be skipped for good).
+    """
+    built = [
+        d for d in ft.partition_days(ft.state_dir(spec.features_dir, ft.USER_STATE)) if d < day
+    ]
+    if not built:
+        return None
+    last = built[-1]
+    held = [d for d in quarantined_raw_days(spec.quarantine_dir) if last < d < day]
+    if held:
+        raise UserFacingError(
+            f"raw events of {held[0]} are quarantined and not in the features yet; fix and"
+            f" re-land them, or --rebuild {day} to build without them"
+        )
+    skipped = [d for d in landed_days(spec.lake_dir) if last < d < day]
+    if skipped:
+        raise UserFacingError(
+            f"features of {skipped[0]} are not built (last built day: {last}); build the days"
+            f" in order (--from {skipped[0]} --to {day}) or use --rebuild"
+        )
+    return last
+
+
+def build_day(
+    spark: SparkSession, spec: BuildSpec, day: date, rebuild: bool = False
+) -> BuildResult:
+    """Build and publish every feature table of ``day`` (and the state that day D+1 needs)."""
+    events_today = check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
+    previous = None if rebuild else previous_state_day(spec, day)
+    if previous is None:
+        batch_days = [d for d in landed_days(spec.lake_dir) if d <= day]
+        total = events_today + sum(
+            check_raw_partition(spec.lake_dir, spec.quarantine_dir, d)
+            for d in batch_days
+            if d != day
+        )
+        mode = "rebuild"
+    else:
+        batch_days, total, mode = [day], events_today, "incremental"
+    events = read_raw(spark, spec.lake_dir, batch_days).cache()
+    try:
+        result = BuildResult(day=day, mode=mode, events=total)
+        result.example_days = _publish(spark, spec, day, previous, events)
+    finally:
+        events.unpersist()
+    _prune_state(spec.features_dir, day, previous)
+    return result
+
+
+def read_raw(spark: SparkSession, lake_dir: Path, days: list[date]) -> DataFrame:
+    """Raw events of the given landed days with the lake schema."""
+    paths = [str(partition_dir(lake_dir, d)) for d in days]
+    return spark.read.schema(RAW_EVENTS_DDL).parquet(*paths)
+
+
+def _publish(
+    spark: SparkSession, spec: BuildSpec, day: date, previous: date | None, events: DataFrame
+) -> list[date]:
+    """Write training examples, the new state, then the day's feature tables (read from state)."""
+    from pyspark.sql import functions as F
+
+    features_dir = spec.features_dir
+    prev_users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, previous)
+    prev_items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, previous)
+    example_days = ft.write_partitions(
+        training_examples(prev_users, events, spec.long_seq_len),
+        ft.table_dir(features_dir, ft.TRAINING_EXAMPLES),
+        ["event_timestamp", "event_id"],
+        many_days=previous is None,
+    )
+    longest = max(spec.windows_days)
+    recent = F.col("dt") > F.lit(day - timedelta(days=longest))
+    for table, key, state in (
+        (ft.USER_STATE, "user_id", advance_user_state(prev_users, events, spec.long_seq_len)),
+        (ft.ITEM_STATE, "item_id", advance_item_state(prev_items, events)),
+        (ft.USER_DAILY, "user_id", daily_counts(events, "user_id").where(recent)),
+        (ft.ITEM_DAILY, "item_id", daily_counts(events, "item_id").where(recent)),
+    ):
+        dated = state if "dt" in state.columns else state.withColumn("dt", F.lit(day))
+        ft.write_partitions(dated, ft.state_dir(features_dir, table), [key])
+
+    users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, day)
+    items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, day)
+    user_daily = _read_daily(spark, features_dir, ft.USER_DAILY, "user_id", day, longest)
+    item_daily = _read_daily(spark, features_dir, ft.ITEM_DAILY, "item_id", day, longest)
+    raw = spec.lake_dir / "raw"
+    for table, key, frame in (
+        (ft.USER_BEHAVIOR_SEQUENCES, "user_id", behavior_sequences(users, day, spec.short_seq_len)),
+        (
+            ft.USER_FEATURES,
+            "user_id",
+            user_features(
+                users,
+                user_daily,
+                _read_dimension(spark, raw / "users", USERS_DDL),
+                day,
+                spec.windows_days,
+            ),
+        ),
+        (
+            ft.ITEM_FEATURES,
+            "item_id",
+            item_features(
+                items,
+                item_daily,
+                _read_dimension(spark, raw / "items", ITEMS_DDL),
+                day,
+                spec.windows_days,
+            ),
+        ),
+    ):
+        ft.write_partitions(
+            frame.withColumn("dt", F.lit(day)), ft.table_dir(features_dir, table), [key]
+        )
+    return example_days
+
+
+def _read_state(
+    spark: SparkSession, features_dir: Path, table: str, ddl: str, day: date | None
+) -> DataFrame:
+    """A state snapshot of ``day``, or an empty frame of the same schema (bootstrap)."""
+    if day is None:
+        return spark.createDataFrame([], ddl)
+    return spark.read.schema(ddl).parquet(
+        str(ft.partition_path(ft.state_dir(features_dir, table), day))
+    )
+
+
+def _read_daily(
+    spark: SparkSession, features_dir: Path, table: str, key: str, day: date, longest: int
+) -> DataFrame:
+    """Daily counts of the ``longest`` days ending with ``day`` (missing days have no events)."""
+    folder = ft.state_dir(features_dir, table)
+    first = day - timedelta(days=longest - 1)
+    paths = [
+        str(ft.partition_path(folder, d)) for d in ft.partition_days(folder) if first <= d <= day
+    ]
+    if not paths:
+        return spark.createDataFrame([], f"{key} BIGINT, n BIGINT, dt DATE")
+    return (
+        spark.read.schema(f"{key} BIGINT, n BIGINT, dt DATE")
+        .option("basePath", str(folder))
+        .parquet(*paths)
+    )
+
+
+def _read_dimension(spark: SparkSession, folder: Path, ddl: str) -> DataFrame:
+    """A dimension table read with its known schema (no schema-inference job)."""
+    if not folder.exists():
+        raise UserFacingError(f"dimension table missing: {folder} (run grank data land)")
+    return spark.read.schema(ddl).parquet(str(folder))
+
+
+def _prune_state(features_dir: Path, day: date, previous: date | None) -> None:
+    """Keep the state of ``day`` and of the day it continued from; older snapshots go.
+
+    Keeping ``previous`` lets a re-run of ``day`` stay incremental; anything older can
+    only be needed by a rebuild, which does not read state.
+    """
+    for table in (ft.USER_STATE, ft.ITEM_STATE):
+        folder = ft.state_dir(features_dir, table)
+        for old in ft.partition_days(folder):
+            if old < day and old != previous:
+                shutil.rmtree(ft.partition_path(folder, old), ignore_errors=True)
+
+
+# --- pure transforms: DataFrames in, DataFrames out -------------------------------------
+
+
+def _event_struct() -> Column:
+    """An event as a sequence element; sorting these structs sorts by (time, event_id)."""
+    from pyspark.sql import functions as F
+
+    return F.struct(
+        F.unix_micros("event_timestamp").alias("ts"),
+        F.col("event_id"),
+        F.col("item_id"),
+        F.col("event_type"),
+        F.col("value"),
+    )
+
+
+def _end_of_day(day: date) -> Column:
+    """The last microsecond of ``day``: ``created`` of every row and the features' event time."""
+    from pyspark.sql import functions as F
+
+    return F.timestamp_micros(F.lit(day_start_us(day) + US_PER_DAY - 1))
+
+
+def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) -> DataFrame:
+    """One row per new event: the user's ≤ ``max_len`` events strictly before it (tie-break order).
+
+    The previous state supplies the history that precedes the batch, so an incremental
+    day sees exactly what a rebuild sees.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    active = events.select("user_id").distinct()
+    before = prev_users.join(active, "user_id", "left_semi").select(
+        "user_id", F.explode("seq").alias("e"), F.lit(False).alias("is_target")
+    )
+    targets = events.select("user_id", _event_struct().alias("e"), F.lit(True).alias("is_target"))
+    window = (
+        Window.partitionBy("user_id")
+        .orderBy(F.col("e.ts"), F.col("e.event_id"))
+        .rowsBetween(-max_len, -1)
+    )
+    history = F.collect_list("e").over(window)
+    return (
+        before.unionByName(targets)
+        .withColumn("history", history)
+        .where("is_target")
+        .select(
+            F.col("e.event_id").alias("event_id"),
+            "user_id",
+            F.col("e.item_id").alias("target_item_id"),
+            F.col("e.value").alias("target_value"),
+            F.transform("history", lambda x: x["item_id"]).alias("history_item_seq"),
+            F.transform("history", lambda x: x["ts"]).alias("history_ts_seq"),
+            F.size("history").cast("bigint").alias("history_len"),
+            F.timestamp_micros("e.ts").alias("event_timestamp"),
+            F.timestamp_micros(F.col("e.ts")).cast("date").alias("dt"),
+        )
+        # created = the end of the example's own day, so a rebuild and the daily run agree
+        .withColumn(
+            "created",
+            F.timestamp_micros((F.unix_date("dt").cast("bigint") + 1) * US_PER_DAY - 1),
+        )
+    )
+
+
+def advance_user_state(prev_users: DataFrame, events: DataFrame, max_len: int) -> DataFrame:
+    """Per user: the last ``max_len`` events (oldest → newest) and running totals."""
+    from pyspark.sql import functions as F
+
+    batch = events.groupBy("user_id").agg(
+        F.collect_list(_event_struct()).alias("new_seq"),
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.col("value").cast("double")).alias("vsum"),
+        F.count("value").alias("vcnt"),
+        F.min("event_timestamp").alias("first_ts"),
+    )
+    empty = F.array().cast(f"ARRAY<{EVENT_STRUCT_DDL}>")
+    merged = F.sort_array(F.concat(F.coalesce("seq", empty), F.coalesce("new_seq", empty)))
+    return (
+        prev_users.join(batch, "user_id", "full_outer")
+        .withColumn("merged", merged)
+        .select(
+            "user_id",
+            F.slice("merged", F.greatest(F.size("merged") - max_len, F.lit(0)) + 1, max_len).alias(
+                "seq"
+            ),
+            (F.coalesce("events_total", F.lit(0)) + F.coalesce("n", F.lit(0))).alias(
+                "events_total"
+            ),
+            (F.coalesce("value_sum", F.lit(0.0)) + F.coalesce("vsum", F.lit(0.0))).alias(
+                "value_sum"
+            ),
+            (F.coalesce("value_count", F.lit(0)) + F.coalesce("vcnt", F.lit(0))).alias(
+                "value_count"
+            ),
+            F.least("first_seen_ts", "first_ts").alias("first_seen_ts"),
+        )
+    )
+
+
+def advance_item_state(prev_items: DataFrame, events: DataFrame) -> DataFrame:
+    """Per item: all-time event count and first-seen time."""
+    from pyspark.sql import functions as F
+
+    batch = events.groupBy("item_id").agg(
+        F.count(F.lit(1)).alias("n"), F.min("event_timestamp").alias("first_ts")
+    )
+    return prev_items.join(batch, "item_id", "full_outer").select(
+        "item_id",
+        (F.coalesce("pop_total", F.lit(0)) + F.coalesce("n", F.lit(0))).alias("pop_total"),
+        F.least("first_seen_ts", "first_ts").alias("first_seen_ts"),
+    )
+
+
+def daily_counts(events: DataFrame, key: str) -> DataFrame:
+    """Events per ``key`` per UTC day: the small aggregate the popularity windows sum over."""
+    from pyspark.sql import functions as F
+
+    return events.groupBy(F.col("event_timestamp").cast("date").alias("dt"), key).agg(
+        F.count(F.lit(1)).alias("n")
+    )
+
+
+def _windowed(
+    daily: DataFrame, key: str, day: date, windows: tuple[int, ...], prefix: str
+) -> DataFrame:
+    """``<prefix>_<w>d`` = events of ``key`` in the ``w`` days ending with ``day``."""
+    from pyspark.sql import functions as F
+
+    return daily.groupBy(key).agg(
+        *(
+            F.sum(F.when(F.col("dt") > F.lit(day - timedelta(days=w)), F.col("n")).otherwise(0))
+            .cast("bigint")
+            .alias(f"{prefix}_{w}d")
+            for w in windows
+        )
+    )
+
+
+def behavior_sequences(users: DataFrame, day: date, short_len: int) -> DataFrame:
+    """Sequences of the users active on ``day`` (a delta: others keep their older row)."""
+    from pyspark.sql import functions as F
+
+    last_ts = F.timestamp_micros(F.element_at("seq", -1)["ts"])
+    item_seq = F.transform("seq", lambda x: x["item_id"])
+    return (
+        users.withColumn("last_event_ts", last_ts)
+        .where(F.col("last_event_ts") >= F.timestamp_micros(F.lit(day_start_us(day))))
+        .select(
+            "user_id",
+            item_seq.alias("item_seq"),
+            F.transform("seq", lambda x: x["ts"]).alias("ts_seq"),
+            F.transform("seq", lambda x: x["event_type"]).alias("event_type_seq"),
+            F.transform("seq", lambda x: x["value"]).alias("value_seq"),
+            F.slice(item_seq, F.greatest(F.size("seq") - short_len, F.lit(0)) + 1, short_len).alias(
+                "short_item_seq"
+            ),
+            F.size("seq").cast("bigint").alias("seq_len"),
+            "last_event_ts",
+            F.col("last_event_ts").alias("event_timestamp"),
+            _end_of_day(day).alias("created"),
+        )
+    )
+
+
+def user_features(
+    users: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+) -> DataFrame:
+    """Activity counts, mean value and tenure of every user seen up to ``day`` (full snapshot)."""
+    from pyspark.sql import functions as F
+
+    counts = _windowed(daily, "user_id", day, windows, "events")
+    window_cols = [
+        F.coalesce(f"events_{w}d", F.lit(0)).cast("bigint").alias(f"events_{w}d") for w in windows
+    ]
+    return (
+        users.join(counts, "user_id", "left")
+        .join(dimension.select("user_id", "age", "gender", "occupation"), "user_id", "left")
+        .select(
+            "user_id",
+            *window_cols,
+            "events_total",
+            (F.col("value_sum") / F.col("value_count")).cast("float").alias("mean_value"),
+            "first_seen_ts",
+            F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
+            .cast("bigint")
+            .alias("tenure_days"),
+            "age",
+            "gender",
+            "occupation",
+            _end_of_day(day).alias("event_timestamp"),
+            _end_of_day(day).alias("created"),
+        )
+    )
+
+
+def item_features(
+    items: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+) -> DataFrame:
+    """Windowed popularity and first-seen time of every catalogue or seen item (full snapshot)."""
+    from pyspark.sql import functions as F
+
+    counts = _windowed(daily, "item_id", day, windows, "pop")
+    window_cols = [
+        F.coalesce(f"pop_{w}d", F.lit(0)).cast("bigint").alias(f"pop_{w}d") for w in windows
+    ]
+    return (
+        items.join(dimension.select("item_id", "title", "year", "genres"), "item_id", "full_outer")
+        .join(counts, "item_id", "left")
+        .select(
+            "item_id",
+            *window_cols,
+            F.coalesce("pop_total", F.lit(0)).cast("bigint").alias("pop_total"),
+            "first_seen_ts",
+            "title",
+            "year",
+            "genres",
+            _end_of_day(day).alias("event_timestamp"),
+            _end_of_day(day).alias("created"),
+        )
+    )

@@ -1,0 +1,321 @@
+"""Great Expectations gates on the raw events of a day and on the feature partitions built for it.
+
+The suites are committed JSON under ``features/gx/expectations/`` (one per table); values
+that depend on the day (its bounds, the known item ids, the volume band of the trailing
+average) are suite parameters filled in here. Each run copies the committed context to a
+temporary folder (GX persists data sources and checkpoints into its context, and the
+repository must stay untouched), validates pandas frames (a day's partition fits in
+memory and pandas avoids a Spark session; docs/features.md has the measurement), and
+writes results and Data Docs HTML to ``reports/dt=D/`` plus ``reports/dt=D/summary.json``.
+
+A failed *critical* expectation fails the gate: the day's partitions move to
+``quarantine/`` byte for byte (same relative paths) and nothing downstream runs. A
+failed *warning* expectation (volume) is reported and does not fail the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from common.atomic import atomic_write_text
+from common.errors import UserFacingError
+from features import feature_tables as ft
+from features.jobs import quarantined_raw_dir
+from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+GX_DIR = Path(__file__).resolve().parent / "gx"
+RAW_SUITE = "raw_events"
+FEATURE_SUITES = (
+    ft.USER_BEHAVIOR_SEQUENCES,
+    ft.ITEM_FEATURES,
+    ft.USER_FEATURES,
+    ft.TRAINING_EXAMPLES,
+)
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """Where the gates read, quarantine and report, and their thresholds (plain values)."""
+
+    lake_dir: Path
+    features_dir: Path
+    quarantine_dir: Path
+    reports_dir: Path
+    long_seq_len: int = 200
+    volume_trailing_days: int = 7
+    volume_low_ratio: float = 0.2
+    volume_high_ratio: float = 5.0
+
+
+@dataclass
+class GateOutcome:
+    """The verdict of one gate run: what failed, what only warned, where the report is."""
+
+    success: bool
+    report: Path
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    quarantined: list[Path] = field(default_factory=list)
+
+
+def report_dir(reports_dir: Path, day: date) -> Path:
+    """The browsable report folder of one date (``index.html`` + ``summary.json``)."""
+    return reports_dir / f"dt={day.isoformat()}"
+
+
+def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
+    """Gate the raw events of ``day``; on a critical failure quarantine the raw partition."""
+    folder = partition_dir(spec.lake_dir, day)
+    if not folder.exists():
+        raise UserFacingError(f"no raw events for {day}: expected {folder}")
+    frame, read_error = _read_frame(folder)
+    low, high = _volume_band(spec, day)
+    parameters: dict[str, Any] = {
+        **_day_bounds(day),
+        "known_item_ids": _known_item_ids(spec.lake_dir),
+        "volume_low": low,
+        "volume_high": high,
+    }
+    outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
+    if not outcome.success:
+        destination = quarantined_raw_dir(spec.quarantine_dir, day)
+        ft.move_partition(folder, destination)
+        outcome.quarantined.append(destination)
+    _write_summary(spec.reports_dir, day, "raw", outcome)
+    return outcome
+
+
+def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
+    """Gate the built feature partitions of ``day``; on failure quarantine them and their state."""
+    folders = {
+        t: ft.partition_path(ft.table_dir(spec.features_dir, t), day) for t in FEATURE_SUITES
+    }
+    missing = [t for t, f in folders.items() if not f.exists()]
+    if missing:
+        raise UserFacingError(
+            f"features of {day} are not built ({', '.join(missing)} missing);"
+            " run grank features build"
+        )
+    frames = {t: _read_frame(f, with_checks=True) for t, f in folders.items()}
+    parameters = {**_day_bounds(day), "long_seq_len": spec.long_seq_len}
+    outcome = _run_gate(spec.reports_dir, day, "features", frames, parameters)
+    if not outcome.success:
+        state = {
+            f"{ft.STATE_DIR}/{t}": ft.partition_path(ft.state_dir(spec.features_dir, t), day)
+            for t in ft.STATE_TABLES
+        }
+        for name, source in {**folders, **state}.items():
+            if source.exists():
+                destination = spec.quarantine_dir / "features" / name / source.name
+                ft.move_partition(source, destination)
+                outcome.quarantined.append(destination)
+    _write_summary(spec.reports_dir, day, "features", outcome)
+    return outcome
+
+
+def _day_bounds(day: date) -> dict[str, Any]:
+    start = day_start_us(day)
+    return {"day_start": _utc(start), "day_end": _utc(start + US_PER_DAY - 1)}
+
+
+def _utc(timestamp_us: int) -> datetime:
+    """Naive UTC datetime: the frames GX sees carry naive UTC timestamps (see _to_pandas)."""
+    return datetime(1970, 1, 1) + timedelta(microseconds=timestamp_us)
+
+
+def _known_item_ids(lake_dir: Path) -> list[int]:
+    items = lake_dir / "raw" / "items" / "items.parquet"
+    if not items.exists():
+        raise UserFacingError(f"item dimension missing: {items} (run grank data land)")
+    ids: list[int] = pq.read_table(items, columns=["item_id"])["item_id"].to_pylist()
+    return ids
+
+
+def _volume_band(spec: QualitySpec, day: date) -> tuple[int, int | None]:
+    """Row-count band from the average of the trailing landed days (none yet: any volume)."""
+    trailing = [d for d in landed_days(spec.lake_dir) if d < day][-spec.volume_trailing_days :]
+    counts = []
+    for previous in trailing:
+        try:
+            counts.append(
+                sum(
+                    pq.read_metadata(f).num_rows
+                    for f in partition_dir(spec.lake_dir, previous).glob("*.parquet")
+                )
+            )
+        except (pa.ArrowException, OSError):
+            continue
+    if not counts:
+        return 0, None
+    average = sum(counts) / len(counts)
+    return int(average * spec.volume_low_ratio), int(np.ceil(average * spec.volume_high_ratio))
+
+
+def _read_frame(folder: Path, with_checks: bool = False) -> tuple[pd.DataFrame, str | None]:
+    """A partition as pandas; an unreadable one becomes an empty frame plus the read error.
+
+    ``with_checks`` adds ``check_*`` columns for properties of array columns that GX has
+    no expectation for (sorted sequences, history before the target), computed
+    vectorised with pyarrow/numpy.
+    """
+    import pandas as pd
+
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("*.parquet"))])
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return pd.DataFrame(), f"{folder}: {exc}"
+    if with_checks:
+        table = _add_checks(table)
+    return _to_pandas(table), None
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    """Pandas view for GX: ``timestamp[us, UTC]`` becomes naive UTC ``datetime64[us]``.
+
+    GX's pandas type check cannot name a tz-aware dtype, so the contract type is mapped
+    to a nameable one here and any other timestamp type to text, which then fails the
+    suite's type expectation instead of slipping through.
+    """
+    contract = pa.timestamp("us", tz="UTC")
+    columns = []
+    for column, kind in zip(table.columns, table.schema.types, strict=True):
+        if kind == contract:
+            columns.append(column.cast(pa.timestamp("us")))
+        elif pa.types.is_timestamp(kind):
+            columns.append(column.cast(pa.string()))
+        else:
+            columns.append(column)
+    return pa.table(columns, names=table.column_names).to_pandas()
+
+
+def _add_checks(table: pa.Table) -> pa.Table:
+    names = table.column_names
+    if "event_timestamp" in names:
+        table = table.append_column(
+            "check_event_timestamp_us", table["event_timestamp"].cast(pa.int64())
+        )
+    if "ts_seq" in names:
+        table = table.append_column("check_ts_seq_sorted", _lists_sorted(table["ts_seq"]))
+        table = table.append_column(
+            "check_item_seq_len", pc.list_value_length(table["item_seq"]).cast(pa.int64())
+        )
+        table = table.append_column("check_last_ts_us", _last_elements(table["ts_seq"]))
+    if "history_ts_seq" in names:
+        table = table.append_column(
+            "check_history_ts_sorted", _lists_sorted(table["history_ts_seq"])
+        )
+        table = table.append_column(
+            "check_history_last_ts_us", _last_elements(table["history_ts_seq"])
+        )
+    return table
+
+
+def _lists_sorted(column: pa.ChunkedArray) -> pa.Array:
+    """Per row: is the int64 list non-decreasing?"""
+    lists = column.combine_chunks()
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    descending = (values[1:] < values[:-1]) & (parents[1:] == parents[:-1])
+    bad = np.bincount(parents[1:][descending], minlength=len(lists))
+    return pa.array(bad == 0)
+
+
+def _last_elements(column: pa.ChunkedArray) -> pa.Array:
+    """Per row: the list's last value (the smallest int64 for an empty history)."""
+    lists = column.combine_chunks()
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(lengths)
+    last = np.full(len(lists), np.iinfo(np.int64).min, dtype=np.int64)
+    last[lengths > 0] = values[ends[lengths > 0] - 1]
+    return pa.array(last)
+
+
+def _run_gate(
+    reports_dir: Path,
+    day: date,
+    stage: str,
+    frames: dict[str, tuple[pd.DataFrame, str | None]],
+    parameters: dict[str, Any],
+) -> GateOutcome:
+    """Validate each suite's frame, build the date's Data Docs, classify failures by severity."""
+    import great_expectations as gx
+
+    report = report_dir(reports_dir, day)
+    outcome = GateOutcome(success=True, report=report / "index.html")
+    with tempfile.TemporaryDirectory(prefix="grank-gx-") as scratch:
+        shutil.copytree(GX_DIR, Path(scratch) / "gx")
+        context = gx.get_context(
+            mode="file",
+            project_root_dir=scratch,
+            runtime_environment={"GRANK_REPORT_DIR": str(report)},
+        )
+        source = context.data_sources.add_pandas(f"{stage}-{day.isoformat()}")
+        for suite_name, (frame, read_error) in frames.items():
+            if read_error:
+                outcome.failures.append(f"{suite_name}: unreadable ({read_error})")
+            batch = source.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe(
+                "day"
+            )
+            definition = context.validation_definitions.add(
+                gx.ValidationDefinition(
+                    name=f"{suite_name}-{day.isoformat()}",
+                    data=batch,
+                    suite=context.suites.get(suite_name),
+                )
+            )
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{suite_name}-{day.isoformat()}",
+                    validation_definitions=[definition],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                )
+            )
+            result = checkpoint.run(
+                batch_parameters={"dataframe": frame}, expectation_parameters=parameters
+            )
+            for run in result.run_results.values():
+                for check in run.results:
+                    if check.success:
+                        continue
+                    config = check.expectation_config
+                    assert config is not None  # GX fills it for every suite result
+                    line = f"{suite_name}: {config.type}({config.kwargs.get('column', '')})"
+                    if str(config.severity.value) == "warning":
+                        outcome.warnings.append(line)
+                    else:
+                        outcome.failures.append(line)
+    outcome.success = not outcome.failures
+    return outcome
+
+
+def _write_summary(reports_dir: Path, day: date, stage: str, outcome: GateOutcome) -> None:
+    """Merge this stage's verdict into ``reports/dt=D/summary.json`` (one file per date)."""
+    path = report_dir(reports_dir, day) / "summary.json"
+    summary: dict[str, Any] = (
+        json.loads(path.read_text()) if path.exists() else {"date": day.isoformat()}
+    )
+    summary.setdefault("stages", {})[stage] = {
+        "success": outcome.success,
+        "failures": outcome.failures,
+        "warnings": outcome.warnings,
+        "quarantined": [str(p) for p in outcome.quarantined],
+        "report": str(outcome.report),
+        "validated_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+    }
+    summary["success"] = all(s["success"] for s in summary["stages"].values())
+    atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
