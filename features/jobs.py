@@ -226,7 +226,11 @@ def _publish(
     item_daily = _read_daily(spark, features_dir, ft.ITEM_DAILY, "item_id", day, longest)
     raw = spec.lake_dir / "raw"
     for table, key, frame in (
-        (ft.USER_BEHAVIOR_SEQUENCES, "user_id", behavior_sequences(users, day, spec.short_seq_len)),
+        (
+            ft.USER_BEHAVIOR_SEQUENCES,
+            "user_id",
+            behavior_sequences(users, day, spec.short_seq_len, everyone=previous is None),
+        ),
         (
             ft.USER_FEATURES,
             "user_id",
@@ -445,29 +449,36 @@ def _windowed(
     )
 
 
-def behavior_sequences(users: DataFrame, day: date, short_len: int) -> DataFrame:
-    """Sequences of the users active on ``day`` (a delta: others keep their older row)."""
+def behavior_sequences(
+    users: DataFrame, day: date, short_len: int, everyone: bool = False
+) -> DataFrame:
+    """Sequences of the users whose sequence changed on ``day`` (a delta: others keep their
+    older row), or of ``everyone`` when the day starts from no earlier state (bootstrap or
+    --rebuild): relative to nothing, every user changed, and the online store loaded from
+    this partition must know every user, not only those active on the bootstrap day.
+    """
     from pyspark.sql import functions as F
 
     last_ts = F.timestamp_micros(F.element_at("seq", -1)["ts"])
     item_seq = F.transform("seq", lambda x: x["item_id"])
-    return (
-        users.withColumn("last_event_ts", last_ts)
-        .where(F.col("last_event_ts") >= F.timestamp_micros(F.lit(day_start_us(day))))
-        .select(
-            "user_id",
-            item_seq.alias("item_seq"),
-            F.transform("seq", lambda x: x["ts"]).alias("ts_seq"),
-            F.transform("seq", lambda x: x["event_type"]).alias("event_type_seq"),
-            F.transform("seq", lambda x: x["value"]).alias("value_seq"),
-            F.slice(item_seq, F.greatest(F.size("seq") - short_len, F.lit(0)) + 1, short_len).alias(
-                "short_item_seq"
-            ),
-            F.size("seq").cast("bigint").alias("seq_len"),
-            "last_event_ts",
-            F.col("last_event_ts").alias("event_timestamp"),
-            _end_of_day(day).alias("created"),
+    with_last = users.withColumn("last_event_ts", last_ts)
+    if not everyone:
+        with_last = with_last.where(
+            F.col("last_event_ts") >= F.timestamp_micros(F.lit(day_start_us(day)))
         )
+    return with_last.select(
+        "user_id",
+        item_seq.alias("item_seq"),
+        F.transform("seq", lambda x: x["ts"]).alias("ts_seq"),
+        F.transform("seq", lambda x: x["event_type"]).alias("event_type_seq"),
+        F.transform("seq", lambda x: x["value"]).alias("value_seq"),
+        F.slice(item_seq, F.greatest(F.size("seq") - short_len, F.lit(0)) + 1, short_len).alias(
+            "short_item_seq"
+        ),
+        F.size("seq").cast("bigint").alias("seq_len"),
+        "last_event_ts",
+        F.col("last_event_ts").alias("event_timestamp"),
+        _end_of_day(day).alias("created"),
     )
 
 
