@@ -1,7 +1,114 @@
-"""Commands of ``grank features`` owned by this module (added to the group in features.py)."""
+"""Commands of ``grank features`` owned by this module (added to the group in features.py).
+
+``register`` (feast apply), ``materialize`` (one logical day or a range into the online
+store) and ``serve`` (the read-only lookup server other teams call).
+"""
 
 from __future__ import annotations
 
+from datetime import date
+from typing import TYPE_CHECKING
+
 import click
 
-COMMANDS: list[click.Command] = []
+from grank.cli.options import DATE, date_window
+from grank.config import Settings
+
+if TYPE_CHECKING:
+    from features.feature_store import StoreConfig
+
+
+def store_config(settings: Settings) -> StoreConfig:
+    """Plain store arguments from the settings (layers never read ``grank.config``)."""
+    from features.feature_store import StoreConfig
+
+    feast = settings.feast
+    return StoreConfig(
+        repo_dir=settings.feast_dir,
+        project=feast.project,
+        online_store=feast.online_store,
+        redis_connection_string=feast.redis_connection_string,
+        registry=feast.registry,
+        registry_sql_url=feast.registry_sql_url,
+        registry_cache_ttl_seconds=feast.registry_cache_ttl_seconds,
+    )
+
+
+@click.command()
+@click.pass_obj
+def register(settings: Settings) -> None:
+    """Register entities, feature views and services in Feast (feast apply; repeatable)."""
+    from features.feature_store import open_store
+    from features.feature_store import register as apply_definitions
+
+    config = store_config(settings)
+    registered = apply_definitions(open_store(config), settings.features_dir)
+    click.echo(
+        f"registered project {config.project} ({config.registry} registry,"
+        f" {config.online_store} online store)"
+    )
+    for kind, names in registered.items():
+        click.echo(f"  {kind}: {', '.join(names)}")
+
+
+@click.command()
+@click.option("--date", "day", type=DATE, help="Materialize one logical day.")
+@click.option("--from", "first", type=DATE, help="First day of a range (a backfill).")
+@click.option("--to", "last", type=DATE, help="Last day of a range (inclusive).")
+@click.pass_obj
+def materialize(
+    settings: Settings, day: date | None, first: date | None, last: date | None
+) -> None:
+    """Load the feature tables of a day (or a range) into the online store; show one lookup.
+
+    The window of day D is [D 00:00, D+1 00:00) UTC, never derived from the clock, so a
+    re-run of D writes the same values (idempotent). Lookups keep working meanwhile.
+    """
+    from features.feast_repo.definitions import USER_SEQUENCES
+    from features.feature_store import (
+        materialize_window,
+        online_sequences,
+        open_store,
+        read_window,
+    )
+
+    first, last = date_window(day, first, last)
+    store = open_store(store_config(settings))
+    written = materialize_window(
+        store, settings.features_dir, first, last, batch_rows=settings.feast.write_batch_rows
+    )
+    summary = ", ".join(f"{view} {rows:,}" for view, rows in written.items())
+    click.echo(f"{first}..{last}: wrote {summary} rows to the online store")
+    keys = ["user_id", "event_timestamp", "created"]
+    users = read_window(settings.features_dir, USER_SEQUENCES, first, last, "user_id", keys)
+    if users.num_rows:
+        user_id = int(users["user_id"][0].as_py())
+        found = online_sequences(store, [user_id])[user_id]
+        if found is not None:
+            click.echo(
+                f"example lookup user_id={user_id}: seq_len={found['seq_len']},"
+                f" last items {found['item_seq'][-10:]}"
+            )
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default: settings, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: settings, 6566).")
+@click.pass_obj
+def serve(settings: Settings, host: str | None, port: int | None) -> None:
+    """Serve read-only online lookups over HTTP (POST /get-online-features)."""
+    import uvicorn
+
+    from features.feature_store import open_store
+    from features.lookup_server import create_app
+
+    app = create_app(open_store(store_config(settings)))
+    uvicorn.run(
+        app,
+        host=host or settings.feast.server_host,
+        port=port or settings.feast.server_port,
+        log_level="warning",
+    )
+
+
+COMMANDS: list[click.Command] = [register, materialize, serve]
