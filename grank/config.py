@@ -51,22 +51,67 @@ class FeastSettings(BaseModel):
     redis_connection_string: str = "127.0.0.1:6379"
     registry: Literal["file", "sql"] = "file"
     registry_sql_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    registry_cache_ttl_seconds: int = 60
     server_host: str = "127.0.0.1"
     server_port: int = 6566
+    write_batch_rows: int = 1000
 
 
 class TrainSettings(BaseModel):
     """GRank hyper-parameters and the recall gate (docs/model.md explains each choice)."""
 
     seed: int = 42
+    # model (small CPU defaults; benchmarks/training_ml1m.py uses its own sizes)
     dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    use_aux: bool = True
+    use_ranker: bool = True
+    # joint loss λ0·L_NTP + λ1·L_SA + λ2·L_CA
+    lambda_ntp: float = 1.0
+    lambda_sa: float = 0.5
+    lambda_ca: float = 0.5
+    temperature: float = 1.0
+    ntp_negatives: Literal["full", "in_batch"] = "full"  # in_batch: logQ-corrected, cheaper
+    logq_correction: bool = True
+    candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
+    # optimisation (AdamW, as in the paper)
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    max_epochs: int = 20
+    patience: int = 2
+    max_minutes: float = 4.0
+    train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
+    # daily warm start from the published model
+    finetune_lr: float = 5e-4
+    finetune_max_epochs: int = 3
+    finetune_max_minutes: float = 4.0
+    # evaluation and the publish gate
+    k1: int = 200
+    k2: int = 50
+    gate_metric: Literal["recall@10", "recall@50", "recall@200"] = "recall@50"
+    gate_tolerance: float = 0.01
+    dssm_lr: float = 3e-3
 
 
 class ServeSettings(BaseModel):
-    """The index-free serving API."""
+    """The index-free serving API, its snapshots and micro-batching (docs/serving.md)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    k1: int = 200  # MIPS candidates handed to the Ranker
+    max_k: int = 100  # largest k a client may ask for
+    filter_seen: bool = True
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    poll_s: float = 0.2  # how often the watcher reads CURRENT
+    keep_snapshots: int = 3  # retention: newest K versions stay on disk
+    refresh_batch_size: int = 65_536
 
 
 class Settings(BaseSettings):

@@ -14,6 +14,8 @@ import click
 from common.errors import UserFacingError
 from grank.cli.data import data
 from grank.cli.features import features
+from grank.cli.serving import embeddings, recommend, serve, snapshot
+from grank.cli.train import evaluate, train
 from grank.config import Settings
 
 
@@ -26,6 +28,12 @@ def cli(ctx: click.Context) -> None:
 
 cli.add_command(data)
 cli.add_command(features)
+cli.add_command(embeddings)
+cli.add_command(snapshot)
+cli.add_command(serve)
+cli.add_command(recommend)
+cli.add_command(train)
+cli.add_command(evaluate)
 
 
 def main() -> None:

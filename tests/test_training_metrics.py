@@ -1,0 +1,107 @@
+"""Metric functions, in-batch candidates and splits against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+from datetime import date
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserFacingError
+from training.data import Timelines, day_number, leave_last_out, make_windows, next_day
+from training.evaluate import gate
+from training.losses import in_batch_candidates, softmax_first
+from training.metrics import ranking_metrics
+
+
+def test_recall_and_ndcg_single_relevant():
+    ranked = np.array([[5, 3, 9, 1], [2, 4, 6, 8], [7, 1, 2, 3]])
+    offsets = np.array([0, 1, 2, 3])
+    relevant = np.array([3, 8, 11])  # rank 2, rank 4, absent
+    out = ranking_metrics(ranked, offsets, relevant, (1, 2, 4, 10), (2, 4))
+    assert out["recall@1"] == 0.0
+    assert out["recall@2"] == pytest.approx(1 / 3)
+    assert out["recall@4"] == pytest.approx(2 / 3)
+    assert "recall@10" not in out  # deeper than the lists
+    assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 3)
+    assert out["ndcg@4"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / 3)
+
+
+def test_recall_and_ndcg_several_relevant():
+    ranked = np.array([[1, 2, 3, 4]])
+    out = ranking_metrics(ranked, np.array([0, 3]), np.array([2, 4, 9]), (2, 4), (2, 4))
+    assert out["recall@2"] == pytest.approx(1 / 3)
+    assert out["recall@4"] == pytest.approx(2 / 3)
+    ideal2 = 1 + 1 / math.log2(3)
+    assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / ideal2)
+    ideal4 = ideal2 + 1 / math.log2(4)
+    assert out["ndcg@4"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / ideal4)
+
+
+def test_in_batch_candidates_mask_duplicates_of_the_positive():
+    targets = torch.tensor([7, 8, 7, 9])
+    candidates, collides = in_batch_candidates(targets, 3)
+    assert candidates.tolist() == [[7, 8, 7], [8, 7, 9], [7, 9, 7], [9, 7, 8]]
+    assert collides.tolist() == [
+        [False, False, True],
+        [False, False, False],
+        [False, False, True],
+        [False, False, False],
+    ]
+    logits = torch.tensor([[2.0, 1.0, 50.0]])
+    loss = softmax_first(logits, torch.tensor([[False, False, True]]))
+    assert float(loss) == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(1))))
+
+
+def test_gate():
+    assert gate(0.30, None, 0.01)[0]
+    assert gate(0.295, 0.30, 0.01)[0]
+    ok, reason = gate(0.28, 0.30, 0.01)
+    assert not ok and "worse than the published" in reason
+
+
+def timelines(seqs: list[list[int]], days: list[list[int]], first_target: list[int]) -> Timelines:
+    return Timelines(
+        user_ids=np.arange(1, len(seqs) + 1),
+        offsets=np.r_[0, np.cumsum([len(s) for s in seqs])],
+        items=np.concatenate([np.array(s) for s in seqs]),
+        days=np.concatenate([np.array(d) for d in days]),
+        first_target=np.array(first_target),
+        first_day=date(2000, 1, 1),
+        last_day=date(2000, 1, 3),
+    )
+
+
+def test_splits_handle_users_with_one_or_two_events():
+    d = day_number(date(2000, 1, 1))
+    tl = timelines([[1, 2, 3, 4], [5], [6, 7]], [[d] * 4, [d], [d, d]], [0, 0, 0])
+    train_end, val, test = leave_last_out(tl)
+    assert train_end.tolist() == [2, 1, 1]
+    assert val.users.tolist() == [0] and val.relevant_items.tolist() == [3]
+    assert test.users.tolist() == [0, 2] and test.relevant_items.tolist() == [4, 7]
+    windows = make_windows(
+        tl, train_end, short_len=3, long_len=4, stride=3, rng=np.random.default_rng(0)
+    )
+    # every training target is supervised; the one-event user trains from an empty history
+    assert sorted(windows.targets.tolist()) == [2, 5, 6]
+    assert windows.short[windows.targets.tolist().index(5)].tolist() == [0, 0, 0]
+    assert windows.labels[windows.targets.tolist().index(2)].tolist() == [0, 0, 2]
+
+
+def test_next_day_split_and_pre_window_history_is_not_a_target():
+    d = day_number(date(2000, 1, 2))
+    # user 0: 2 history items from before the window, one event on day d-1, two on day d
+    tl = timelines([[1, 2, 3, 4, 5], [6, 7]], [[-1, -1, d - 1, d, d], [d, d]], [2, 0])
+    train_end, val, test = next_day(tl, date(2000, 1, 2))
+    assert train_end.tolist() == [3, 0]
+    assert len(val) == 0  # one in-window training event is kept for training, not validation
+    assert test.users.tolist() == [0]  # user 1 has no history before the test day
+    assert test.relevant_items.tolist() == [4, 5]
+    windows = make_windows(tl, train_end, 4, 4, 4, np.random.default_rng(0))
+    assert windows.labels.tolist() == [[0, 0, 0, 3]]  # items 1, 2 are history, not targets
+    with pytest.raises(UserFacingError, match="no events with a prior history"):
+        next_day(tl, date(2000, 1, 5))
+    with pytest.raises(UserFacingError, match="no training events"):
+        make_windows(tl, np.array([2, 0]), 4, 4, 4, np.random.default_rng(0))

@@ -1,0 +1,135 @@
+"""GRank model and checkpoint: masks, padding, ranker, item growth, exact save/load, corruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.errors import UserFacingError
+from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from training.model import GRank, GRankConfig
+
+
+def tiny(**overrides: object) -> GRank:
+    torch.manual_seed(0)
+    values: dict[str, object] = {
+        "n_item_rows": 40,
+        "dim": 16,
+        "n_heads": 2,
+        "short_seq_len": 6,
+        "long_seq_len": 8,
+        "dropout": 0.0,
+    }
+    values.update(overrides)
+    return GRank(GRankConfig(**values)).eval()  # type: ignore[arg-type]
+
+
+SHORT = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 7]])
+
+
+def test_candidate_tokens_see_history_and_themselves_only():
+    model = tiny()
+    candidates = torch.tensor([[10, 11, 12], [10, 11, 12]])
+    states, scores = model.generator(SHORT, candidates)
+    changed = candidates.clone()
+    changed[:, 1] = 20
+    states2, scores2 = model.generator(SHORT, changed)
+    # history (and U) cannot attend to candidates: identical states
+    assert torch.equal(states, states2)
+    # candidate 0 and 2 cannot attend to candidate 1: identical scores; candidate 1 changed
+    assert torch.allclose(scores[:, [0, 2]], scores2[:, [0, 2]], atol=1e-6)
+    assert not torch.allclose(scores[:, 1], scores2[:, 1])
+    # a candidate does see the history: another history changes its score
+    _, scores3 = model.generator(torch.tensor([[0, 0, 1, 2, 8, 9]] * 2), candidates)
+    assert not torch.allclose(scores, scores3)
+
+
+def test_generator_is_causal_and_user_vector_reads_all_history():
+    model = tiny()
+    states, _ = model.generator(SHORT)
+    changed = SHORT.clone()
+    changed[0, 5] = 30  # the newest slot
+    states2, _ = model.generator(changed)
+    assert torch.allclose(states[0, :5], states2[0, :5], atol=1e-6)  # earlier slots unaffected
+    assert not torch.allclose(model.user_vectors(SHORT)[0], model.user_vectors(changed)[0])
+
+
+def test_padding_unknown_ids_and_shorter_inputs():
+    model = tiny()
+    empty = torch.zeros(2, 6, dtype=torch.long)
+    assert torch.isfinite(model.user_vectors(empty)).all()
+    # ids outside the table read the padding row instead of crashing
+    unknown = torch.tensor([[0, 0, 0, 0, 99, -3]])
+    padded = torch.tensor([[0, 0, 0, 0, 0, 0]])
+    assert torch.allclose(model.user_vectors(unknown), model.user_vectors(padded))
+    # a shorter (left-padded) input is padded to the configured length
+    assert torch.allclose(model.user_vectors(SHORT[:, 2:]), model.user_vectors(SHORT), atol=1e-6)
+    assert model.item_vectors().shape == (40, 16)
+    assert torch.equal(model.item_vectors()[0], torch.zeros(16))
+
+
+def test_ranker_scores_each_candidate_independently_even_without_history():
+    model = tiny()
+    long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6], [0] * 8])
+    scores = model.rank_scores(long, torch.tensor([[1, 2, 3], [1, 2, 3]]))
+    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+    other = model.rank_scores(long, torch.tensor([[1, 9, 3], [1, 9, 3]]))
+    assert torch.allclose(scores[:, [0, 2]], other[:, [0, 2]], atol=1e-6)
+    assert not torch.allclose(
+        scores[0], model.rank_scores(long[[1, 0]], torch.tensor([[1, 2, 3]] * 2))[0]
+    )
+
+
+def test_disabled_paths_refuse_and_grow_keeps_trained_rows():
+    model = tiny(use_aux=False, use_ranker=False)
+    with pytest.raises(ValueError):
+        model.generator(SHORT, torch.tensor([[1, 2], [1, 2]]))
+    with pytest.raises(ValueError):
+        model.rank_scores(SHORT, torch.tensor([[1], [2]]))
+    before = model.item_vectors().detach().clone()
+    model.grow_items(50)
+    assert model.config.n_item_rows == 50
+    assert torch.equal(model.item_vectors()[:40], before)
+    assert model.item_vectors()[40:].abs().max() < 0.2
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model = tiny()
+    written = save_checkpoint(model, tmp_path / "ck", {"test_day": "2000-01-01"})
+    loaded, manifest = load_checkpoint(tmp_path / "ck")
+    assert manifest == written and manifest["test_day"] == "2000-01-01"
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]] * 2)
+    cands = torch.tensor([[1, 2], [3, 4]])
+    assert torch.equal(model.user_vectors(SHORT), loaded.user_vectors(SHORT))
+    assert torch.equal(model.rank_scores(long, cands), loaded.rank_scores(long, cands))
+    assert not list(tmp_path.glob(".*"))  # no staging leftovers
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
+    folder = tmp_path / "ck"
+    save_checkpoint(tiny(), folder, {})
+    weights = folder / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserFacingError, match=f"checksum mismatch for .*{WEIGHTS_FILE}"):
+        load_checkpoint(folder)
+
+    save_checkpoint(tiny(), folder, {})
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["config"]["mystery"] = 1
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserFacingError, match="unknown model config keys"):
+        load_checkpoint(folder)
+    (folder / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(UserFacingError, match="unreadable checkpoint manifest"):
+        load_checkpoint(folder)
+    with pytest.raises(UserFacingError, match="no checkpoint manifest"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(UserFacingError, match="not divisible"):
+        GRankConfig(n_item_rows=10, dim=15, n_heads=2)

@@ -1,0 +1,219 @@
+"""Training on real ML-100K features built by the Spark job: loss, determinism, CLI, gate, NaN.
+
+One module-scoped fixture copies 11 days of the ML-100K lake and builds their
+training_examples with the real Spark job (read-only afterwards); each CLI test gets its
+own data root whose features/ and lake/ link to it, so models/ never leaks between tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.errors import UserFacingError
+from features import lake
+from features.jobs import BuildSpec, build_day
+from grank.cli import cli
+from tests.conftest import make_settings
+from training.checkpoint import load_checkpoint
+from training.data import leave_last_out, read_timelines
+from training.evaluate import EvalSpec, read_published
+from training.losses import LossWeights, grank_batch_loss
+from training.model import GRank, GRankConfig
+from training.train import FitConfig, fit
+
+FIRST, LAST = date(1998, 3, 25), date(1998, 4, 4)
+TINY_ENV = {
+    "GRANK_TRAIN__DIM": "16",
+    "GRANK_TRAIN__N_LAYERS": "1",
+    "GRANK_TRAIN__BATCH_SIZE": "128",
+    "GRANK_TRAIN__MAX_EPOCHS": "1",
+    "GRANK_TRAIN__FINETUNE_MAX_EPOCHS": "1",
+    "GRANK_TRAIN__CANDIDATES_PER_ROW": "32",
+    "GRANK_TRAIN__K1": "50",
+    "GRANK_TRAIN__K2": "20",
+    "GRANK_FEATURES__SHORT_SEQ_LEN": "16",
+    "GRANK_FEATURES__LONG_SEQ_LEN": "32",
+    "GRANK_DATASET": "ml-100k",
+}
+
+
+@pytest.fixture(scope="module")
+def built_root(spark, ml100k_settings, tmp_path_factory) -> Path:
+    """A data root with ML-100K 1998-03-25..04-04 landed and its features built (read-only)."""
+    settings = make_settings(tmp_path_factory.mktemp("training_root"))
+    source = ml100k_settings.lake_dir
+    for day in (d for d in lake.landed_days(source) if FIRST <= d <= LAST):
+        shutil.copytree(lake.partition_dir(source, day), lake.partition_dir(settings.lake_dir, day))
+    for name in ("items", "users"):
+        shutil.copytree(source / "raw" / name, settings.lake_dir / "raw" / name)
+    spec = BuildSpec(settings.lake_dir, settings.features_dir, settings.quarantine_dir)
+    build_day(spark, spec, LAST, rebuild=True)
+    return settings.data_root
+
+
+def models_root(built_root: Path, tmp_path: Path) -> Path:
+    """A writable data root that shares the built features and lake (symlinked)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("features", "lake"):
+        (root / name).symlink_to(built_root / name)
+    return root
+
+
+def grank(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI in-process like ``grank.cli.main``: a UserFacingError is one ``error:`` line."""
+    result = CliRunner().invoke(cli, args, env=env)
+    if isinstance(result.exception, UserFacingError):
+        return 1, result.output + f"error: {result.exception}"
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def tiny_fit(built_root: Path, epochs: int):
+    """Two epochs of a tiny GRank on the last 4 days (~4.7k events) with leave-last-out."""
+    timelines = read_timelines(built_root / "features", date(1998, 4, 1), LAST)
+    train_end, validation, _ = leave_last_out(timelines)
+    torch.manual_seed(0)
+    model = GRank(
+        GRankConfig(
+            n_item_rows=timelines.max_item_id + 1,
+            dim=16,
+            n_layers=1,
+            short_seq_len=16,
+            long_seq_len=32,
+            dropout=0.0,
+        )
+    )
+    loss = grank_batch_loss(LossWeights(candidates=32), None)
+    config = FitConfig(
+        lr=5e-3, batch_size=128, max_epochs=epochs, patience=epochs, stride=16, progress=False
+    )
+    result = fit(
+        model,
+        loss,
+        timelines,
+        train_end,
+        validation,
+        EvalSpec(16, 32, 50, 20),
+        config,
+        torch.device("cpu"),
+    )
+    return model, result
+
+
+def test_loss_decreases_and_training_is_deterministic(built_root):
+    model, result = tiny_fit(built_root, epochs=2)
+    losses = [h["loss"] for h in result.history]
+    assert losses[1] < losses[0] - 0.1, losses
+    again, _ = tiny_fit(built_root, epochs=2)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
+    calls = {"n": 0}
+    saved: dict[str, torch.Tensor] = {}
+
+    def poison(loss_fn):
+        def wrapped(*args):
+            calls["n"] += 1
+            loss, parts = loss_fn(*args)
+            return (loss * float("nan") if calls["n"] > 1 else loss), parts
+
+        return wrapped
+
+    model_holder: list[GRank] = []
+
+    def remember(epoch: int, score: float) -> None:
+        saved.update({k: v.clone() for k, v in model_holder[0].state_dict().items()})
+
+    timelines = read_timelines(built_root / "features", None, LAST)
+    train_end, validation, _ = leave_last_out(timelines)
+    model = GRank(
+        GRankConfig(
+            n_item_rows=timelines.max_item_id + 1,
+            dim=16,
+            n_layers=1,
+            short_seq_len=16,
+            long_seq_len=32,
+        )
+    )
+    model_holder.append(model)
+    config = FitConfig(batch_size=100_000, max_epochs=5, patience=5, stride=16, progress=False)
+    with pytest.raises(UserFacingError, match="non-finite loss at epoch 2"):
+        fit(
+            model,
+            poison(grank_batch_loss(LossWeights(candidates=8), None)),
+            timelines,
+            train_end,
+            validation,
+            EvalSpec(16, 32, 50, 20),
+            config,
+            torch.device("cpu"),
+            on_improve=remember,
+        )
+    assert saved, "epoch 1 should have been saved as the last good state"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+        assert torch.isfinite(tensor).all()
+
+
+def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
+    root = models_root(built_root, tmp_path)
+    env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
+    code, out = grank(["train", "--date", "1998-04-03"], env)
+    assert code == 0, out
+    assert "from scratch" in out and "popularity" in out
+    models = root / "models"
+    _, manifest = load_checkpoint(models / "checkpoints" / "1998-04-03")
+    assert manifest["data_last_day"] == "1998-04-02" and manifest["warm_start_from"] is None
+    assert manifest["config"]["n_item_rows"] == 1683  # the whole ML-100K catalogue has rows
+    assert manifest["git_commit"]
+
+    code, out = grank(["evaluate", "--date", "1998-04-03"], env)
+    assert code == 0, out
+    assert read_published(models) == "1998-04-03"
+    assert (models / "evaluations" / "1998-04-03" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, out = grank(["train", "--date", "1998-04-03"], env)
+    assert code == 1 and "already covers up to 1998-04-02" in out
+
+    code, out = grank(["train", "--date", "1998-04-04"], env)
+    assert code == 0, out
+    assert "warm start from 1998-04-03" in out
+    _, manifest = load_checkpoint(models / "checkpoints" / "1998-04-04")
+    assert manifest["data_first_day"] == "1998-03-25"  # the data the lineage has seen
+    assert manifest["warm_start_from"] == "1998-04-03"
+
+    code, out = grank(
+        ["evaluate", "--date", "1998-04-04"], {**env, "GRANK_TRAIN__GATE_TOLERANCE": "-1"}
+    )
+    assert code == 1
+    assert "error: gate refused the model of 1998-04-04" in out
+    assert read_published(models) == "1998-04-03"  # unchanged
+
+
+def test_bad_inputs_fail_with_one_clear_line(built_root, tmp_path):
+    root = models_root(built_root, tmp_path)
+    env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
+    cases = [
+        (["train", "--date", "1998-05-01"], "no training_examples for the test day 1998-05-01"),
+        (["train", "--date", "1998-03-25"], "no training days before the test day"),
+        (["evaluate", "--date", "1998-04-03"], "no checkpoint manifest"),
+    ]
+    for args, message in cases:
+        code, out = grank(args, env)
+        assert code == 1 and f"error: {message}" in out, (args, out)
+    (root / "models").mkdir()
+    (root / "models" / "PUBLISHED").write_text("nowhere\n")
+    code, out = grank(["train", "--date", "1998-04-03"], env)
+    assert code == 1 and "not a checkpoint folder" in out
+    with pytest.raises(UserFacingError, match="no training_examples partitions"):
+        read_timelines(tmp_path / "empty", None, LAST)

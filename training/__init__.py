@@ -1,0 +1,1 @@
+"""GRank model, training loop, evaluation and the publish gate (docs/model.md)."""

@@ -1,0 +1,356 @@
+"""Reading ``training_examples`` (Contract 2) into per-user timelines, splits and batches.
+
+Every row of ``training_examples`` carries its own ≤200-item history, so the table is
+~200x larger than the events it describes. Training does not need those copies: within
+a contiguous window of days, a user's history at any event is the history of their first
+event in the window followed by their targets. :func:`read_timelines` therefore reads one
+partition at a time and keeps, per user, one history plus the targets, which makes
+ML-1M fit in a few MB instead of GBs.
+
+Splits (docs/model.md):
+- leave-last-out: per user, the last event is test, the one before validation, the rest train;
+- next-day: targets of days before the held-out day train, the held-out day tests, and
+  each user's last training event validates (early stopping never sees the test day).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from common.errors import UserFacingError
+from features.lake import EPOCH, US_PER_DAY
+
+TABLE = "training_examples"
+COLUMNS = ["event_id", "user_id", "target_item_id", "event_timestamp", "history_item_seq"]
+
+
+@dataclass(frozen=True)
+class Timelines:
+    """Per-user item sequences (oldest → newest) in CSR form.
+
+    ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s sequence; positions before
+    ``first_target[u]`` are history from before the window (not targets of it);
+    ``days[p]`` is the UTC day number of position ``p`` (-1 for pre-window history).
+    """
+
+    user_ids: np.ndarray
+    offsets: np.ndarray
+    items: np.ndarray
+    days: np.ndarray
+    first_target: np.ndarray
+    first_day: date
+    last_day: date
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def max_item_id(self) -> int:
+        return int(self.items.max()) if len(self.items) else 0
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Evaluation queries: history ``sequence(user)[:cut]``, relevant items in CSR form."""
+
+    users: np.ndarray
+    cuts: np.ndarray
+    relevant_offsets: np.ndarray
+    relevant_items: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def partition_days(features_dir: Path) -> list[date]:
+    """Days with a complete ``training_examples`` partition, oldest first."""
+    root = features_dir / TABLE
+    if not root.is_dir():
+        return []
+    return sorted(
+        date.fromisoformat(p.name[3:]) for p in root.iterdir() if p.name.startswith("dt=")
+    )
+
+
+def day_number(day: date) -> int:
+    return (day - EPOCH).days
+
+
+def read_timelines(features_dir: Path, first: date | None, last: date) -> Timelines:
+    """Timelines from the partitions in ``[first, last]`` (``first=None``: from the oldest).
+
+    Refuses an empty window and a gap inside it (a missing day would silently splice
+    two histories together).
+    """
+    available = [d for d in partition_days(features_dir) if (first is None or d >= first)]
+    days = [d for d in available if d <= last]
+    if not days:
+        span = f"{first or 'the start'}..{last}"
+        raise UserFacingError(
+            f"no {TABLE} partitions for {span} under {features_dir / TABLE}: "
+            "run `grank features build` first"
+        )
+    expected = (days[-1] - days[0]).days + 1
+    if len(days) != expected:
+        missing = sorted({days[0] + timedelta(n) for n in range(expected)} - set(days))
+        raise UserFacingError(f"{TABLE} has gaps in {days[0]}..{days[-1]}: missing {missing[:3]}")
+    targets: list[pa.Table] = []
+    history_users: list[np.ndarray] = []
+    history_lists: list[pa.Array] = []
+    seen_users: set[int] = set()
+    for day in days:
+        folder = features_dir / TABLE / f"dt={day.isoformat()}"
+        table = pq.read_table(folder, columns=COLUMNS)
+        if table.num_rows == 0:
+            continue
+        ts = pc.cast(table["event_timestamp"], pa.int64()).to_numpy()
+        order = np.lexsort((table["event_id"].to_numpy(), ts))
+        table = table.take(pa.array(order))
+        users = table["user_id"].to_numpy()
+        _, first_rows = np.unique(users, return_index=True)
+        new_rows = np.array([r for r in np.sort(first_rows) if int(users[r]) not in seen_users])
+        if len(new_rows):
+            seen_users.update(int(u) for u in users[new_rows])
+            history_users.append(users[new_rows])
+            history_lists.append(
+                table["history_item_seq"].take(pa.array(new_rows)).combine_chunks()
+            )
+        targets.append(
+            pa.table(
+                {
+                    "user_id": table["user_id"],
+                    "item": table["target_item_id"],
+                    "ts": pc.cast(table["event_timestamp"], pa.int64()),
+                    "event_id": table["event_id"],
+                }
+            )
+        )
+    if not targets:
+        raise UserFacingError(f"{TABLE} partitions for {days[0]}..{days[-1]} hold no rows")
+    return _assemble(pa.concat_tables(targets), history_users, history_lists, days[0], days[-1])
+
+
+def _assemble(
+    targets: pa.Table,
+    history_users: list[np.ndarray],
+    history_lists: list[pa.Array],
+    first_day: date,
+    last_day: date,
+) -> Timelines:
+    """Glue each user's pre-window history to their in-window targets (CSR, user-sorted)."""
+    user = targets["user_id"].to_numpy()
+    ts = targets["ts"].to_numpy()
+    order = np.lexsort((targets["event_id"].to_numpy(), ts, user))
+    user, item, ts = user[order], targets["item"].to_numpy()[order], ts[order]
+    user_ids, target_counts = np.unique(user, return_counts=True)
+    hist_users = np.concatenate(history_users)
+    hist_lists = pa.chunked_array(history_lists).combine_chunks()
+    hist_lengths = pc.list_value_length(hist_lists).to_numpy(zero_copy_only=False)
+    hist_lengths = np.nan_to_num(hist_lengths.astype(float)).astype(np.int64)
+    hist_values = pc.list_flatten(hist_lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    hist_starts = np.r_[0, np.cumsum(hist_lengths)]
+    slot = {int(u): i for i, u in enumerate(hist_users)}
+    pieces: list[np.ndarray] = []
+    day_pieces: list[np.ndarray] = []
+    first_target = np.zeros(len(user_ids), dtype=np.int64)
+    target_starts = np.r_[0, np.cumsum(target_counts)]
+    for u, uid in enumerate(user_ids):
+        h = slot[int(uid)]
+        history = hist_values[hist_starts[h] : hist_starts[h + 1]]
+        span = slice(target_starts[u], target_starts[u + 1])
+        pieces += [history, item[span]]
+        day_pieces += [np.full(len(history), -1), ts[span] // US_PER_DAY]
+        first_target[u] = len(history)
+    lengths = target_counts + first_target
+    return Timelines(
+        user_ids=user_ids,
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        items=np.concatenate(pieces).astype(np.int64),
+        days=np.concatenate(day_pieces).astype(np.int64),
+        first_target=first_target,
+        first_day=first_day,
+        last_day=last_day,
+    )
+
+
+# ------------------------------------------------------------------------ splits
+def leave_last_out(timelines: Timelines) -> tuple[np.ndarray, Queries, Queries]:
+    """(train_end per user, validation queries, test queries), per user by event order.
+
+    Users need 3 events to give one of each; with 2 the last is test and the first trains,
+    with 1 it only trains (its target is learnt from an empty history).
+    """
+    lengths = np.diff(timelines.offsets)
+    train_end = np.where(lengths >= 3, lengths - 2, np.where(lengths == 2, 1, lengths))
+    users = np.arange(timelines.n_users)
+    val_users = users[lengths >= 3]
+    test_users = users[lengths >= 2]
+    return (
+        train_end,
+        _single_target_queries(timelines, val_users, lengths[val_users] - 2),
+        _single_target_queries(timelines, test_users, lengths[test_users] - 1),
+    )
+
+
+def next_day(timelines: Timelines, test_day: date) -> tuple[np.ndarray, Queries, Queries]:
+    """(train_end per user, validation, test) for training before ``test_day``, testing on it.
+
+    The test query of a user is their history up to the end of the day before, with all
+    items of ``test_day`` as relevant (what a daily-refreshed model serves); validation is
+    each user's last training event.
+    """
+    day = day_number(test_day)
+    starts = timelines.offsets[:-1]
+    train_end = np.zeros(timelines.n_users, dtype=np.int64)
+    test_users, test_cuts, rel_offsets, rel_items = [], [], [0], []
+    for u in range(timelines.n_users):
+        days = timelines.days[starts[u] : timelines.offsets[u + 1]]
+        before = int(np.searchsorted(days, day, side="left"))
+        on_day = int(np.searchsorted(days, day, side="right"))
+        train_end[u] = before
+        if on_day > before and before > 0:
+            test_users.append(u)
+            test_cuts.append(before)
+            items = np.unique(timelines.sequence(u)[before:on_day])
+            rel_items.append(items)
+            rel_offsets.append(rel_offsets[-1] + len(items))
+    if not test_users:
+        raise UserFacingError(f"no events with a prior history on the test day {test_day}")
+    # validation: the last training event of users with at least two in the window
+    val_users = np.flatnonzero(train_end - timelines.first_target >= 2)
+    train_end_fit = train_end.copy()
+    train_end_fit[val_users] -= 1
+    test = Queries(
+        users=np.array(test_users, dtype=np.int64),
+        cuts=np.array(test_cuts, dtype=np.int64),
+        relevant_offsets=np.array(rel_offsets, dtype=np.int64),
+        relevant_items=np.concatenate(rel_items).astype(np.int64),
+    )
+    return (
+        train_end_fit,
+        _single_target_queries(timelines, val_users, train_end_fit[val_users]),
+        test,
+    )
+
+
+def _single_target_queries(timelines: Timelines, users: np.ndarray, cuts: np.ndarray) -> Queries:
+    positions = timelines.offsets[users] + cuts
+    return Queries(
+        users=users.astype(np.int64),
+        cuts=cuts.astype(np.int64),
+        relevant_offsets=np.arange(len(users) + 1, dtype=np.int64),
+        relevant_items=timelines.items[positions].astype(np.int64),
+    )
+
+
+# ----------------------------------------------------------------------- batches
+@dataclass(frozen=True)
+class Windows:
+    """Training examples: each row ends at one target with its short/long history.
+
+    ``labels[:, t]`` is the next item after short slot ``t`` (the last slot's label is
+    the target), 0 where not a training target of this window (padding or an event
+    outside the training window), so next-token prediction supervises each training
+    event once per epoch when windows are cut every ``short_len`` events.
+    """
+
+    short: np.ndarray
+    long: np.ndarray
+    labels: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def _left_padded(seq: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros(length, dtype=np.int64)
+    if length and len(seq):
+        tail = seq[-length:]
+        out[length - len(tail) :] = tail
+    return out
+
+
+def make_windows(
+    timelines: Timelines,
+    train_end: np.ndarray,
+    short_len: int,
+    long_len: int,
+    stride: int,
+    rng: np.random.Generator,
+) -> Windows:
+    """Cut training windows ending at every ``stride``-th training target (random phase).
+
+    The random phase (drawn from ``rng``, so deterministic by seed) moves the window
+    boundaries each epoch, a cheap augmentation; ``stride=1`` yields one example per event.
+    """
+    short_rows, long_rows, label_rows, targets = [], [], [], []
+    for u in range(timelines.n_users):
+        seq = timelines.sequence(u)
+        lo, hi = int(timelines.first_target[u]), int(train_end[u])
+        if hi <= lo:
+            continue
+        phase = int(rng.integers(stride)) if stride > 1 else 0
+        # the newest target always ends a window, so a phase never leaves events unsupervised
+        ends = {hi - 1, *range(hi - 1 - phase, lo - 1, -stride)}
+        for end in sorted(ends):
+            supervised = seq[: end + 1].copy()
+            supervised[:lo] = 0
+            short_rows.append(_left_padded(seq[:end], short_len))
+            long_rows.append(_left_padded(seq[:end], long_len))
+            label_rows.append(_left_padded(supervised[1 : end + 1], short_len))
+            targets.append(seq[end])
+    if not targets:
+        raise UserFacingError("the training window holds no training events")
+    return Windows(
+        short=np.stack(short_rows),
+        long=np.stack(long_rows),
+        labels=np.stack(label_rows),
+        targets=np.array(targets, dtype=np.int64),
+    )
+
+
+def query_histories(
+    timelines: Timelines, queries: Queries, short_len: int, long_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded short and long histories of every query."""
+    short = np.zeros((len(queries), short_len), dtype=np.int64)
+    long = np.zeros((len(queries), long_len), dtype=np.int64)
+    for i, (u, cut) in enumerate(zip(queries.users, queries.cuts, strict=True)):
+        history = timelines.sequence(int(u))[: int(cut)]
+        short[i] = _left_padded(history, short_len)
+        long[i] = _left_padded(history, long_len)
+    return short, long
+
+
+def item_counts(timelines: Timelines, train_end: np.ndarray, n_rows: int) -> np.ndarray:
+    """Training-target counts per item id (popularity baseline and the logQ correction)."""
+    counts = np.zeros(n_rows, dtype=np.int64)
+    for u in range(timelines.n_users):
+        seq = timelines.sequence(u)[int(timelines.first_target[u]) : int(train_end[u])]
+        np.add.at(counts, seq[seq < n_rows], 1)
+    return counts
+
+
+def catalogue_max_id(lake_dir: Path) -> int:
+    """Largest item id of the lake's item dimension (0 without one), to size the item table.
+
+    Serving refreshes vectors for the whole catalogue, so every catalogue item gets a
+    row even before anyone interacted with it (it keeps its small initial vector).
+    """
+    path = lake_dir / "raw" / "items" / "items.parquet"
+    if not path.is_file():
+        return 0
+    ids = pq.read_table(path, columns=["item_id"])["item_id"]
+    return int(pc.max(ids).as_py() or 0)

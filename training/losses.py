@@ -1,0 +1,163 @@
+"""The joint objective ``λ0·L_NTP + λ1·L_SA + λ2·L_CA`` (all InfoNCE-style softmax losses).
+
+- L_NTP: next-token prediction of the Generator: every supervised short-sequence slot and
+  the user query token U score their label against the negatives, either the full
+  catalogue (exact softmax: affordable below ~100k items, what SASRec-CE uses) or the
+  distinct items of the batch with a logQ correction (the paper's in-batch setting).
+- L_SA: the auxiliary candidate tokens' scores, target vs in-batch negatives.
+- L_CA: the Ranker's cross-attention scores, target vs in-batch negatives.
+
+In-batch negatives are drawn in proportion to popularity, which biases the softmax
+towards penalising popular items; subtracting ``log q(item)`` (q = training frequency)
+removes that sampling bias (Yi et al., RecSys 2019). A negative equal to the row's
+target is masked, not counted as a negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training.baselines import TwoTower
+from training.model import GRank
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The λ's, the softmax temperature and the negative-sampling choices (TrainSettings)."""
+
+    ntp: float = 1.0
+    sa: float = 0.5
+    ca: float = 0.5
+    temperature: float = 1.0
+    ntp_negatives: str = "full"  # "full" | "in_batch" (docs/model.md: full learns faster)
+    logq: bool = True
+    candidates: int = 32  # in-batch candidates per row for L_SA and L_CA
+
+
+def in_batch_candidates(targets: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C] candidates per row (column 0 = the row's own target) and the collision mask.
+
+    Row b takes the targets of rows b, b+1, ... (cyclic), so every row gets C-1 other
+    in-batch targets as negatives at O(B·C) cost; duplicates of the positive are masked.
+    """
+    batch = targets.shape[0]
+    count = min(count, batch)
+    shift = torch.arange(count, device=targets.device)
+    index = (torch.arange(batch, device=targets.device)[:, None] + shift[None, :]) % batch
+    candidates = targets[index]
+    collides = candidates == candidates[:, :1]
+    collides[:, 0] = False
+    return candidates, collides
+
+
+def softmax_first(logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with the positive in column 0 and ``masked`` columns removed."""
+    logits = logits.masked_fill(masked, float("-inf"))
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def ntp_loss(
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    item_table: torch.Tensor,
+    negatives: torch.Tensor,
+    weights: LossWeights,
+    log_q: torch.Tensor | None,
+) -> torch.Tensor:
+    """Next-token InfoNCE: ``states`` [N, d] score their ``labels`` [N] (> 0).
+
+    ``full``: against every item (exact softmax). ``in_batch``: against ``negatives`` [M]
+    (the batch's targets; N·M·d instead of N·n_items·d), logQ-corrected, collisions masked.
+    """
+    if weights.ntp_negatives == "full":
+        logits = states @ item_table.T / weights.temperature
+        logits[:, 0] = float("-inf")  # padding is never an answer
+        return F.cross_entropy(logits, labels)
+    positive = (states * item_table[labels]).sum(-1, keepdim=True)
+    logits = torch.cat([positive, states @ item_table[negatives].T], dim=1) / weights.temperature
+    if weights.logq and log_q is not None:
+        logits = logits - torch.cat(
+            [log_q[labels][:, None], log_q[negatives][None, :].expand(len(labels), -1)], 1
+        )
+    collides = torch.cat(
+        [
+            torch.zeros_like(labels[:, None], dtype=torch.bool),
+            labels[:, None] == negatives[None, :],
+        ],
+        1,
+    )
+    return softmax_first(logits, collides)
+
+
+def joint_loss(
+    model: GRank,
+    short: torch.Tensor,
+    long: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    weights: LossWeights,
+    log_q: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of one batch and its parts (for logging); paths off in the config are skipped."""
+    config = model.config
+    candidates, collides = in_batch_candidates(targets, weights.candidates)
+    correction = log_q[candidates] if weights.logq and log_q is not None else None
+    states, aux_scores = model.generator(short, candidates if config.use_aux else None)
+    slot_labels = torch.cat([labels, targets[:, None]], dim=1)  # U predicts the target too
+    supervised = slot_labels > 0
+    total = weights.ntp * ntp_loss(
+        states[supervised], slot_labels[supervised], model.item_vectors(), targets, weights, log_q
+    )
+    parts = {"ntp": float(total.detach())}
+    if aux_scores is not None:
+        logits = aux_scores if correction is None else aux_scores - correction
+        sa = softmax_first(logits, collides)
+        total = total + weights.sa * sa
+        parts["sa"] = float(sa.detach())
+    if config.use_ranker:
+        scores = model.rank_scores(long, candidates)
+        logits = scores if correction is None else scores - correction
+        ca = softmax_first(logits, collides)
+        total = total + weights.ca * ca
+        parts["ca"] = float(ca.detach())
+    return total, parts
+
+
+def grank_batch_loss(
+    weights: LossWeights, log_q: torch.Tensor | None
+) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """The training loop's per-batch loss for GRank (any ablation)."""
+
+    def batch_loss(
+        model: GRank,
+        short: torch.Tensor,
+        long: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return joint_loss(model, short, long, labels, targets, weights, log_q)
+
+    return batch_loss
+
+
+def two_tower_batch_loss(
+    weights: LossWeights, log_q: torch.Tensor | None
+) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """The DSSM baseline's loss: its user vector scores the target, same negatives as L_NTP."""
+
+    def batch_loss(
+        model: TwoTower,
+        short: torch.Tensor,
+        long: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        vectors = model.user_vectors(short)
+        loss = ntp_loss(vectors, targets, model.item_vectors(), targets, weights, log_q)
+        return loss, {"ntp": float(loss.detach())}
+
+    return batch_loss

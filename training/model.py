@@ -1,0 +1,269 @@
+"""The GRank network: a MIPS-searchable Generator and a candidate-aware Ranker on one item table.
+
+This module is the model *definition* only (docs/architecture.md, Contract 4): serving
+imports it, so it must not import training loops, Spark, Feast or pandas.
+
+Shapes are batch-first; item id 0 is padding; sequences are left-padded, oldest to newest,
+the most recent event last. docs/model.md explains every choice the paper leaves open.
+
+- ``user_vectors(short_seq)``: the Generator's output at the user query token ``U``,
+  appended after the short history and read through causal self-attention.
+- ``item_vectors()``: the shared item embedding table; ``user · item`` is the MIPS score.
+- ``rank_scores(long_seq, candidates)``: the Ranker, single-head cross-attention with each
+  candidate as the query over the long history, then an MLP.
+- ``generator(short_seq, aux_candidates)``: training-time entry point that additionally
+  appends candidate tokens under the decomposed mask (each candidate sees the history
+  and itself, never another candidate; history never sees candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import UserFacingError
+
+
+@dataclass(frozen=True)
+class GRankConfig:
+    """Everything needed to rebuild the network; stored verbatim in checkpoint manifests."""
+
+    n_item_rows: int
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    short_seq_len: int = 64
+    long_seq_len: int = 200
+    dropout: float = 0.1
+    use_aux: bool = True
+    use_ranker: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_item_rows < 2:
+            raise UserFacingError(f"n_item_rows must be at least 2, got {self.n_item_rows}")
+        if self.dim % self.n_heads:
+            raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GRankConfig:
+        """Rebuild from a manifest; unknown keys mean a newer format and are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserFacingError(f"unknown model config keys {unknown}")
+        return cls(**values)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block that also advances candidate tokens under the decomposed mask.
+
+    History tokens run ordinary causal attention. Candidate tokens (optional) reuse this
+    layer's history keys/values plus their own key/value: the dense mask's candidate
+    block is diagonal, so computing it as "history part + self part" costs
+    O(C·L·d) instead of O((L+C)²·d) (the paper's 82% FLOP saving) with identical maths.
+    """
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln_attn = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., T, 3d] projections split into q, k, v of shape [..., H, T, d/H]."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        shape = (*x.shape[:-1], self.n_heads, -1)
+        return tuple(t.reshape(shape).transpose(-3, -2) for t in (q, k, v))
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., H, T, d/H] back to [..., T, d]."""
+        x = x.transpose(-3, -2)
+        return x.reshape(*x.shape[:-2], -1)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.ffn(self.ln_ffn(x)))
+
+    def forward(
+        self, hist: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hist [B, L, d] with mask [B, 1, L, L] (True = may attend); cand [B, C, d] or None."""
+        q, k, v = self._heads(self.ln_attn(hist))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        new_hist = self._ffn(hist + self.drop(self.proj(self._merge(attended))))
+        if cand is None:
+            return new_hist, None
+        qc, kc, vc = self._heads(self.ln_attn(cand))  # [B, H, C, d/H]
+        scale = 1.0 / math.sqrt(qc.shape[-1])
+        # keys a candidate may see: every real history token (padding excluded) and itself
+        key_ok = mask[:, :, -1:, :]  # the last (U) row sees all real history tokens
+        hist_logits = (qc @ k.transpose(-1, -2)) * scale
+        hist_logits = hist_logits.masked_fill(~key_ok, float("-inf"))
+        self_logit = (qc * kc).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([hist_logits, self_logit], dim=-1), dim=-1)
+        mixed = weights[..., :-1] @ v + weights[..., -1:] * vc
+        new_cand = self._ffn(cand + self.drop(self.proj(self._merge(mixed))))
+        return new_hist, new_cand
+
+
+class GRank(nn.Module):
+    """Generator + auxiliary target-aware path + Ranker over one shared item embedding table."""
+
+    def __init__(self, config: GRankConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.item_embedding = nn.Embedding(config.n_item_rows, d, padding_idx=0)
+        # Generator: slot positions count from the right (the newest item is always slot Ls-1),
+        # plus one slot for the user query token U
+        self.short_positions = nn.Embedding(config.short_seq_len + 1, d)
+        self.query_token = nn.Parameter(torch.zeros(d))
+        self.query_from_history = nn.Linear(d, d)
+        self.embed_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d, config.n_heads, config.dropout) for _ in range(config.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d)
+        if config.use_aux:
+            self.aux_input = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            self.aux_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        if config.use_ranker:
+            self.long_positions = nn.Embedding(config.long_seq_len, d)
+            self.ranker_history = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            self.ranker_query = nn.Linear(d, d)
+            self.ranker_key = nn.Linear(d, d)
+            self.ranker_value = nn.Linear(d, d)
+            # a learned always-present slot so users without history still get a score
+            self.ranker_null_key = nn.Parameter(torch.zeros(d))
+            self.ranker_null_value = nn.Parameter(torch.zeros(d))
+            self.ranker_mlp = nn.Sequential(
+                nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
+            )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small normal init for embeddings (std 0.02, as in GPT/SASRec); row 0 stays zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    # ------------------------------------------------------------------ items
+    def known(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """``item_ids`` with ids outside the table replaced by 0: unknown items act as padding.
+
+        A model older than the data may meet new ids; they must not crash serving, and
+        until a warm start gives them rows (:meth:`grow_items`) they carry no signal.
+        """
+        inside = (item_ids >= 0) & (item_ids < self.config.n_item_rows)
+        return torch.where(inside, item_ids, torch.zeros_like(item_ids))
+
+    def embed(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``item_ids``; ids outside the table read the padding row (never crash)."""
+        return self.item_embedding(self.known(item_ids))
+
+    def item_vectors(self) -> torch.Tensor:
+        """[n_item_rows, d]: row i is item i (row 0, padding, is zero); MIPS searches these."""
+        return self.item_embedding.weight
+
+    def grow_items(self, n_item_rows: int) -> None:
+        """Enlarge the item table for ids seen for the first time (warm start on new data).
+
+        Existing rows keep their trained values; new rows start at the same small random
+        init as a fresh model, so they score near zero until trained (docs/model.md).
+        """
+        old = self.config.n_item_rows
+        if n_item_rows <= old:
+            return
+        weight = self.item_embedding.weight
+        extra = torch.randn(n_item_rows - old, weight.shape[1], device=weight.device) * 0.02
+        table = nn.Embedding(n_item_rows, weight.shape[1], padding_idx=0).to(weight.device)
+        with torch.no_grad():
+            table.weight.copy_(torch.cat([weight.detach(), extra.to(weight.dtype)]))
+        self.item_embedding = table
+        self.config = GRankConfig(**{**self.config.to_dict(), "n_item_rows": n_item_rows})
+
+    # -------------------------------------------------------------- generator
+    def _fit(self, seq: torch.Tensor, length: int) -> torch.Tensor:
+        """Keep the newest ``length`` ids (unknown ones as 0), left-padding shorter sequences."""
+        seq = self.known(seq)
+        if seq.shape[1] >= length:
+            return seq[:, seq.shape[1] - length :]
+        return F.pad(seq, (length - seq.shape[1], 0))
+
+    def generator(
+        self, short_seq: torch.Tensor, aux_candidates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the Generator; returns (states [B, Ls+1, d], aux scores [B, C] or None).
+
+        ``states[:, t]`` for t < Ls is the causal output after history slot t (it predicts
+        slot t+1, next-token prediction); ``states[:, -1]`` is the user query token U.
+        ``aux_candidates`` [B, C] are appended to row b as candidate tokens (training only);
+        the score of candidate j for row b is read from its own output token.
+        """
+        seq = self._fit(short_seq, self.config.short_seq_len)
+        batch, length = seq.shape
+        items = self.embed(seq)
+        present = (seq > 0).unsqueeze(-1).float()
+        mean_history = (items * present).sum(1) / present.sum(1).clamp(min=1.0)
+        query = self.query_token + self.query_from_history(mean_history)
+        tokens = torch.cat([items, query.unsqueeze(1)], dim=1) + self.short_positions.weight
+        hist = self.embed_drop(tokens)
+        # causal mask over [history, U]; padding keys hidden; every token sees itself, so a
+        # padding query never has an empty row (which would give NaN)
+        valid = torch.cat([seq > 0, torch.ones(batch, 1, dtype=torch.bool, device=seq.device)], 1)
+        causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=seq.device).tril()
+        eye = torch.eye(length + 1, dtype=torch.bool, device=seq.device)
+        mask = ((causal & valid[:, None, :]) | eye).unsqueeze(1)
+        cand = None
+        if aux_candidates is not None:
+            if not self.config.use_aux:
+                raise ValueError("this model was built without the auxiliary path")
+            cand = self.embed_drop(self.aux_input(self.embed(aux_candidates)))
+        for block in self.blocks:
+            hist, cand = block(hist, mask, cand)
+        states = self.final_norm(hist)
+        if cand is None:
+            return states, None
+        return states, self.aux_head(self.final_norm(cand)).squeeze(-1)
+
+    def user_vectors(self, short_seq: torch.Tensor) -> torch.Tensor:
+        """[B, d] MIPS query: the Generator's output at the user query token."""
+        states, _ = self.generator(short_seq)
+        return states[:, -1]
+
+    # ----------------------------------------------------------------- ranker
+    def rank_scores(self, long_seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll]."""
+        if not self.config.use_ranker:
+            raise ValueError("this model was built without the Ranker")
+        seq = self._fit(long_seq, self.config.long_seq_len)
+        batch, d = seq.shape[0], self.config.dim
+        history = self.ranker_history(self.embed(seq) + self.long_positions.weight)
+        keys = torch.cat([self.ranker_null_key.expand(batch, 1, d), self.ranker_key(history)], 1)
+        values = torch.cat(
+            [self.ranker_null_value.expand(batch, 1, d), self.ranker_value(history)], 1
+        )
+        valid = torch.cat(
+            [torch.ones(batch, 1, dtype=torch.bool, device=seq.device), seq > 0], dim=1
+        )
+        cand = self.embed(candidates)
+        logits = (self.ranker_query(cand) @ keys.transpose(1, 2)) / math.sqrt(d)
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        attended = torch.softmax(logits, dim=-1) @ values
+        features = torch.cat([attended, cand, attended * cand], dim=-1)
+        return self.ranker_mlp(features).squeeze(-1)
