@@ -81,14 +81,16 @@ class TrainSettings(BaseModel):
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    max_epochs: int = 20
+    max_epochs: int = 3
     patience: int = 2
-    max_minutes: float = 4.0
+    # Optional wall-clock budgets, off by default: a time limit makes the weights depend on
+    # the machine's speed, so re-running a day would not reproduce the same snapshot.
+    max_minutes: float = 0.0
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # daily warm start from the published model
     finetune_lr: float = 5e-4
     finetune_max_epochs: int = 3
-    finetune_max_minutes: float = 4.0
+    finetune_max_minutes: float = 0.0
     # evaluation and the publish gate
     k1: int = 200
     k2: int = 50

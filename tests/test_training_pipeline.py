@@ -182,8 +182,13 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert read_published(models) == "1998-04-03"
     assert (models / "evaluations" / "1998-04-03" / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
+    # re-running a published day retrains from the same base (its lineage) to the same bytes
+    weights = models / "checkpoints" / "1998-04-03" / "model.safetensors"
+    first_bytes = weights.read_bytes()
     code, out = grank(["train", "--date", "1998-04-03"], env)
-    assert code == 1 and "already covers up to 1998-04-02" in out
+    assert code == 0, out
+    assert "from scratch" in out
+    assert weights.read_bytes() == first_bytes
 
     code, out = grank(["train", "--date", "1998-04-04"], env)
     assert code == 0, out
@@ -217,3 +222,18 @@ def test_bad_inputs_fail_with_one_clear_line(built_root, tmp_path):
     assert code == 1 and "not a checkpoint folder" in out
     with pytest.raises(UserFacingError, match="no training_examples partitions"):
         read_timelines(tmp_path / "empty", None, LAST)
+
+
+def test_gaps_are_refused_unless_the_lake_had_no_events_that_day(built_root, tmp_path):
+    table = tmp_path / "features" / "training_examples"
+    table.mkdir(parents=True)
+    for day in ("1998-04-01", "1998-04-03"):
+        source = built_root / "features" / "training_examples" / f"dt={day}"
+        (table / f"dt={day}").symlink_to(source)
+    first, last = date(1998, 4, 1), date(1998, 4, 3)
+    with pytest.raises(UserFacingError, match=r"gaps in .*missing \[datetime.date\(1998, 4, 2\)"):
+        read_timelines(tmp_path / "features", first, last)
+    with pytest.raises(UserFacingError, match="gaps"):
+        read_timelines(tmp_path / "features", first, last, frozenset({first, date(1998, 4, 2)}))
+    timelines = read_timelines(tmp_path / "features", first, last, frozenset({first, last}))
+    assert timelines.first_day == first

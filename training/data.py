@@ -87,11 +87,14 @@ def day_number(day: date) -> int:
     return (day - EPOCH).days
 
 
-def read_timelines(features_dir: Path, first: date | None, last: date) -> Timelines:
+def read_timelines(
+    features_dir: Path, first: date | None, last: date, landed: frozenset[date] | None = None
+) -> Timelines:
     """Timelines from the partitions in ``[first, last]`` (``first=None``: from the oldest).
 
     Refuses an empty window and a gap inside it (a missing day would silently splice
-    two histories together).
+    two histories together). ``landed`` (the raw lake's days) tells the gaps that are
+    real days without events (ML-100K has two) from days whose features are missing.
     """
     available = [d for d in partition_days(features_dir) if (first is None or d >= first)]
     days = [d for d in available if d <= last]
@@ -101,9 +104,9 @@ def read_timelines(features_dir: Path, first: date | None, last: date) -> Timeli
             f"no {TABLE} partitions for {span} under {features_dir / TABLE}: "
             "run `grank features build` first"
         )
-    expected = (days[-1] - days[0]).days + 1
-    if len(days) != expected:
-        missing = sorted({days[0] + timedelta(n) for n in range(expected)} - set(days))
+    span_days = {days[0] + timedelta(n) for n in range((days[-1] - days[0]).days + 1)}
+    missing = sorted(d for d in span_days - set(days) if landed is None or d in landed)
+    if missing:
         raise UserFacingError(f"{TABLE} has gaps in {days[0]}..{days[-1]}: missing {missing[:3]}")
     targets: list[pa.Table] = []
     history_users: list[np.ndarray] = []

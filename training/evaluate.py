@@ -196,6 +196,7 @@ def evaluate_day(
     gate_metric: str,
     tolerance: float,
     device: torch.device,
+    landed: frozenset[date] | None = None,
 ) -> tuple[bool, str, Path]:
     """Next-day evaluation of the model tested on ``day`` against the published one; the gate.
 
@@ -208,7 +209,8 @@ def evaluate_day(
     model, manifest = load_checkpoint(models_dir / "checkpoints" / name, device=str(device))
     # read from the model's first training day, as `grank train` does, so the seen filter
     # (and therefore every number) matches the one measured at training time
-    timelines = read_timelines(features_dir, date.fromisoformat(manifest["data_first_day"]), day)
+    first = date.fromisoformat(manifest["data_first_day"])
+    timelines = read_timelines(features_dir, first, day, landed)
     _, _, queries = next_day(timelines, day)
     results = {"grank": evaluate(model, timelines, queries, spec, device)}
     published_name = read_published(models_dir)

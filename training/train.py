@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.errors import UserFacingError
 from training.baselines import Popularity, TwoTower
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from training.data import (
     Queries,
     Timelines,
@@ -205,6 +205,7 @@ class DailyJob:
     models_dir: Path
     test_day: date
     catalogue_max_id: int  # the item table covers the whole catalogue, rated or not
+    landed_days: frozenset[date]  # raw days of the lake: a day missing here had no events
     model: GRankConfig  # architecture for a fresh model; n_item_rows is taken from the data
     weights: LossWeights
     fit: FitConfig
@@ -223,11 +224,22 @@ def checkpoint_dir(models_dir: Path, day: date) -> Path:
 
 
 def _warm_start(job: DailyJob) -> tuple[GRank, dict[str, Any]] | None:
-    """The published model and its manifest, unless training from scratch or none yet."""
+    """The model to fine-tune for ``test_day``, or None to train from scratch.
+
+    Normally the published model (trained on the days before the previous test day).
+    When it already covers ``test_day`` (a re-run of D after D was published, or a
+    backfill of an older day), follow its ``warm_start_from`` lineage back to the first
+    model tested before D: the same base the original run of D used, so a re-run
+    reproduces it. A lineage that starts from scratch means D started from scratch too.
+    """
     name = None if job.from_scratch else read_published(job.models_dir)
-    if name is None:
-        return None
-    return load_checkpoint(job.models_dir / "checkpoints" / name)
+    while name is not None:
+        directory = job.models_dir / "checkpoints" / name
+        manifest = read_manifest(directory)
+        if date.fromisoformat(manifest["test_day"]) < job.test_day:
+            return load_checkpoint(directory)
+        name = manifest.get("warm_start_from")
+    return None
 
 
 def train_daily(job: DailyJob, device: torch.device) -> dict[str, Any]:
@@ -244,20 +256,18 @@ def train_daily(job: DailyJob, device: torch.device) -> dict[str, Any]:
     warm = _warm_start(job)
     if warm is not None:
         first = date.fromisoformat(warm[1]["data_last_day"]) + timedelta(days=1)
-        if first >= job.test_day:
-            raise UserFacingError(
-                f"the published model already covers up to {warm[1]['data_last_day']}: "
-                f"no new day to fine-tune on before {job.test_day}"
-            )
     elif job.train_window_days > 0:
         first = job.test_day - timedelta(days=job.train_window_days)
     else:
         first = date.min
-    timelines = read_timelines(job.features_dir, first, job.test_day)
+    timelines = read_timelines(job.features_dir, first, job.test_day, job.landed_days)
     if timelines.first_day >= job.test_day:
         raise UserFacingError(f"no training days before the test day {job.test_day}")
     train_end, validation, test = next_day(timelines, job.test_day)
     n_rows = max(timelines.max_item_id, job.catalogue_max_id) + 1
+    seed_everything(
+        job.fit.seed
+    )  # new weights (fresh model, grown rows) must not depend on history
     if warm is not None:
         model, base = warm
         model.grow_items(n_rows)

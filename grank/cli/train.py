@@ -44,6 +44,7 @@ def eval_spec(settings: Settings) -> EvalSpec:
 
 def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool) -> DailyJob:
     """Turn Settings into the plain values the training layer takes."""
+    from features.lake import landed_days
     from training.data import catalogue_max_id
     from training.losses import LossWeights
     from training.model import GRankConfig
@@ -59,13 +60,14 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
         grad_clip=t.grad_clip,
         stride=settings.features.short_seq_len,
         seed=t.seed,
-        max_seconds=t.max_minutes * 60,
+        max_seconds=t.max_minutes * 60 or None,
     )
     return DailyJob(
         features_dir=settings.features_dir,
         models_dir=settings.models_dir,
         test_day=day,
         catalogue_max_id=catalogue_max_id(settings.lake_dir),
+        landed_days=frozenset(landed_days(settings.lake_dir)),
         model=GRankConfig(
             n_item_rows=2,
             dim=t.dim,
@@ -92,7 +94,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
                 **fit.__dict__,
                 "lr": t.finetune_lr,
                 "max_epochs": t.finetune_max_epochs,
-                "max_seconds": t.finetune_max_minutes * 60,
+                "max_seconds": t.finetune_max_minutes * 60 or None,
             }
         ),
         spec=eval_spec(settings),
@@ -147,6 +149,7 @@ def evaluate(settings: Settings, day: date) -> None:
     import json
 
     from common.errors import UserFacingError
+    from features.lake import landed_days
     from training.evaluate import evaluate_day
     from training.train import pick_device
 
@@ -158,6 +161,7 @@ def evaluate(settings: Settings, day: date) -> None:
         settings.train.gate_metric,
         settings.train.gate_tolerance,
         pick_device(),
+        frozenset(landed_days(settings.lake_dir)),
     )
     _print_table(json.loads((folder / "metrics.json").read_text())["results"])
     click.echo(f"metrics: {folder / 'metrics.json'}, chart: {folder / 'chart.png'}")
