@@ -22,7 +22,10 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow.parquet as pq
+
 from common.atomic import fsync_dir, staging_dir
+from features.lake import PARQUET_OPTIONS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -94,11 +97,24 @@ def write_partitions(
             parts = sorted(written.glob("part-*.parquet"))
             with staging_dir(partition_path(folder, day)) as target:
                 for index, part in enumerate(parts):
-                    os.replace(part, target / f"part-{index:05d}.parquet")
+                    _rewrite_reproducibly(part, target / f"part-{index:05d}.parquet")
         fsync_dir(folder)
         return days
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _rewrite_reproducibly(source: Path, destination: Path) -> None:
+    """Copy a Spark-written Parquet file through pyarrow, so the same rows give the same bytes.
+
+    parquet-mr lists each column chunk's encodings from a Java HashSet whose order can
+    change from one JVM to the next: the rows and the schema are identical, the footer
+    bytes are not. Re-running a day must leave byte-identical partitions, so the file is
+    rewritten by pyarrow (deterministic; the schema metadata Spark reads back is kept).
+    """
+    table = pq.ParquetFile(source).read()
+    pq.write_table(table, destination, **PARQUET_OPTIONS)
+    source.unlink()
 
 
 def move_partition(source: Path, destination: Path) -> None:
