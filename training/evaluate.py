@@ -18,7 +18,7 @@ import torch
 
 from common.atomic import atomic_write_bytes, atomic_write_text, staging_dir
 from common.errors import UserFacingError
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, read_manifest
 from training.data import Queries, Timelines, next_day, query_histories, read_timelines
 from training.metrics import ranking_metrics
 from training.model import GRank
@@ -149,6 +149,23 @@ def read_published(models_dir: Path) -> str | None:
     return name
 
 
+def published_before(models_dir: Path, day: date) -> str | None:
+    """The model that was published when day ``day`` was first run, or None.
+
+    Normally ``models/PUBLISHED`` itself. When it already covers ``day`` (a re-run of
+    ``day`` after its model was published, or a backfill of an older day), follow the
+    ``warm_start_from`` lineage back to the first model tested before ``day``: re-runs
+    then warm-start from, and are gated against, what the original run saw.
+    """
+    name = read_published(models_dir)
+    while name is not None:
+        manifest = read_manifest(models_dir / "checkpoints" / name)
+        if date.fromisoformat(manifest["test_day"]) < day:
+            return name
+        name = manifest.get("warm_start_from")
+    return None
+
+
 def write_published(models_dir: Path, name: str) -> None:
     """Atomically point ``models/PUBLISHED`` at checkpoint ``name`` (readers never see half)."""
     atomic_write_text(models_dir / PUBLISHED_FILE, name + "\n")
@@ -213,9 +230,9 @@ def evaluate_day(
     timelines = read_timelines(features_dir, first, day, landed)
     _, _, queries = next_day(timelines, day)
     results = {"grank": evaluate(model, timelines, queries, spec, device)}
-    published_name = read_published(models_dir)
+    published_name = published_before(models_dir, day)
     published_score = None
-    if published_name is not None and published_name != name:
+    if published_name is not None:
         published, _ = load_checkpoint(models_dir / "checkpoints" / published_name, str(device))
         results["published"] = evaluate(published, timelines, queries, spec, device)
         published_score = headline(results["published"], gate_metric)

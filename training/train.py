@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.errors import UserFacingError
 from training.baselines import Popularity, TwoTower
-from training.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import (
     Queries,
     Timelines,
@@ -37,7 +37,7 @@ from training.data import (
     partition_days,
     read_timelines,
 )
-from training.evaluate import EvalSpec, Scorer, evaluate, read_published
+from training.evaluate import EvalSpec, Scorer, evaluate, published_before
 from training.losses import LossWeights, grank_batch_loss, two_tower_batch_loss
 from training.model import GRank, GRankConfig
 
@@ -232,14 +232,8 @@ def _warm_start(job: DailyJob) -> tuple[GRank, dict[str, Any]] | None:
     model tested before D: the same base the original run of D used, so a re-run
     reproduces it. A lineage that starts from scratch means D started from scratch too.
     """
-    name = None if job.from_scratch else read_published(job.models_dir)
-    while name is not None:
-        directory = job.models_dir / "checkpoints" / name
-        manifest = read_manifest(directory)
-        if date.fromisoformat(manifest["test_day"]) < job.test_day:
-            return load_checkpoint(directory)
-        name = manifest.get("warm_start_from")
-    return None
+    name = None if job.from_scratch else published_before(job.models_dir, job.test_day)
+    return None if name is None else load_checkpoint(job.models_dir / "checkpoints" / name)
 
 
 def train_daily(job: DailyJob, device: torch.device) -> dict[str, Any]:
@@ -326,13 +320,14 @@ def train_daily(job: DailyJob, device: torch.device) -> dict[str, Any]:
             device,
         )
         results["dssm"] = evaluate(tower, timelines, test, short_only, device)
+    # Durations are returned, not stored: the checkpoint (and the snapshot that carries it)
+    # must be the same bytes when a day is re-run.
     manifest.update(
         best_epoch=result.best_epoch,
         val_score=result.best_score,
-        train_seconds=round(result.seconds, 1),
         stop_reason=result.stop_reason,
-        history=result.history,
+        history=[{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
         n_train_events=int(counts.sum()),
         metrics=results,
     )
-    return save_checkpoint(model, target, manifest)
+    return {**save_checkpoint(model, target, manifest), "train_seconds": round(result.seconds, 1)}
