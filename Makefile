@@ -28,6 +28,6 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest
 
-test: setup lint typecheck  ## everything CI runs
+test: setup lint typecheck  ## everything CI runs, the backfill/re-run DAG checks included
 	$(GRANK) data fetch ml-1m ml-100k
-	$(PY) -m pytest
+	GRANK_E2E_FULL=1 $(PY) -m pytest
