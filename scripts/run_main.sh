@@ -72,7 +72,7 @@ show_progress() { # show_progress LOGFILE
         line=${line%% \[airflow.task.hooks*}
         case $line in
           error:* | warning:* | *"quality gate "* | trained* | published* | refreshed* | \
-            checkpoint:* | metrics:* | "model "* | "grank "* | "popularity "* | [0-9][0-9][0-9][0-9]-*:*)
+            checkpoint:* | metrics:* | "example lookup"* | "model "* | "grank "* | "popularity "* | [0-9][0-9][0-9][0-9]-*:*)
             printf '      | %s\n' "$line"
             ;;
         esac
