@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grank.config import REPO_ROOT, Settings
+from tests.test_dag_integrity import CHAIN
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +67,7 @@ full_e2e = pytest.mark.skipif(
     os.environ.get("GRANK_E2E_FULL") != "1",
     reason="three more DAG runs and a scheduler (~10 min): set GRANK_E2E_FULL=1",
 )
-AFTER_RAW_GATE = [
-    "build_features",
-    "validate_features",
-    "register_features",
-    "materialize_features",
-    "train",
-    "evaluate_gate",
-    "refresh_embeddings",
-    "publish_snapshot",
-    "verify_serving",
-]
+AFTER_RAW_GATE = CHAIN[CHAIN.index("validate_raw") + 1 :]
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ own data root whose features/ and lake/ link to it, so models/ never leaks betwe
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def models_root(built_root: Path, tmp_path: Path) -> Path:
     return root
 
 
+def tiny_grank(max_item_id: int, **overrides: float) -> GRank:
+    """The small GRank these tests train (dim 16, one layer, short 16 / long 32)."""
+    config = GRankConfig(
+        n_item_rows=max_item_id + 1, dim=16, n_layers=1, short_seq_len=16, long_seq_len=32
+    )
+    return GRank(replace(config, **overrides))
+
+
 def grank(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run the CLI in-process like ``grank.cli.main``: a UserFacingError is one ``error:`` line."""
     result = CliRunner().invoke(cli, args, env=env)
@@ -81,16 +90,7 @@ def tiny_fit(built_root: Path, epochs: int):
     timelines = read_timelines(built_root / "features", date(1998, 4, 1), LAST)
     train_end, validation, _ = leave_last_out(timelines)
     torch.manual_seed(0)
-    model = GRank(
-        GRankConfig(
-            n_item_rows=timelines.max_item_id + 1,
-            dim=16,
-            n_layers=1,
-            short_seq_len=16,
-            long_seq_len=32,
-            dropout=0.0,
-        )
-    )
+    model = tiny_grank(timelines.max_item_id, dropout=0.0)
     loss = grank_batch_loss(LossWeights(candidates=32), None)
     config = FitConfig(
         lr=5e-3, batch_size=128, max_epochs=epochs, patience=epochs, stride=16, progress=False
@@ -136,15 +136,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
 
     timelines = read_timelines(built_root / "features", None, LAST)
     train_end, validation, _ = leave_last_out(timelines)
-    model = GRank(
-        GRankConfig(
-            n_item_rows=timelines.max_item_id + 1,
-            dim=16,
-            n_layers=1,
-            short_seq_len=16,
-            long_seq_len=32,
-        )
-    )
+    model = tiny_grank(timelines.max_item_id)
     model_holder.append(model)
     config = FitConfig(batch_size=100_000, max_epochs=5, patience=5, stride=16, progress=False)
     with pytest.raises(UserFacingError, match="non-finite loss at epoch 2"):
