@@ -41,6 +41,7 @@ def publish_to_serving(root: Path, n_items: int, port: int) -> dict[str, float]:
         # poll the cheap /version so the probe does not steal CPU from the load it waits for
         while http.get(f"http://127.0.0.1:{port}/version").json()["version"] != version:
             time.sleep(0.01)
+        swapped = time.perf_counter()
         body = http.post(f"http://127.0.0.1:{port}/recommend", json={"user_id": 7}).json()
         served = time.perf_counter()
         assert body["snapshot_version"] == version
@@ -50,6 +51,8 @@ def publish_to_serving(root: Path, n_items: int, port: int) -> dict[str, float]:
     return {
         "refresh_s": refresh_s,
         "publish_s": published - started,
+        "publish_to_swap_seen_s": swapped - started,
+        "first_answer_s": served - swapped,
         "publish_to_serving_s": served - started,
         "server_load_s": load_s,
         "rss_before_mib": before["VmRSS"],

@@ -111,7 +111,7 @@ class ServeSettings(BaseModel):
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_queue: int = 256
-    poll_s: float = 0.2  # how often the watcher reads CURRENT
+    poll_s: float = 0.1  # how often the watcher reads CURRENT (one small file read)
     keep_snapshots: int = 3  # retention: newest K versions stay on disk
     refresh_batch_size: int = 65_536
 

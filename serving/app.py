@@ -44,7 +44,7 @@ class ServeConfig:
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_queue: int = 256
-    poll_s: float = 0.2
+    poll_s: float = 0.1
     retry_after_s: int = 1
 
 

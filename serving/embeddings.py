@@ -1,16 +1,21 @@
 """Embedding refresh: every item's vector from a checkpoint, plus ids and popularity, on disk.
 
 The output folder is exactly what a snapshot holds (minus the manifest): the float32
-item matrix, the id of each row, the popularity order for the unknown-user fallback and
-a copy of the checkpoint that produced the vectors, so that vectors and weights can
-only travel together. Rows are copied in batches into a memory-mapped ``.npy`` so the
-float32 matrix never needs a second full copy in memory, with a progress bar.
+item matrix, the servable item ids, the popularity order for the unknown-user fallback
+and the rest of the network that produced the vectors, so that vectors and weights can
+only travel together.
+
+The matrix *is* the model's item table (row i = item i, row 0 = padding), and the
+network file holds every other weight. Storing the table once halves what a snapshot
+swap must read and hash at 1M items (docs/serving.md), and serving uses the matrix
+bytes directly as both the MIPS corpus and the Generator/Ranker's embedding table.
+Rows are copied in batches into a memory-mapped ``.npy`` (never a second full copy in
+memory), with a progress bar.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.atomic import staging_dir
@@ -25,12 +31,13 @@ from common.errors import UserFacingError
 from serving.snapshots import (
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
-    MODEL_DIR,
+    NETWORK_CONFIG_FILE,
+    NETWORK_FILE,
     POPULAR_FILE,
     SOURCE_FILE,
-    link_or_copy,
 )
 from training.checkpoint import load_checkpoint
+from training.model import ITEM_TABLE_KEY
 
 
 @dataclass(frozen=True)
@@ -52,13 +59,15 @@ def refresh_embeddings(
     progress: bool = True,
     metrics: dict[str, Any] | None = None,
 ) -> RefreshReport:
-    """Write the vectors of ``item_ids`` from the checkpoint to ``out_dir`` (atomically).
+    """Write the checkpoint's item table and network, and the servable ids, to ``out_dir``.
 
-    ``item_ids`` are the catalogue to serve; ids the model has no row for are refused
-    (a model older than the catalogue must be retrained first, not served with gaps).
-    ``popular_items`` (most popular first) are kept only where they are in the catalogue.
-    ``metrics`` (the evaluation that published the checkpoint) travel into the snapshot
-    manifest; without them the checkpoint manifest's own metrics are used.
+    ``item_ids`` are the catalogue to serve (MIPS only ever returns these); ids the model
+    has no row for are refused (a model older than the catalogue must be retrained
+    first, not served with gaps). Rows outside the catalogue stay in the table: users'
+    histories may still name retired items. ``popular_items`` (most popular first) are
+    kept only where they are in the catalogue. ``metrics`` (the evaluation that
+    published the checkpoint) travel into the snapshot manifest; without them the
+    checkpoint manifest's own metrics are used.
     """
     model, manifest = load_checkpoint(checkpoint_dir)
     ids = np.unique(np.asarray(item_ids, dtype=np.int64))
@@ -73,25 +82,31 @@ def refresh_embeddings(
     popular = np.asarray(popular_items, dtype=np.int64)
     popular = popular[np.isin(popular, ids)]
     dim = model.config.dim
+    network = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if name != ITEM_TABLE_KEY
+    }
     with staging_dir(out_dir) as staging:
         matrix = np.lib.format.open_memmap(
-            staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=(ids.size, dim)
+            staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=(n_rows, dim)
         )
         with torch.inference_mode():
             table = model.item_vectors()
             for start in tqdm(
-                range(0, ids.size, batch_size),
+                range(0, n_rows, batch_size),
                 desc="item vectors",
                 unit="batch",
                 disable=not progress,
             ):
-                rows = torch.from_numpy(ids[start : start + batch_size])
-                matrix[start : start + rows.numel()] = table[rows].float().cpu().numpy()
+                matrix[start : start + batch_size] = table[start : start + batch_size].float()
         matrix.flush()
         del matrix
         np.save(staging / ITEM_IDS_FILE, ids)
         np.save(staging / POPULAR_FILE, popular)
-        shutil.copytree(checkpoint_dir, staging / MODEL_DIR, copy_function=link_or_copy)
+        save_file(network, str(staging / NETWORK_FILE))
+        config = {"config": model.config.to_dict(), "checkpoint_id": checkpoint_dir.name}
+        (staging / NETWORK_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         source = {
             "checkpoint_id": checkpoint_dir.name,
             "metrics": metrics if metrics is not None else manifest.get("metrics", {}),

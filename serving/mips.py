@@ -1,9 +1,9 @@
 """Exact maximum-inner-product search over the whole item matrix, with no index to build.
 
-Both backends scan every item: faiss ``IndexFlatIP`` on CPU (BLAS over the full matrix)
-and torch ``matmul`` + ``topk`` on a CUDA device. "Adding" vectors to a flat index is a
-copy, so a new snapshot is searchable as soon as it is loaded, and recall is exact by
-construction. Structured indexes (HNSW, IVF, PQ, trees) are deliberately absent: their
+Both backends scan every item: faiss' flat inner-product kNN on CPU (BLAS over the full
+matrix, in place) and torch ``matmul`` + ``topk`` on a CUDA device. There is nothing to
+build: a new snapshot is searchable as soon as its matrix is in memory, and recall is
+exact by construction. Structured indexes (HNSW, IVF, PQ, trees) are deliberately absent: their
 build time is what this design removes (docs/serving.md).
 """
 
@@ -30,22 +30,28 @@ class ExactMIPS(Protocol):
 
 
 class FaissFlatMIPS:
-    """CPU path: faiss ``IndexFlatIP`` (brute force, releases the GIL while it scans)."""
+    """CPU path: faiss' exact inner-product kNN (``IndexFlatIP``'s kernel) over the matrix.
+
+    ``faiss.knn`` runs the same blocked BLAS scan as ``IndexFlatIP.search`` but reads the
+    caller's array in place: an ``IndexFlatIP.add`` would copy the whole matrix, which at
+    1M x 64 costs more than reading and hashing it (docs/benchmarks.md). The scan
+    releases the GIL.
+    """
 
     def __init__(self, matrix: np.ndarray) -> None:
         import faiss
 
-        self._index = faiss.IndexFlatIP(matrix.shape[1])
-        self._index.add(np.ascontiguousarray(matrix, dtype=np.float32))
+        self._faiss = faiss
+        self._matrix = np.ascontiguousarray(matrix, dtype=np.float32)  # no copy if it is
 
     @property
     def size(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._matrix.shape[0])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)
-        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, rows.astype(np.int64, copy=False)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return self._faiss.knn(queries, self._matrix, k, metric=self._faiss.METRIC_INNER_PRODUCT)
 
 
 class TorchMIPS:

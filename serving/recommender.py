@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,71 +27,84 @@ from serving.sequences import SequenceSource, UserSequences
 from serving.snapshots import (
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
-    MODEL_DIR,
+    NETWORK_CONFIG_FILE,
+    NETWORK_FILE,
     POPULAR_FILE,
     SnapshotError,
     read_verified,
 )
-from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
-from training.model import GRank, GRankConfig
+from training.model import ITEM_TABLE_KEY, GRank, GRankConfig
 
 
 @dataclass(frozen=True)
 class LoadedSnapshot:
-    """A verified snapshot in memory: its searcher, id mapping, fallback list and model."""
+    """A verified snapshot in memory: its searcher, catalogue, fallback list and model.
+
+    MIPS rows are item ids (the matrix is the model's item table).
+    """
 
     version: str
     manifest: dict[str, Any]
     created_at: float
-    item_ids: np.ndarray
+    servable: np.ndarray  # bool per table row: may MIPS return it (the catalogue)
     popular_items: np.ndarray
     model: GRank
     mips: ExactMIPS
+
+    @cached_property
+    def n_servable(self) -> int:
+        return int(self.servable.sum())
 
 
 def load_snapshot(folder: Path, device: Device = "auto") -> LoadedSnapshot:
     """Verify ``folder`` (checksums) and load it; raises :class:`SnapshotError` if unusable.
 
-    Beyond checksums, the matrix must match the model's own item table at ``item_ids``
-    (checked on a sample of rows): the Generator and the matrix it is searched against
-    must come from one training run.
+    The matrix bytes read for verification become the model's item table and the MIPS
+    corpus at once (no copy), so a swap costs one read and one hash of the matrix.
     """
     manifest, files = read_verified(folder)
     try:
         matrix = _npy(files[EMBEDDINGS_FILE])
         item_ids = _npy(files[ITEM_IDS_FILE])
         popular = _npy(files[POPULAR_FILE])
-        config = json.loads(files[f"{MODEL_DIR}/{MANIFEST_FILE}"])["config"]
-        with torch.device("meta"):  # no random init of a table that is overwritten next
-            model = GRank(GRankConfig.from_dict(config))
-        model.load_state_dict(load(bytes(files.pop(f"{MODEL_DIR}/{WEIGHTS_FILE}"))), assign=True)
+        config = GRankConfig.from_dict(json.loads(bytes(files[NETWORK_CONFIG_FILE]))["config"])
+        with torch.device("meta"):  # no random init of weights that are overwritten next
+            model = GRank(config)
+        missing, unexpected = model.load_state_dict(
+            load(bytes(files[NETWORK_FILE])), strict=False, assign=True
+        )
+        if missing != [ITEM_TABLE_KEY] or unexpected:
+            raise ValueError(f"network weights: missing {missing}, unexpected {unexpected}")
+        if matrix.dtype != np.float32:
+            raise ValueError(f"item matrix has dtype {matrix.dtype}, expected float32")
+        with warnings.catch_warnings():  # the mapping is read-only, and inference never writes
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            model.share_item_table(torch.from_numpy(matrix))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot {folder.name} cannot be loaded: {exc}") from exc
-    if matrix.dtype != np.float32 or matrix.ndim != 2 or item_ids.shape != (matrix.shape[0],):
-        raise SnapshotError(f"snapshot {folder.name}: matrix {matrix.shape} / ids {item_ids.shape}")
-    if manifest.get("item_count") != matrix.shape[0] or manifest.get("dim") != matrix.shape[1]:
+    if item_ids.ndim != 1 or (item_ids.size and not 0 < item_ids.min() <= item_ids.max()):
+        raise SnapshotError(f"snapshot {folder.name}: item ids must be positive")
+    if item_ids.size and item_ids.max() >= matrix.shape[0]:
+        raise SnapshotError(f"snapshot {folder.name}: item ids exceed the {len(matrix)}-row table")
+    if manifest.get("item_count") != item_ids.size or manifest.get("dim") != matrix.shape[1]:
         raise SnapshotError(f"snapshot {folder.name}: matrix shape disagrees with its manifest")
-    table = model.item_vectors().detach()
-    sample = np.random.default_rng(0).integers(0, matrix.shape[0], size=min(1024, len(item_ids)))
-    if item_ids.max(initial=0) >= table.shape[0] or not torch.equal(
-        table[torch.from_numpy(item_ids[sample])].float(), torch.from_numpy(matrix[sample])
-    ):
-        raise SnapshotError(f"snapshot {folder.name}: item matrix was not made by its model")
+    servable = np.zeros(matrix.shape[0], dtype=bool)
+    servable[item_ids] = True
     created = datetime.fromisoformat(manifest["created_at"]).timestamp()
     return LoadedSnapshot(
         version=folder.name,
         manifest=manifest,
         created_at=created,
-        item_ids=item_ids,
+        servable=servable,
         popular_items=popular,
         model=model.eval(),
         mips=build_mips(matrix, device),
     )
 
 
-def _npy(data: bytearray) -> np.ndarray:
+def _npy(data: bytes | mmap.mmap) -> np.ndarray:
     """An ``.npy`` file's array viewing ``data`` (no copy; pickled object arrays refused)."""
-    stream = io.BytesIO(data[: 1 << 16])  # the header only (BytesIO copies what it gets)
+    stream = io.BytesIO(data[: 1 << 16])  # the header only
     major, _ = np.lib.format.read_magic(stream)
     read_header = (
         np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -201,12 +217,15 @@ class Recommender:
             queries = model.user_vectors(short).float().cpu().numpy()
             t_gen = time.perf_counter()
             seen = [set(s.long) | set(s.short) if self._filter_seen else set() for s in seqs]
-            fetch = min(self._k1 + max(len(s) for s in seen), snap.mips.size)
+            # headroom: seen items and rows outside the catalogue (padding, retired) drop out
+            unservable = snap.mips.size - snap.n_servable
+            fetch = min(self._k1 + max(len(s) for s in seen) + unservable, snap.mips.size)
             _, rows = snap.mips.search(queries, fetch)
-            width = min(self._k1, snap.mips.size)
+            width = min(self._k1, snap.n_servable)
             candidates = np.zeros((len(seqs), width), dtype=np.int64)
             for b, row in enumerate(rows):
-                ids = [int(i) for i in snap.item_ids[row[row >= 0]] if int(i) not in seen[b]]
+                row = row[row >= 0]
+                ids = [int(i) for i in row[snap.servable[row]] if int(i) not in seen[b]]
                 candidates[b, : min(width, len(ids))] = ids[:width]
             t_mips = time.perf_counter()
             cand = torch.from_numpy(candidates)

@@ -3,10 +3,12 @@
 Layout under ``snapshots_dir``::
 
     000007-2000-12-31/            one version: <sequence>-<logical date>
-        item_embeddings.npy       float32 [items, dim], row i = item_ids[i]
-        item_ids.npy              int64 [items]
+        item_embeddings.npy       float32 [table rows, dim]: the model's item table,
+                                  row i = item i (row 0 = padding, all zeros)
+        item_ids.npy              int64: the servable catalogue (what MIPS may return)
         popular_items.npy         int64, most popular first (fallback for unknown users)
-        model/...                 the checkpoint that produced the vectors (one unit)
+        network.safetensors       every other weight of the model that made the table
+        network.json              that model's config (vectors and weights are one unit)
         source.json               which checkpoint that was, and its evaluation metrics
         manifest.json             written last: metadata + sha256 of every other file
     CURRENT                       the name of the serving version (replaced atomically)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -45,9 +48,10 @@ CURRENT = "CURRENT"
 EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.npy"
 POPULAR_FILE = "popular_items.npy"
-MODEL_DIR = "model"
+NETWORK_FILE = "network.safetensors"
+NETWORK_CONFIG_FILE = "network.json"
 SOURCE_FILE = "source.json"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 1 stored the item table twice (matrix + a full checkpoint)
 VERSION_PATTERN = re.compile(r"^(\d{6})-(\d{4}-\d{2}-\d{2})$")
 STALE_STAGING_S = 3600.0
 
@@ -140,16 +144,19 @@ def verify_snapshot(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_verified(folder: Path) -> tuple[dict[str, Any], dict[str, bytearray]]:
-    """Like :func:`verify_snapshot`, but also return every file's bytes from the same read.
+def read_verified(folder: Path) -> tuple[dict[str, Any], dict[str, bytes | mmap.mmap]]:
+    """Like :func:`verify_snapshot`, but also return every file's bytes as verified.
 
-    The server loads from these bytes, so each file is read once (hashing and parsing
-    share the pass) and what is served is exactly what was verified, even if the folder
-    changed on disk in the meantime.
+    Files are mapped read-only rather than copied: hashing a mapping reads the page cache
+    in place, and the server then uses those very pages as the item matrix, so a swap
+    costs one pass over the matrix (a copy into fresh memory would double it at 1M
+    items). This relies on snapshot files never being rewritten in place, which nothing
+    here does: versions are new files, pruning renames then unlinks (an unlinked file
+    stays readable through the mapping).
     """
     manifest, present = _expected_files(folder)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        results = dict(zip(present, pool.map(_read_and_hash, present.values()), strict=True))
+        results = dict(zip(present, pool.map(_map_and_hash, present.values()), strict=True))
     _check_digests(folder, manifest, {rel: digest for rel, (_, digest) in results.items()})
     return manifest, {rel: data for rel, (data, _) in results.items()}
 
@@ -164,6 +171,11 @@ def _expected_files(folder: Path) -> tuple[dict[str, Any], dict[str, Path]]:
         raise SnapshotError(f"snapshot {folder.name}: {MANIFEST} is not valid JSON") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise SnapshotError(f"snapshot {folder.name}: {MANIFEST} lacks a 'files' table")
+    if manifest.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(
+            f"snapshot {folder.name} has format {manifest.get('format')!r}, this version reads"
+            f" format {SNAPSHOT_FORMAT}: refresh and publish it again"
+        )
     if manifest.get("version") != folder.name:
         raise SnapshotError(
             f"snapshot {folder.name}: manifest names version {manifest.get('version')!r}"
@@ -182,27 +194,21 @@ def _check_digests(folder: Path, manifest: dict[str, Any], actual: Mapping[str, 
             raise SnapshotError(f"snapshot {folder.name}: checksum mismatch in {relative}")
 
 
-def _read_and_hash(path: Path, chunk_size: int = 1 << 22) -> tuple[bytearray, str]:
-    """A file's bytes and their sha256 in one pass (readinto and update release the GIL)."""
-    data = bytearray(path.stat().st_size)
-    view = memoryview(data)
-    digest = hashlib.sha256()
+def _map_and_hash(path: Path) -> tuple[bytes | mmap.mmap, str]:
+    """A read-only private mapping of a file (empty files as ``b""``) and its sha256."""
     with open(path, "rb") as handle:
-        offset = 0
-        while offset < len(data):
-            count = handle.readinto(view[offset : offset + chunk_size])
-            if not count:
-                raise SnapshotError(f"{path} shrank while being read")
-            digest.update(view[offset : offset + count])
-            offset += count
-    return data, digest.hexdigest()
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return b"", hashlib.sha256().hexdigest()
+        mapped = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    return mapped, hashlib.sha256(mapped).hexdigest()  # hashlib releases the GIL
 
 
 def hash_files(files: Mapping[str, Path]) -> dict[str, str]:
     """sha256 of each file, hashed in parallel threads (hashlib releases the GIL).
 
     Hashing is most of the time between "published" and "serving" for large matrices,
-    and a 1M x 64 snapshot has two files of ~256 MB (matrix, model weights).
+    and a 1M x 64 snapshot's matrix alone is ~256 MB.
     """
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         digests = pool.map(sha256_file, files.values())
@@ -265,12 +271,14 @@ def publish_snapshot(
 def _content_metadata(source_dir: Path) -> dict[str, Any]:
     """Shape, dtype and checkpoint id, read from the files themselves (never trusted input)."""
     matrix = np.load(source_dir / EMBEDDINGS_FILE, mmap_mode="r")
+    item_ids = np.load(source_dir / ITEM_IDS_FILE, mmap_mode="r")
     try:
         source = json.loads((source_dir / SOURCE_FILE).read_text("utf-8"))
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{source_dir} holds no readable {SOURCE_FILE}") from exc
     return {
-        "item_count": int(matrix.shape[0]),
+        "item_count": int(item_ids.shape[0]),
+        "table_rows": int(matrix.shape[0]),
         "dim": int(matrix.shape[1]),
         "dtype": str(matrix.dtype),
         "checkpoint_id": source.get("checkpoint_id"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -81,7 +82,8 @@ def root(tmp_path: Path) -> Path:
 
 def expected_top(root: Path, version: str, user: int, k: int, k1: int = 50) -> list[int]:
     """Generate → exact top-k1 unseen → Rank → top k, computed directly from the checkpoint."""
-    model, _ = load_checkpoint(root / "snapshots" / version / "model")
+    manifest = json.loads((root / "snapshots" / version / "manifest.json").read_text())
+    model, _ = load_checkpoint(root / "checkpoints" / manifest["checkpoint_id"])
     history = HISTORIES[user]
     seen = set(history.long) | set(history.short)
     with torch.inference_mode():

@@ -14,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from common.errors import UserFacingError
 from grank.cli import cli
 from grank.config import REPO_ROOT
 from serving.embeddings import refresh_embeddings
+from serving.recommender import Recommender, RecRequest, load_snapshot
+from serving.sequences import StaticSequenceSource, UserSequences
 from serving.snapshots import (
     CURRENT,
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
+    NETWORK_FILE,
     SnapshotError,
     list_snapshots,
     prune_snapshots,
@@ -33,8 +37,8 @@ from serving.snapshots import (
     version_dir,
 )
 from tests.conftest import make_settings
-from training.checkpoint import save_checkpoint
-from training.model import GRank, GRankConfig
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.model import ITEM_TABLE_KEY, GRank, GRankConfig
 
 DAY = date(2000, 12, 31)
 N_ITEMS = 300
@@ -58,16 +62,20 @@ def publish(root: Path, source: Path, keep: int = 5) -> str:
     return publish_snapshot(root / "snapshots", source, DAY, {"feature_services": []}, keep=keep)
 
 
-def test_refresh_writes_every_item_vector_of_the_model(tmp_path: Path) -> None:
+def test_refresh_writes_the_item_table_once_and_the_rest_of_the_network(tmp_path: Path) -> None:
     out = make_refresh(tmp_path, seed=1)
     matrix = np.load(out / EMBEDDINGS_FILE)
     ids = np.load(out / ITEM_IDS_FILE)
-    assert matrix.shape == (N_ITEMS, 16) and matrix.dtype == np.float32
+    assert matrix.shape == (N_ITEMS + 1, 16) and matrix.dtype == np.float32
     assert ids.tolist() == list(range(1, N_ITEMS + 1))
     torch.manual_seed(1)
     model = GRank(GRankConfig(N_ITEMS + 1, 16, 1, 2, 8, 16))
-    np.testing.assert_array_equal(matrix, model.item_vectors()[1:].detach().numpy())
-    assert (out / "model" / "model.safetensors").is_file()
+    np.testing.assert_array_equal(matrix, model.item_vectors().detach().numpy())
+    network = load_file(str(out / NETWORK_FILE))
+    assert ITEM_TABLE_KEY not in network and network  # the table is stored only as the matrix
+    for name, tensor in model.state_dict().items():
+        if name != ITEM_TABLE_KEY:
+            assert torch.equal(network[name], tensor), name
 
 
 def test_refresh_refuses_items_the_model_has_no_row_for(tmp_path: Path) -> None:
@@ -89,7 +97,7 @@ def test_publish_writes_a_verified_version_and_moves_current(tmp_path: Path) -> 
     assert manifest["item_count"] == N_ITEMS and manifest["dim"] == 16
     assert manifest["dtype"] == "float32" and manifest["checkpoint_id"] == "ckpt-1"
     assert manifest["logical_date"] == "2000-12-31" and manifest["metrics"] == {"recall@50": 0.1}
-    assert set(manifest["files"]) >= {EMBEDDINGS_FILE, ITEM_IDS_FILE, "model/model.safetensors"}
+    assert set(manifest["files"]) >= {EMBEDDINGS_FILE, ITEM_IDS_FILE, NETWORK_FILE}
     assert [i.version for i in list_snapshots(snapshots) if i.is_current] == [second]
 
 
@@ -264,3 +272,34 @@ def test_publish_refuses_a_folder_without_embeddings(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="no refreshed embeddings"):
         publish(tmp_path, tmp_path / "empty")
     assert read_current(tmp_path / "snapshots") is None
+
+
+def test_items_outside_the_catalogue_are_never_recommended_but_still_embed_histories(
+    tmp_path: Path,
+) -> None:
+    """Retired items keep their table row (histories name them) yet MIPS never returns them."""
+    checkpoint = tmp_path / "checkpoints" / "ckpt-1"
+    make_refresh(tmp_path, seed=1)
+    retired = set(range(1, N_ITEMS + 1, 2))  # every odd item left the catalogue
+    out = tmp_path / "embeddings" / "subset"
+    catalogue = [i for i in range(1, N_ITEMS + 1) if i not in retired]
+    refresh_embeddings(checkpoint, out, catalogue, catalogue[::-1], progress=False)
+    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), device="cpu")
+    assert snapshot.n_servable == len(catalogue)
+    history = UserSequences(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
+    recommender = Recommender(lambda: snapshot, StaticSequenceSource({9: history}), 40, True)
+    (result,) = recommender.recommend_batch([RecRequest(user_id=9, k=40)])
+    assert len(result.items) == 40 and not set(result.items) & retired
+    model, _ = load_checkpoint(checkpoint)
+    with torch.inference_mode():  # the history still reaches the Generator through its rows
+        expected = model.user_vectors(torch.tensor([[1, 3, 5]]))
+        served = snapshot.model.user_vectors(torch.tensor([[1, 3, 5]]))
+    torch.testing.assert_close(served, expected)
+
+
+def test_a_snapshot_of_another_format_is_refused_with_the_fix(tmp_path: Path) -> None:
+    folder = tmp_path / "snapshots" / publish(tmp_path, make_refresh(tmp_path, seed=1))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(SnapshotError, match=r"format 1.*refresh and publish it again"):
+        verify_snapshot(folder)

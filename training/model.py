@@ -28,6 +28,8 @@ from torch import nn
 
 from common.errors import UserFacingError
 
+ITEM_TABLE_KEY = "item_embedding.weight"  # state-dict name of the shared item table
+
 
 @dataclass(frozen=True)
 class GRankConfig:
@@ -179,6 +181,17 @@ class GRank(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         """[n_item_rows, d]: row i is item i (row 0, padding, is zero); MIPS searches these."""
         return self.item_embedding.weight
+
+    def share_item_table(self, table: torch.Tensor) -> None:
+        """Adopt ``table`` [n_item_rows, d] as the item table, without copying it.
+
+        Serving loads a snapshot's matrix once and lets MIPS and the Generator/Ranker
+        read the same bytes (a second 1M x 64 copy would double the swap's cost).
+        """
+        expected = (self.config.n_item_rows, self.config.dim)
+        if tuple(table.shape) != expected:
+            raise ValueError(f"item table {tuple(table.shape)} does not fit the model {expected}")
+        self.item_embedding.weight = nn.Parameter(table, requires_grad=False)
 
     def grow_items(self, n_item_rows: int) -> None:
         """Enlarge the item table for ids seen for the first time (warm start on new data).
