@@ -3,9 +3,9 @@
 Contract 2 of docs/architecture.md fixes the table names and the folder layout
 ``features/<table>/dt=YYYY-MM-DD/``. Published partitions must be byte-identical when a
 day is re-run (Feast, training and the quality gate all read them), so every partition
-is written as ONE sorted Parquet file named ``part-00000.parquet`` (Spark's own names
-carry a random UUID) and swapped into place atomically: readers see the old partition
-or the new one, never half of either.
+is written as ONE sorted Parquet file named ``part-00000.parquet``, by pyarrow (whose
+output is deterministic, unlike parquet-mr's), and swapped into place atomically:
+readers see the old partition or the new one, never half of either.
 
 The job's private state (``features/_state/``, see docs/features.md) uses the same
 writer; the leading underscore hides it from Spark and pyarrow dataset discovery of
@@ -14,14 +14,19 @@ writer; the leading underscore hides it from Spark and pyarrow dataset discovery
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.atomic import fsync_dir, staging_dir
@@ -75,46 +80,95 @@ def write_partitions(
 ) -> list[date]:
     """Publish ``frame`` (with a ``dt`` date column) as one sorted file per ``dt`` partition.
 
-    All partitions are first written by one Spark job into a hidden staging folder,
-    then each ``dt=`` folder replaces its published twin atomically; partitions of
-    other days are left alone. ``many_days`` spreads the days over tasks (a rebuild's
-    training examples); otherwise one task writes everything, which spares a shuffle.
-    Returns the days written.
+    One Spark job sorts the rows and hands them, as Arrow batches, to a pyarrow writer
+    that fills a hidden staging folder; then each ``dt=`` folder replaces its published
+    twin atomically; partitions of other days are left alone. ``many_days`` spreads the
+    days over tasks (a rebuild's training examples); otherwise one task writes everything,
+    which spares a shuffle. Returns the days written.
+
+    Why not Spark's Parquet writer: parquet-mr shreds list columns value by value (the
+    rebuild's training examples hold ~120 history values per row) and orders each column
+    chunk's encodings from a Java HashSet whose order can change from one JVM to the next,
+    so its files had to be read back and rewritten by pyarrow anyway: writing them once,
+    with pyarrow, is the bulk of the rebuild's speed-up (docs/benchmarks.md). The
+    executors therefore run Python, in the app environment (``features.spark``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".write-", suffix=".tmp", dir=folder))
     try:
         spread = frame.repartition("dt") if many_days else frame.coalesce(1)
-        (
-            spread.sortWithinPartitions("dt", *sort_by)
-            .write.mode("overwrite")
-            .partitionBy("dt")
-            .parquet(str(staging / "out"))
+        writer = functools.partial(
+            _write_sorted_days, str(staging), spark_metadata(frame.drop("dt"))
         )
-        days = partition_days(staging / "out")
+        written = (
+            spread.sortWithinPartitions("dt", *sort_by).mapInArrow(writer, "dt DATE").collect()
+        )
+        days = sorted(row["dt"] for row in written)
         for day in days:
-            written = partition_path(staging / "out", day)
-            parts = sorted(written.glob("part-*.parquet"))
             with staging_dir(partition_path(folder, day)) as target:
-                for index, part in enumerate(parts):
-                    _rewrite_reproducibly(part, target / f"part-{index:05d}.parquet")
+                os.replace(partition_path(staging, day) / PART_FILE, target / PART_FILE)
         fsync_dir(folder)
         return days
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _rewrite_reproducibly(source: Path, destination: Path) -> None:
-    """Copy a Spark-written Parquet file through pyarrow, so the same rows give the same bytes.
+def spark_metadata(frame: DataFrame) -> dict[bytes, bytes]:
+    """The key-value metadata Spark's own Parquet writer puts in a file of ``frame``'s rows.
 
-    parquet-mr lists each column chunk's encodings from a Java HashSet whose order can
-    change from one JVM to the next: the rows and the schema are identical, the footer
-    bytes are not. Re-running a day must leave byte-identical partitions, so the file is
-    rewritten by pyarrow (deterministic; the schema metadata Spark reads back is kept).
+    Kept so that Spark reads our files back with their exact Spark types and the bytes
+    stay those of the earlier Spark-then-pyarrow files. The schema JSON keeps Spark's
+    key order (``type`` first), as Scala writes it: hence no ``StructType.json()``,
+    which sorts keys.
     """
-    table = pq.ParquetFile(source).read()
-    pq.write_table(table, destination, **PARQUET_OPTIONS)
-    source.unlink()
+    return {
+        b"org.apache.spark.version": frame.sparkSession.version.encode(),
+        b"org.apache.spark.sql.parquet.row.metadata": json.dumps(
+            frame.schema.jsonValue(), separators=(",", ":")
+        ).encode(),
+    }
+
+
+def _write_sorted_days(
+    staging: str, metadata: dict[bytes, bytes], batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    """Write one task's rows, sorted by ``dt`` first, as ``<staging>/dt=D/part-00000.parquet``.
+
+    Runs on the executors (``mapInArrow``). A day's rows are held until the next day
+    starts, so memory is bounded by the largest day of the task, not by the task.
+    Yields the days written, one row each.
+    """
+    held: list[pa.RecordBatch] = []
+    held_day: int | None = None
+    for batch in (b for b in batches if b.num_rows):
+        days = batch.column("dt").cast(pa.int32()).to_numpy()
+        cuts = [0, *(np.flatnonzero(days[1:] != days[:-1]) + 1).tolist(), len(days)]
+        for start, stop in itertools.pairwise(cuts):
+            if held and days[start] != held_day:
+                yield _write_day(Path(staging), metadata, held)
+                held = []
+            held_day = int(days[start])
+            held.append(batch.slice(start, stop - start))
+    if held:
+        yield _write_day(Path(staging), metadata, held)
+
+
+def _write_day(
+    staging: Path, metadata: dict[bytes, bytes], held: list[pa.RecordBatch]
+) -> pa.RecordBatch:
+    """Write the batches of one day as its single part file; return that day as a row.
+
+    The chunks are combined first: pyarrow's page boundaries depend on how a column is
+    chunked, and a re-run must give the same bytes whatever Spark's batch sizes were.
+    The folder must not exist yet: a day split across two tasks would fail here rather
+    than publish half of its rows.
+    """
+    day = held[0].column("dt")[0].as_py()
+    table = pa.Table.from_batches(held).drop_columns(["dt"]).combine_chunks()
+    target = partition_path(staging, day)
+    target.mkdir()
+    pq.write_table(table.replace_schema_metadata(metadata), target / PART_FILE, **PARQUET_OPTIONS)
+    return pa.RecordBatch.from_arrays([pa.array([day], pa.date32())], names=["dt"])
 
 
 def move_partition(source: Path, destination: Path) -> None:

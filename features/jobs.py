@@ -336,36 +336,55 @@ def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) ->
     """One row per new event: the user's ≤ ``max_len`` events strictly before it (tie-break order).
 
     The previous state supplies the history that precedes the batch, so an incremental
-    day sees exactly what a rebuild sees.
+    day sees exactly what a rebuild sees. Each active user's events are collected and
+    sorted once; a target's history is then the slice of that array just before it.
+    A window (``collect_list`` over the 200 preceding rows) builds the same lists, but
+    Spark evaluates a sliding frame's ``collect_list`` from scratch on every row, copying
+    whole event structs ~200 times per row.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     active = events.select("user_id").distinct()
+    fields = ["ts", "event_id", "item_id", "value"]  # what a history or a target needs
     before = prev_users.join(active, "user_id", "left_semi").select(
-        "user_id", F.explode("seq").alias("e"), F.lit(False).alias("is_target")
+        "user_id", F.inline("seq"), F.lit(False).alias("is_target")
     )
-    targets = events.select("user_id", _event_struct().alias("e"), F.lit(True).alias("is_target"))
-    window = (
-        Window.partitionBy("user_id")
-        .orderBy(F.col("e.ts"), F.col("e.event_id"))
-        .rowsBetween(-max_len, -1)
+    targets = events.select(
+        "user_id",
+        F.unix_micros("event_timestamp").alias("ts"),
+        *fields[1:],
+        F.lit(True).alias("is_target"),
     )
-    history = F.collect_list("e").over(window)
-    return (
-        before.unionByName(targets)
-        .withColumn("history", history)
-        .where("is_target")
+    # sorting these structs sorts by (time, event_id), as everywhere
+    per_user = (
+        before.select("user_id", *fields, "is_target")
+        .unionByName(targets)
+        .groupBy("user_id")
+        .agg(F.sort_array(F.collect_list(F.struct(*fields, "is_target"))).alias("events"))
+        # per user, before the explode: in the same select Spark would compute them per row
         .select(
-            F.col("e.event_id").alias("event_id"),
             "user_id",
-            F.col("e.item_id").alias("target_item_id"),
-            F.col("e.value").alias("target_value"),
-            F.transform("history", lambda x: x["item_id"]).alias("history_item_seq"),
-            F.transform("history", lambda x: x["ts"]).alias("history_ts_seq"),
-            F.size("history").cast("bigint").alias("history_len"),
-            F.timestamp_micros("e.ts").alias("event_timestamp"),
-            F.timestamp_micros(F.col("e.ts")).cast("date").alias("dt"),
+            "events",
+            F.transform("events", lambda x: x["item_id"]).alias("items"),
+            F.transform("events", lambda x: x["ts"]).alias("times"),
+        )
+    )
+    position = F.col("pos")  # 0-based: the number of the user's events before this one
+    first = F.greatest(position - max_len, F.lit(0)) + 1
+    history_len = F.least(position, F.lit(max_len))
+    return (
+        per_user.select("user_id", "items", "times", F.posexplode("events").alias("pos", "x"))
+        .where("x.is_target")
+        .select(
+            F.col("x.event_id").alias("event_id"),
+            "user_id",
+            F.col("x.item_id").alias("target_item_id"),
+            F.col("x.value").alias("target_value"),
+            F.slice("items", first, history_len).alias("history_item_seq"),
+            F.slice("times", first, history_len).alias("history_ts_seq"),
+            history_len.cast("bigint").alias("history_len"),
+            F.timestamp_micros("x.ts").alias("event_timestamp"),
+            F.timestamp_micros(F.col("x.ts")).cast("date").alias("dt"),
         )
         # created = the end of the example's own day, so a rebuild and the daily run agree
         .withColumn(

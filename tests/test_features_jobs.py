@@ -6,7 +6,9 @@ truncation, windows, incremental == rebuild, byte-identical re-runs, and refusal
 
 from __future__ import annotations
 
+import random
 import shutil
+from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,50 @@ def test_hand_made_sequences_boundary_and_tie_break(spark, tmp_path):
     ]
     assert items[6]["first_seen_ts"] is None
     assert items[6]["title"] == "t6"
+
+
+def test_histories_equal_a_direct_computation_across_ties_truncation_and_state(spark, tmp_path):
+    """Random events, most sharing a timestamp with another event of the same user, event ids
+    not in time order, users with more events than ``long_seq_len`` before the incremental
+    day: every example's history is the ≤ 4 events before it, computed directly."""
+    rng = random.Random(7)
+    events: dict[date, list[tuple[int, int, int, datetime]]] = {D1: [], D2: []}
+    for n, event_id in enumerate(rng.sample(range(1000), 120)):
+        day = D1 if n < 80 else D2
+        moment = at(day, rng.choice([0, 6, 12]), second=rng.choice([0, 1]))
+        events[day].append((event_id, rng.choice([1, 1, 1, 2, 3]), rng.randint(1, 6), moment))
+    settings = make_settings(tmp_path)
+    for day, rows in events.items():
+        write_raw(settings.lake_dir, day, raw_table(rows))
+    write_dimensions(settings.lake_dir)
+    spec = BuildSpec(
+        lake_dir=settings.lake_dir,
+        features_dir=settings.features_dir,
+        quarantine_dir=settings.quarantine_dir,
+        long_seq_len=4,
+        short_seq_len=2,
+    )
+    assert build_day(spark, spec, D1).mode == "rebuild"
+    assert build_day(spark, spec, D2).mode == "incremental"
+
+    expected: dict[int, tuple[list[int], list[int], int]] = {}
+    before: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for event_id, user, item, moment in sorted(
+        events[D1] + events[D2], key=lambda row: (row[3], row[0])
+    ):
+        history = before[user][-4:]
+        expected[event_id] = ([i for i, _ in history], [t for _, t in history], len(history))
+        before[user].append((item, us(moment)))
+    for day in (D1, D2):
+        folder = ft.partition_path(ft.table_dir(spec.features_dir, ft.TRAINING_EXAMPLES), day)
+        rows = pq.read_table(folder).to_pylist()
+        assert [(r["event_timestamp"], r["event_id"]) for r in rows] == sorted(
+            (moment, event_id) for event_id, _, _, moment in events[day]
+        )
+        assert {
+            r["event_id"]: (r["history_item_seq"], r["history_ts_seq"], r["history_len"])
+            for r in rows
+        } == {event_id: expected[event_id] for event_id, *_ in events[day]}
 
 
 def test_refuses_missing_quarantined_out_of_day_and_unbuilt_gap(spark, tmp_path):
