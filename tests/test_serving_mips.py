@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from serving.batcher import MicroBatcher, QueueFullError
-from serving.mips import FaissFlatMIPS, TorchMIPS, build_mips
+from serving.mips import TiledFlatMIPS, TorchMIPS, build_mips
+
+# isort: split
+import faiss  # after serving.mips, which loads torch first (see there)
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +28,55 @@ def vectors() -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def test_faiss_flat_is_exact_brute_force(vectors: tuple[np.ndarray, np.ndarray]) -> None:
+class SmallTiles(TiledFlatMIPS):
+    """Tiles far smaller than the matrix and the batch, so every boundary case is crossed."""
+
+    TILE_SCORES = 7 * 1000
+    MAX_QUERY_ROWS = 7  # 50 queries: 7 blocks, the last one short
+    MIN_ITEM_ROWS, MAX_ITEM_ROWS = 1000, 1000  # 20,000 items: 20 tiles
+
+
+def flat_index_ip(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+    return index.search(queries, k)
+
+
+@pytest.mark.parametrize("searcher", [TiledFlatMIPS, SmallTiles])
+def test_tiled_scan_is_exact_and_equals_faiss_index_flat_ip(
+    vectors: tuple[np.ndarray, np.ndarray], searcher: type[TiledFlatMIPS]
+) -> None:
     matrix, queries = vectors
-    scores, rows = FaissFlatMIPS(matrix).search(queries, 100)
+    scores, rows = searcher(matrix).search(queries, 100)
     exact = queries @ matrix.T
     expected = np.argsort(-exact, axis=1)[:, :100]
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, 1), rtol=1e-4)
+    f_scores, f_rows = flat_index_ip(matrix, queries, 100)
+    np.testing.assert_array_equal(rows, f_rows)
+    np.testing.assert_allclose(scores, f_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_scan_reads_a_read_only_mapping_in_place(
+    vectors: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    matrix, queries = vectors
+    np.save(tmp_path / "m.npy", matrix)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable tensor" warning either
+        searcher = TiledFlatMIPS(mapped)
+        _, rows = searcher.search(queries[:3], 10)
+    assert np.shares_memory(searcher._array, mapped)
+    np.testing.assert_array_equal(rows, np.argsort(-(queries[:3] @ matrix.T), axis=1)[:, :10])
+    assert searcher.search(queries[:0], 10)[1].shape == (0, 10)
 
 
 def test_torch_path_returns_the_same_results_as_faiss(
     vectors: tuple[np.ndarray, np.ndarray],
 ) -> None:
     matrix, queries = vectors
-    f_scores, f_rows = FaissFlatMIPS(matrix).search(queries, 100)
+    f_scores, f_rows = flat_index_ip(matrix, queries, 100)
     t_scores, t_rows = TorchMIPS(matrix, "cpu").search(queries, 100)
     np.testing.assert_array_equal(t_rows, f_rows)
     np.testing.assert_allclose(t_scores, f_scores, rtol=1e-4, atol=1e-4)
