@@ -47,6 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--dssm-sweep", default="0.001:64,0.003:64,0.003:128", help="lr:dim,...")
     parser.add_argument("--dssm-minutes", type=float, default=3.0, help="budget per sweep point")
+    parser.add_argument("--hard-negatives", type=int, default=0, help="L_CA negatives per row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main() -> None:
     log_q = torch.log(torch.as_tensor(counts, dtype=torch.float32).clamp(min=1) / counts.sum())
     log_q = log_q.to(device)
     spec = EvalSpec(short_len=64, long_len=200)
-    weights = LossWeights(ntp_negatives=args.ntp_negatives)
+    weights = LossWeights(ntp_negatives=args.ntp_negatives, hard_negatives=args.hard_negatives)
     budget = args.minutes * 60
     print(
         f"read {len(timelines.items)} events of {timelines.n_users} users "

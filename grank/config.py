@@ -76,6 +76,7 @@ class TrainSettings(BaseModel):
     ntp_negatives: Literal["full", "in_batch"] = "full"  # in_batch: logQ-corrected, cheaper
     logq_correction: bool = True
     candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
+    ranker_hard_negatives: int = 0  # L_CA negatives drawn from the Generator's top k1
     # optimisation (AdamW, as in the paper)
     batch_size: int = 256
     lr: float = 1e-3

@@ -12,7 +12,12 @@ import torch
 from common.errors import UserFacingError
 from training.data import Timelines, day_number, leave_last_out, make_windows, next_day
 from training.evaluate import gate
-from training.losses import in_batch_candidates, softmax_first
+from training.losses import (
+    LossWeights,
+    generator_hard_negatives,
+    in_batch_candidates,
+    softmax_first,
+)
 from training.metrics import ranking_metrics
 
 
@@ -53,6 +58,21 @@ def test_in_batch_candidates_mask_duplicates_of_the_positive():
     logits = torch.tensor([[2.0, 1.0, 50.0]])
     loss = softmax_first(logits, torch.tensor([[False, False, True]]))
     assert float(loss) == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(1))))
+
+
+def test_hard_negatives_come_from_the_generator_top_and_never_the_target():
+    # item i scores i for user 0 and -i for user 1 (rows 1..9; row 0 is padding)
+    table = torch.arange(10, dtype=torch.float32)[:, None]
+    users = torch.tensor([[1.0], [-1.0]])
+    targets = torch.tensor([9, 2])
+    torch.manual_seed(0)
+    drawn = generator_hard_negatives(
+        users, table, targets, LossWeights(hard_negatives=200, hard_pool=3)
+    )
+    assert drawn.shape == (2, 200)
+    # user 0: top 3 without the target 9 are 8, 7, 6; user 1: 1, 3, 4 (never 2 or padding)
+    assert set(drawn[0].tolist()) == {8, 7, 6}
+    assert set(drawn[1].tolist()) == {1, 3, 4}
 
 
 def test_gate():

@@ -9,6 +9,7 @@ import torch
 
 from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from training.losses import LossWeights, joint_loss
 from training.model import GRank, GRankConfig
 
 
@@ -133,3 +134,28 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "missing")
     with pytest.raises(UserFacingError, match="not divisible"):
         GRankConfig(n_item_rows=10, dim=15, n_heads=2)
+
+
+def test_hard_negatives_only_add_ranker_columns():
+    """Hard negatives leave L_NTP and L_SA alone; L_CA changes and still trains the Ranker."""
+    short = torch.randint(1, 40, (6, 6))
+    long = torch.randint(1, 40, (6, 8))
+    labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
+    parts = {}
+    for hard in (0, 5):
+        model = tiny().train()
+        torch.manual_seed(1)
+        loss, parts[hard] = joint_loss(
+            model,
+            short,
+            long,
+            labels,
+            targets,
+            LossWeights(candidates=4, hard_negatives=hard),
+            None,
+        )
+        loss.backward()
+        assert model.ranker_query.weight.grad is not None
+        assert float(model.ranker_query.weight.grad.abs().sum()) > 0
+    assert parts[0]["ntp"] == parts[5]["ntp"] and parts[0]["sa"] == parts[5]["sa"]
+    assert parts[0]["ca"] != parts[5]["ca"]

@@ -5,7 +5,10 @@
   catalogue (exact softmax: affordable below ~100k items, what SASRec-CE uses) or the
   distinct items of the batch with a logQ correction (the paper's in-batch setting).
 - L_SA: the auxiliary candidate tokens' scores, target vs in-batch negatives.
-- L_CA: the Ranker's cross-attention scores, target vs in-batch negatives.
+- L_CA: the Ranker's cross-attention scores, target vs in-batch negatives, plus
+  optionally "hard" negatives drawn from the Generator's own top candidates: at serving
+  the Ranker only ever reorders the Generator's top k1, items the in-batch negatives
+  (mostly popular, mostly easy) rarely resemble.
 
 In-batch negatives are drawn in proportion to popularity, which biases the softmax
 towards penalising popular items; subtracting ``log q(item)`` (q = training frequency)
@@ -36,6 +39,8 @@ class LossWeights:
     ntp_negatives: str = "full"  # "full" | "in_batch" (docs/model.md: full learns faster)
     logq: bool = True
     candidates: int = 32  # in-batch candidates per row for L_SA and L_CA
+    hard_negatives: int = 0  # extra L_CA negatives per row from the Generator's top hard_pool
+    hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
 
 
 def in_batch_candidates(targets: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +57,27 @@ def in_batch_candidates(targets: torch.Tensor, count: int) -> tuple[torch.Tensor
     collides = candidates == candidates[:, :1]
     collides[:, 0] = False
     return candidates, collides
+
+
+def generator_hard_negatives(
+    user_vectors: torch.Tensor,
+    item_table: torch.Tensor,
+    targets: torch.Tensor,
+    weights: LossWeights,
+) -> torch.Tensor:
+    """[B, hard_negatives] items drawn uniformly from each row's Generator top ``hard_pool``.
+
+    The row's target and padding are excluded; no gradient flows into the draw. Costs one
+    [B, n_items] score matrix per step: cheap for ML-1M's 3.9k items, to be sampled for
+    catalogues of millions.
+    """
+    with torch.no_grad():
+        scores = user_vectors @ item_table.T
+        scores[:, 0] = float("-inf")
+        scores.scatter_(1, targets[:, None], float("-inf"))
+        pool = scores.topk(min(weights.hard_pool, scores.shape[1] - 2), dim=1).indices
+        pick = torch.randint(0, pool.shape[1], (len(pool), weights.hard_negatives))
+        return pool.gather(1, pick.to(pool.device))
 
 
 def softmax_first(logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -119,9 +145,18 @@ def joint_loss(
         total = total + weights.sa * sa
         parts["sa"] = float(sa.detach())
     if config.use_ranker:
-        scores = model.rank_scores(long, candidates)
-        logits = scores if correction is None else scores - correction
-        ca = softmax_first(logits, collides)
+        ranked, masked, ranked_q = candidates, collides, correction
+        if weights.hard_negatives:
+            hard = generator_hard_negatives(states[:, -1], model.item_vectors(), targets, weights)
+            ranked = torch.cat([candidates, hard], dim=1)
+            masked = torch.cat([collides, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
+            if correction is not None:  # logQ corrects the in-batch draw only
+                ranked_q = torch.cat(
+                    [correction, torch.zeros_like(hard, dtype=correction.dtype)], 1
+                )
+        scores = model.rank_scores(long, ranked)
+        logits = scores if ranked_q is None else scores - ranked_q
+        ca = softmax_first(logits, masked)
         total = total + weights.ca * ca
         parts["ca"] = float(ca.detach())
     return total, parts

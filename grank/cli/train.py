@@ -87,6 +87,8 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
             ntp_negatives=t.ntp_negatives,
             logq=t.logq_correction,
             candidates=t.candidates_per_row,
+            hard_negatives=t.ranker_hard_negatives,
+            hard_pool=t.k1,
         ),
         fit=fit,
         finetune=FitConfig(
