@@ -11,6 +11,7 @@ what this design removes (docs/serving.md).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import numpy as np
@@ -57,20 +58,35 @@ class TiledFlatMIPS:
     MIN_ITEM_ROWS, MAX_ITEM_ROWS = 1024, 1 << 16
 
     def __init__(self, matrix: np.ndarray) -> None:
-        self._array = np.ascontiguousarray(matrix, dtype=np.float32)  # no copy if it is
+        array = np.ascontiguousarray(matrix, dtype=np.float32)  # no copy if it is
         with warnings.catch_warnings():  # a read-only mapping: torch warns, we never write
             warnings.simplefilter("ignore", UserWarning)
-            self._matrix = torch.from_numpy(self._array)
+            self._matrix = torch.from_numpy(array)
 
     @property
     def size(self) -> int:
-        return int(self._array.shape[0])
+        return int(self._matrix.shape[0])
 
     def _tile(self, batch: int) -> tuple[int, int]:
         """(query rows, item rows) of one tile: small batches take wide tiles (fewer calls)."""
         rows = max(1, min(batch, self.MAX_QUERY_ROWS))
         items = self.TILE_SCORES // rows
         return rows, int(np.clip(items, self.MIN_ITEM_ROWS, self.MAX_ITEM_ROWS))
+
+    def score_tiles(self, queries: np.ndarray) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(first query, first item, scores) of each tile, computed into one reused buffer.
+
+        A tile's scores are only valid until the next one is computed.
+        """
+        query_rows, item_rows = self._tile(len(queries))
+        tile = torch.empty(query_rows * item_rows)
+        for first_query in range(0, len(queries), query_rows):
+            block = torch.from_numpy(queries[first_query : first_query + query_rows])
+            for first_item in range(0, self.size, item_rows):
+                items = self._matrix[first_item : first_item + item_rows]
+                out = tile[: len(block) * len(items)].view(len(block), len(items))
+                torch.mm(block, items.T, out=out)
+                yield first_query, first_item, out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)
@@ -84,19 +100,12 @@ class TiledFlatMIPS:
         heaps.nh, heaps.k = batch, k
         heaps.val, heaps.ids = faiss.swig_ptr(scores), faiss.swig_ptr(rows)
         heaps.heapify()
-        query_rows, item_rows = self._tile(batch)
-        tile = torch.empty(query_rows * item_rows)
-        for first_query in range(0, batch, query_rows):
-            block = torch.from_numpy(queries[first_query : first_query + query_rows])
-            for first_item in range(0, self.size, item_rows):
-                items = self._matrix[first_item : first_item + item_rows]
-                out = tile[: len(block) * len(items)].view(len(block), len(items))
-                torch.mm(block, items.T, out=out)
-                # rows first_query.. of the heaps see ids first_item..; faiss' .pyi omits
-                # addn's (j0, i0, ni) arguments, swigfaiss.py has them
-                heaps.addn(  # type: ignore[call-arg]
-                    len(items), faiss.swig_ptr(out.numpy()), first_item, first_query, len(block)
-                )
+        for first_query, first_item, out in self.score_tiles(queries):
+            # rows first_query.. of the heaps see ids first_item..; faiss' .pyi omits
+            # addn's (j0, i0, ni) arguments, swigfaiss.py has them
+            heaps.addn(  # type: ignore[call-arg]
+                out.shape[1], faiss.swig_ptr(out.numpy()), first_item, first_query, out.shape[0]
+            )
         heaps.reorder()  # heap order -> best first
         return scores, rows
 

@@ -67,7 +67,7 @@ def test_tiled_scan_reads_a_read_only_mapping_in_place(
         warnings.simplefilter("error")  # no "non-writable tensor" warning either
         searcher = TiledFlatMIPS(mapped)
         _, rows = searcher.search(queries[:3], 10)
-    assert np.shares_memory(searcher._array, mapped)
+    assert np.shares_memory(searcher._matrix.numpy(), mapped)
     np.testing.assert_array_equal(rows, np.argsort(-(queries[:3] @ matrix.T), axis=1)[:, :10])
     assert searcher.search(queries[:0], 10)[1].shape == (0, 10)
 
