@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per model")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ntp-negatives", choices=["full", "in_batch"], default="full")
     parser.add_argument(
         "--variants", default="pop,dssm,generator_only,gen+aux,gen+ranker,grank_full"
@@ -48,7 +48,19 @@ def main() -> None:
     parser.add_argument("--dssm-sweep", default="0.001:64,0.003:64,0.003:128", help="lr:dim,...")
     parser.add_argument("--dssm-minutes", type=float, default=3.0, help="budget per sweep point")
     parser.add_argument("--hard-negatives", type=int, default=0, help="L_CA negatives per row")
+    parser.add_argument("--lambdas", default="1.0,0.5,0.5", help="λ0,λ1,λ2 of NTP,SA,CA")
+    parser.add_argument("--max-epochs", type=int, default=200, help="stop after this many epochs")
+    parser.add_argument("--patience", type=int, default=3, help="epochs without validation gain")
+    parser.add_argument(
+        "--plateau-lr-factor", type=float, default=1.0, help="lr x this after a stale epoch"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ranker-residual",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Ranker score = Generator score + correction (docs/model.md)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device()
@@ -60,7 +72,14 @@ def main() -> None:
     log_q = torch.log(torch.as_tensor(counts, dtype=torch.float32).clamp(min=1) / counts.sum())
     log_q = log_q.to(device)
     spec = EvalSpec(short_len=64, long_len=200)
-    weights = LossWeights(ntp_negatives=args.ntp_negatives, hard_negatives=args.hard_negatives)
+    ntp, sa, ca = (float(x) for x in args.lambdas.split(","))
+    weights = LossWeights(
+        ntp=ntp,
+        sa=sa,
+        ca=ca,
+        ntp_negatives=args.ntp_negatives,
+        hard_negatives=args.hard_negatives,
+    )
     budget = args.minutes * 60
     print(
         f"read {len(timelines.items)} events of {timelines.n_users} users "
@@ -123,10 +142,15 @@ def main() -> None:
                 dropout=0.2,
                 use_aux=use_aux,
                 use_ranker=use_ranker,
+                ranker_residual=args.ranker_residual,
             )
         )
         config = FitConfig(
-            batch_size=args.batch_size, max_seconds=budget, max_epochs=200, patience=3
+            batch_size=args.batch_size,
+            max_seconds=budget,
+            max_epochs=args.max_epochs,
+            patience=args.patience,
+            plateau_lr_factor=args.plateau_lr_factor,
         )
         fitted = fit(
             model,

@@ -68,6 +68,7 @@ class TrainSettings(BaseModel):
     dropout: float = 0.2
     use_aux: bool = True
     use_ranker: bool = True
+    ranker_residual: bool = True  # Ranker score = Generator score + its correction
     # joint loss λ0·L_NTP + λ1·L_SA + λ2·L_CA
     lambda_ntp: float = 1.0
     lambda_sa: float = 0.5
@@ -78,12 +79,15 @@ class TrainSettings(BaseModel):
     candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
     ranker_hard_negatives: int = 0  # L_CA negatives drawn from the Generator's top k1
     # optimisation (AdamW, as in the paper)
-    batch_size: int = 256
+    batch_size: int = (
+        64  # windows per step: more, smaller steps learn faster per second (docs/model.md)
+    )
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     max_epochs: int = 3
     patience: int = 2
+    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
     # Optional wall-clock budgets, off by default: a time limit makes the weights depend on
     # the machine's speed, so re-running a day would not reproduce the same snapshot.
     max_minutes: float = 0.0

@@ -229,11 +229,10 @@ class Recommender:
                 candidates[b, : min(width, len(ids))] = ids[:width]
             t_mips = time.perf_counter()
             cand = torch.from_numpy(candidates)
+            scores = model.generator_scores(torch.from_numpy(queries), cand)
             if cfg.use_ranker:
                 long = _left_pad([s.long for s in seqs], cfg.long_seq_len)
-                scores = model.rank_scores(long, cand)
-            else:
-                scores = (torch.from_numpy(queries)[:, None, :] * model.embed(cand)).sum(-1)
+                scores = model.rank_scores(long, cand, scores)
             scores = scores.float().masked_fill(cand == 0, float("-inf"))
             order = torch.argsort(scores, dim=1, descending=True)
         ranked: dict[int, tuple[list[int], list[float]]] = {}

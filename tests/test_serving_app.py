@@ -91,7 +91,9 @@ def expected_top(root: Path, version: str, user: int, k: int, k1: int = 50) -> l
         scores = model.item_vectors()[1:] @ query
         order = [int(i) + 1 for i in torch.argsort(scores, descending=True)]
         candidates = [i for i in order if i not in seen][:k1]
-        ranked = model.rank_scores(torch.tensor([list(history.long)]), torch.tensor([candidates]))
+        cands = torch.tensor([candidates])
+        base = model.generator_scores(query[None], cands)
+        ranked = model.rank_scores(torch.tensor([list(history.long)]), cands, base)
     return [candidates[int(j)] for j in torch.argsort(ranked[0], descending=True)[:k]]
 
 

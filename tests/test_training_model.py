@@ -83,6 +83,23 @@ def test_ranker_scores_each_candidate_independently_even_without_history():
     )
 
 
+def test_residual_ranker_starts_from_the_generator_order():
+    model = tiny(ranker_residual=True)
+    long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]] * 2)
+    cands = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    base = model.generator_scores(model.user_vectors(SHORT), cands)
+    expected = (model.user_vectors(SHORT)[1] * model.item_vectors()[[4, 5, 6]]).sum(-1)
+    assert torch.allclose(base[1], expected, atol=1e-6)
+    correction = model.rank_scores(long, cands, torch.zeros_like(base))
+    assert torch.allclose(model.rank_scores(long, cands, base), base + correction, atol=1e-6)
+    with torch.no_grad():  # no correction learnt yet: Stage 2 keeps Stage 1's order
+        model.ranker_mlp[-1].weight.zero_()
+        model.ranker_mlp[-1].bias.zero_()
+    assert torch.equal(model.rank_scores(long, cands, base), base)
+    with pytest.raises(ValueError, match="Generator's scores"):
+        model.rank_scores(long, cands)
+
+
 def test_disabled_paths_refuse_and_grow_keeps_trained_rows():
     model = tiny(use_aux=False, use_ranker=False)
     with pytest.raises(ValueError):
@@ -97,7 +114,7 @@ def test_disabled_paths_refuse_and_grow_keeps_trained_rows():
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
-    model = tiny()
+    model = tiny(ranker_residual=True)
     written = save_checkpoint(model, tmp_path / "ck", {"test_day": "2000-01-01"})
     loaded, manifest = load_checkpoint(tmp_path / "ck")
     assert manifest == written and manifest["test_day"] == "2000-01-01"
@@ -107,7 +124,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]] * 2)
     cands = torch.tensor([[1, 2], [3, 4]])
     assert torch.equal(model.user_vectors(SHORT), loaded.user_vectors(SHORT))
-    assert torch.equal(model.rank_scores(long, cands), loaded.rank_scores(long, cands))
+    base = torch.ones(2, 2)
+    assert torch.equal(model.rank_scores(long, cands, base), loaded.rank_scores(long, cands, base))
     assert not list(tmp_path.glob(".*"))  # no staging leftovers
 
 

@@ -85,7 +85,7 @@ def grank(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def tiny_fit(built_root: Path, epochs: int):
+def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor: float = 1.0):
     """Two epochs of a tiny GRank on the last 4 days (~4.7k events) with leave-last-out."""
     timelines = read_timelines(built_root / "features", date(1998, 4, 1), LAST)
     train_end, validation, _ = leave_last_out(timelines)
@@ -93,7 +93,13 @@ def tiny_fit(built_root: Path, epochs: int):
     model = tiny_grank(timelines.max_item_id, dropout=0.0)
     loss = grank_batch_loss(LossWeights(candidates=32), None)
     config = FitConfig(
-        lr=5e-3, batch_size=128, max_epochs=epochs, patience=epochs, stride=16, progress=False
+        lr=lr,
+        batch_size=128,
+        max_epochs=epochs,
+        patience=epochs,
+        plateau_lr_factor=plateau_lr_factor,
+        stride=16,
+        progress=False,
     )
     result = fit(
         model,
@@ -115,6 +121,13 @@ def test_loss_decreases_and_training_is_deterministic(built_root):
     again, _ = tiny_fit(built_root, epochs=2)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_an_epoch_without_validation_gain_lowers_the_learning_rate(built_root):
+    # at lr 1e-9 epoch 2 cannot change the ranking: no gain, so epoch 3 runs at half the lr
+    _, result = tiny_fit(built_root, epochs=3, lr=1e-9, plateau_lr_factor=0.5)
+    assert [h["lr"] for h in result.history] == [1e-9, 1e-9, 0.5e-9]
+    assert result.best_epoch == 1
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):

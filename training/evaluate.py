@@ -97,7 +97,8 @@ def evaluate(
                 assert isinstance(scorer, GRank)
                 candidates = top[:, : min(spec.k1, depth)]
                 long_b = torch.as_tensor(long[rows], device=device)
-                order = scorer.rank_scores(long_b, candidates).argsort(dim=1, descending=True)
+                rank = scorer.rank_scores(long_b, candidates, scores.gather(1, candidates))
+                order = rank.argsort(dim=1, descending=True)
                 reranked = candidates.gather(1, order)[:, : spec.k2]
                 ranked.setdefault(f"rank/{mode}", []).append(reranked.cpu().numpy())
     if was_training and isinstance(scorer, torch.nn.Module):

@@ -154,7 +154,9 @@ def joint_loss(
                 ranked_q = torch.cat(
                     [correction, torch.zeros_like(hard, dtype=correction.dtype)], 1
                 )
-        scores = model.rank_scores(long, ranked)
+        # a residual Ranker learns a correction to the Generator's score, not the score
+        base = model.generator_scores(states[:, -1], ranked).detach()
+        scores = model.rank_scores(long, ranked, base)
         logits = scores if ranked_q is None else scores - ranked_q
         ca = softmax_first(logits, masked)
         total = total + weights.ca * ca

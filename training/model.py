@@ -9,8 +9,9 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 - ``user_vectors(short_seq)``: the Generator's output at the user query token ``U``,
   appended after the short history and read through causal self-attention.
 - ``item_vectors()``: the shared item embedding table; ``user · item`` is the MIPS score.
-- ``rank_scores(long_seq, candidates)``: the Ranker, single-head cross-attention with each
-  candidate as the query over the long history, then an MLP.
+- ``rank_scores(long_seq, candidates, generator_scores)``: the Ranker, single-head
+  cross-attention with each candidate as the query over the long history, then an MLP;
+  with ``ranker_residual`` the MLP's output is added to the Generator's MIPS score.
 - ``generator(short_seq, aux_candidates)``: training-time entry point that additionally
   appends candidate tokens under the decomposed mask (each candidate sees the history
   and itself, never another candidate; history never sees candidates).
@@ -44,6 +45,9 @@ class GRankConfig:
     dropout: float = 0.1
     use_aux: bool = True
     use_ranker: bool = True
+    # The Ranker's score = the Generator's MIPS score + the MLP's correction, so Stage 2
+    # starts from Stage 1's order (docs/model.md). False in checkpoints written before it.
+    ranker_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.n_item_rows < 2:
@@ -260,10 +264,27 @@ class GRank(nn.Module):
         return states[:, -1]
 
     # ----------------------------------------------------------------- ranker
-    def rank_scores(self, long_seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll]."""
+    def generator_scores(
+        self, user_vectors: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, K] MIPS scores ``user · item`` of ``candidates`` [B, K] (Stage 1's own order)."""
+        return (user_vectors[:, None, :] * self.embed(candidates)).sum(-1)
+
+    def rank_scores(
+        self,
+        long_seq: torch.Tensor,
+        candidates: torch.Tensor,
+        generator_scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll].
+
+        A residual Ranker (``config.ranker_residual``) adds its correction to
+        ``generator_scores`` [B, K] (:meth:`generator_scores`, which MIPS already computed).
+        """
         if not self.config.use_ranker:
             raise ValueError("this model was built without the Ranker")
+        if self.config.ranker_residual and generator_scores is None:
+            raise ValueError("a residual Ranker needs the Generator's scores of the candidates")
         seq = self._fit(long_seq, self.config.long_seq_len)
         batch, d = seq.shape[0], self.config.dim
         history = self.ranker_history(self.embed(seq) + self.long_positions.weight)
@@ -279,4 +300,8 @@ class GRank(nn.Module):
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
         attended = torch.softmax(logits, dim=-1) @ values
         features = torch.cat([attended, cand, attended * cand], dim=-1)
-        return self.ranker_mlp(features).squeeze(-1)
+        scores = self.ranker_mlp(features).squeeze(-1)
+        if self.config.ranker_residual:
+            assert generator_scores is not None
+            scores = scores + generator_scores
+        return scores

@@ -56,6 +56,7 @@ class FitConfig:
     batch_size: int = 256
     max_epochs: int = 20
     patience: int = 2
+    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
     grad_clip: float = 10.0
     stride: int = 64
     seed: int = 42
@@ -163,6 +164,8 @@ def fit(
                 ex_per_s=f"{rate:.0f}",
                 **{k: f"{v:.3f}" for k, v in parts.items()},
             )
+        if steps == 0:  # the budget ran out before this epoch trained: nothing to evaluate
+            break
         scorer: Scorer = model  # type: ignore[assignment]
         metrics = evaluate(scorer, timelines, validation, spec, device, with_rank=False)
         score = metrics["generator/filtered"][config.val_metric]
@@ -171,6 +174,7 @@ def fit(
                 "epoch": epoch,
                 "loss": total / max(steps, 1),
                 "val_" + config.val_metric: score,
+                "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
@@ -179,13 +183,15 @@ def fit(
                 f"epoch {epoch}: loss {total / max(steps, 1):.4f} "
                 f"val {config.val_metric} {score:.4f} ({time.perf_counter() - epoch_start:.0f}s)"
             )
-        if steps and score > result.best_score:
+        if score > result.best_score:
             result.best_score, result.best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             if on_improve is not None:
                 on_improve(epoch, score)
         else:
             stale += 1
+            for group in optimizer.param_groups:  # smaller steps to settle into the optimum
+                group["lr"] *= config.plateau_lr_factor
             if stale >= config.patience:
                 result.stop_reason = f"no validation gain for {config.patience} epochs"
         if result.stop_reason:

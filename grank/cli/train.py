@@ -57,6 +57,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
         batch_size=t.batch_size,
         max_epochs=t.max_epochs,
         patience=t.patience,
+        plateau_lr_factor=t.plateau_lr_factor,
         grad_clip=t.grad_clip,
         stride=settings.features.short_seq_len,
         seed=t.seed,
@@ -78,6 +79,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
             dropout=t.dropout,
             use_aux=t.use_aux,
             use_ranker=t.use_ranker,
+            ranker_residual=t.ranker_residual,
         ),
         weights=LossWeights(
             ntp=t.lambda_ntp,
