@@ -79,9 +79,8 @@ class TrainSettings(BaseModel):
     candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
     ranker_hard_negatives: int = 0  # L_CA negatives drawn from the Generator's top k1
     # optimisation (AdamW, as in the paper)
-    batch_size: int = (
-        64  # windows per step: more, smaller steps learn faster per second (docs/model.md)
-    )
+    # windows per step: more, smaller steps learn faster per second (docs/model.md)
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 10.0

@@ -172,7 +172,7 @@ def fit(
         result.history.append(
             {
                 "epoch": epoch,
-                "loss": total / max(steps, 1),
+                "loss": total / steps,
                 "val_" + config.val_metric: score,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - epoch_start,
@@ -180,7 +180,7 @@ def fit(
         )
         if config.progress:
             tqdm.write(
-                f"epoch {epoch}: loss {total / max(steps, 1):.4f} "
+                f"epoch {epoch}: loss {total / steps:.4f} "
                 f"val {config.val_metric} {score:.4f} ({time.perf_counter() - epoch_start:.0f}s)"
             )
         if score > result.best_score:
