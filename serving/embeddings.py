@@ -82,11 +82,7 @@ def refresh_embeddings(
     popular = np.asarray(popular_items, dtype=np.int64)
     popular = popular[np.isin(popular, ids)]
     dim = model.config.dim
-    network = {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in model.state_dict().items()
-        if name != ITEM_TABLE_KEY
-    }
+    network = {name: t for name, t in model.cpu_state().items() if name != ITEM_TABLE_KEY}
     with staging_dir(out_dir) as staging:
         matrix = np.lib.format.open_memmap(
             staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=(n_rows, dim)

@@ -31,9 +31,8 @@ def save_checkpoint(model: GRank, directory: Path, manifest: dict[str, Any]) -> 
     Returns the manifest as written. Keys ``config``, ``files`` and ``format_version``
     are owned by this function and override any given ones.
     """
-    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     with staging_dir(directory) as staging:
-        save_file(state, str(staging / WEIGHTS_FILE))
+        save_file(model.cpu_state(), str(staging / WEIGHTS_FILE))
         written = {
             **manifest,
             "format_version": FORMAT_VERSION,

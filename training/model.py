@@ -182,6 +182,10 @@ class GRank(nn.Module):
         """Embeddings of ``item_ids``; ids outside the table read the padding row (never crash)."""
         return self.item_embedding(self.known(item_ids))
 
+    def cpu_state(self) -> dict[str, torch.Tensor]:
+        """The weights as contiguous CPU tensors: what safetensors can write from any device."""
+        return {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+
     def item_vectors(self) -> torch.Tensor:
         """[n_item_rows, d]: row i is item i (row 0, padding, is zero); MIPS searches these."""
         return self.item_embedding.weight
