@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--dssm-sweep", default="0.001:64,0.003:64,0.003:128", help="lr:dim,...")
     parser.add_argument("--dssm-minutes", type=float, default=3.0, help="budget per sweep point")
     parser.add_argument("--hard-negatives", type=int, default=0, help="L_CA negatives per row")
-    parser.add_argument("--lambdas", default="1.0,0.5,0.5", help="λ0,λ1,λ2 of NTP,SA,CA")
+    parser.add_argument(
+        "--lambdas", default="1.0,0.1,0.5", help="λ0,λ1,λ2 of NTP,SA,CA (as train.lambda_*)"
+    )
     parser.add_argument("--max-epochs", type=int, default=200, help="stop after this many epochs")
     parser.add_argument("--patience", type=int, default=3, help="epochs without validation gain")
     parser.add_argument(

@@ -71,7 +71,7 @@ class TrainSettings(BaseModel):
     ranker_residual: bool = True  # Ranker score = Generator score + its correction
     # joint loss λ0·L_NTP + λ1·L_SA + λ2·L_CA
     lambda_ntp: float = 1.0
-    lambda_sa: float = 0.5
+    lambda_sa: float = 0.1  # 0.5 slowed the exact-softmax Generator (docs/benchmarks.md)
     lambda_ca: float = 0.5
     temperature: float = 1.0
     ntp_negatives: Literal["full", "in_batch"] = "full"  # in_batch: logQ-corrected, cheaper
