@@ -283,7 +283,7 @@ class GRank(nn.Module):
         """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll].
 
         A residual Ranker (``config.ranker_residual``) adds its correction to
-        ``generator_scores`` [B, K] (:meth:`generator_scores`, which MIPS already computed).
+        ``generator_scores`` [B, K] (:meth:`generator_scores`: the candidates' MIPS scores).
         """
         if not self.config.use_ranker:
             raise ValueError("this model was built without the Ranker")
