@@ -1,12 +1,14 @@
 """Queries/s of the exact MIPS stage by batch size (what micro-batching buys), 1M x 64 float32.
 
-Side by side on the same matrix and queries, alternating per batch size so that both see
-the same machine: the serving path (``TiledFlatMIPS``: MKL sgemm tiles + faiss heaps),
-``faiss.knn`` (the search of ``IndexFlatIP``, with the faiss wheel's OpenBLAS), the
-matrix product alone in the same tiles (the ceiling of any exact scan here), and
-optionally torch matmul+topk on CPU. Each cell is the median of ``--reps`` timed calls
-after one untimed call (the machine is shared: read the median and the ratio, not a
-single run). Also checks that the serving path returns exactly faiss' top-k.
+Side by side on the same matrix and queries, alternating per batch size so that all see
+the same machine: the serving path with its exact bf16 screen (``TiledFlatMIPS`` with
+``bf16_screen``: screened up to ``SCREEN_MAX_BATCH`` queries, float32 tiles above), the
+float32 tiles alone (MKL sgemm tiles + faiss heaps), ``faiss.knn`` (the search of
+``IndexFlatIP``, with the faiss wheel's OpenBLAS), the float32 matrix product alone in
+the same tiles (the ceiling of the float32 scan), and optionally torch matmul+topk.
+Each cell is the median of ``--reps`` timed calls after one untimed call (the machine
+is shared: read the median and the ratio, not a single run). Also checks that the
+serving path returns faiss' top-k.
 
     .venv/bin/python benchmarks/serving_mips_throughput.py --items 1000000
 """
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from serving_common import cpu_note
 
 from serving.mips import TiledFlatMIPS, TorchMIPS
@@ -39,21 +42,23 @@ def queries_per_s(search: Callable[[], object], batch: int, reps: int) -> float:
 
 
 def product_only(tiled: TiledFlatMIPS, queries: np.ndarray) -> None:
-    """The tiled scan's matrix products without the top-k: the scan's ceiling."""
-    for _ in tiled.score_tiles(queries):
+    """The float32 scan's matrix products without the top-k: that scan's ceiling."""
+    for _ in tiled.score_tiles(torch.from_numpy(queries)):
         pass
 
 
 def table_row(
     queries: np.ndarray,
     matrix: np.ndarray,
+    screened: TiledFlatMIPS,
     tiled: TiledFlatMIPS,
     torch_path: TorchMIPS | None,
     args: argparse.Namespace,
 ) -> str:
     """One batch size: every path on the same queries, one after the other."""
     batch, k, reps = len(queries), args.k, args.reps
-    served = queries_per_s(lambda: tiled.search(queries, k), batch, reps)
+    served = queries_per_s(lambda: screened.search(queries, k), batch, reps)
+    plain = queries_per_s(lambda: tiled.search(queries, k), batch, reps)
     reference = queries_per_s(
         lambda: faiss.knn(queries, matrix, k, metric=faiss.METRIC_INNER_PRODUCT), batch, reps
     )
@@ -62,7 +67,7 @@ def table_row(
     if torch_path is not None:
         topk = f"{queries_per_s(lambda: torch_path.search(queries, k), batch, 1):.0f}"
     return (
-        f"| {batch} | {served:.0f} | {reference:.0f} | {served / reference:.1f}x"
+        f"| {batch} | {served:.0f} | {plain:.0f} | {served / plain:.2f}x | {reference:.0f}"
         f" | {ceiling:.0f} | {topk} |"
     )
 
@@ -79,21 +84,25 @@ def main() -> None:
     rng = np.random.default_rng(0)
     matrix = rng.standard_normal((args.items, args.dim), dtype=np.float32)
     tiled = TiledFlatMIPS(matrix)
+    started = time.perf_counter()
+    screened = TiledFlatMIPS(matrix, bf16_screen=True)
+    screen_setup_s = time.perf_counter() - started
     torch_path = TorchMIPS(matrix, "cpu") if args.torch_topk else None
     print(
         f"# exact MIPS stage, {args.items:,} x {args.dim} float32, k={args.k},"
-        f" median of {args.reps} ({cpu_note()}, load {os.getloadavg()[0]:.1f})"
+        f" median of {args.reps} ({cpu_note()}, load {os.getloadavg()[0]:.1f});"
+        f" bf16 copy + error bound built in {screen_setup_s:.2f} s"
     )
     print(
-        "| batch | serving: tiled MKL + faiss heaps q/s | faiss.knn (IndexFlatIP) q/s | ratio"
-        " | products alone q/s | torch matmul+topk q/s |"
+        "| batch | serving (bf16 screen) q/s | float32 tiles + faiss heaps q/s | ratio"
+        " | faiss.knn (IndexFlatIP) q/s | float32 products alone q/s | torch matmul+topk q/s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (int(b) for b in args.batches.split(",")):
         queries = rng.standard_normal((batch, args.dim), dtype=np.float32)
-        print(table_row(queries, matrix, tiled, torch_path, args), flush=True)
+        print(table_row(queries, matrix, screened, tiled, torch_path, args), flush=True)
     queries = rng.standard_normal((64, args.dim), dtype=np.float32)
-    served_scores, served_rows = tiled.search(queries, args.k)
+    served_scores, served_rows = screened.search(queries, args.k)
     faiss_scores, faiss_rows = faiss.knn(queries, matrix, args.k, metric=faiss.METRIC_INNER_PRODUCT)
     same_sets = np.array_equal(np.sort(served_rows, 1), np.sort(faiss_rows, 1))
     # MKL and OpenBLAS sum in different orders: near-equal scores may swap places

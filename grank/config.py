@@ -109,6 +109,8 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # exact either way; "auto" screens in bf16 where the CPU multiplies bf16 natively
+    bf16_screen: Literal["auto", "on", "off"] = "auto"
     k1: int = 200  # MIPS candidates handed to the Ranker
     max_k: int = 100  # largest k a client may ask for
     filter_seen: bool = True

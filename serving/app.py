@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from serving.batcher import MicroBatcher, QueueFullError
 from serving.hotswap import SnapshotHolder
 from serving.metrics import ServingMetrics
-from serving.mips import Device
+from serving.mips import Bf16Screen, Device, MipsOptions
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
 from serving.sequences import SequenceSource
 
@@ -38,6 +38,7 @@ class ServeConfig:
 
     snapshots_dir: Path
     device: Device = "auto"
+    bf16_screen: Bf16Screen = "auto"
     k1: int = 200
     max_k: int = 100
     filter_seen: bool = True
@@ -76,7 +77,8 @@ class RecommendResponse(BaseModel):
 def create_app(config: ServeConfig, source: SequenceSource) -> FastAPI:
     """Build the app; the snapshot watcher and the batcher start with the app's lifespan."""
     metrics = ServingMetrics()
-    holder = SnapshotHolder(config.snapshots_dir, config.device, metrics, config.poll_s)
+    mips = MipsOptions(config.device, config.bf16_screen)
+    holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s)
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
 
     def process(requests: Sequence[RecRequest]) -> list[RecResult]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from serving.metrics import ServingMetrics
-from serving.mips import Device
+from serving.mips import MipsOptions
 from serving.recommender import LoadedSnapshot, load_snapshot
 from serving.snapshots import read_current, version_dir
 
@@ -26,10 +26,10 @@ class SnapshotHolder:
     """The snapshot being served, and the watcher thread that keeps it current."""
 
     def __init__(
-        self, snapshots_dir: Path, device: Device, metrics: ServingMetrics, poll_s: float
+        self, snapshots_dir: Path, mips: MipsOptions, metrics: ServingMetrics, poll_s: float
     ) -> None:
         self._dir = snapshots_dir
-        self._device: Device = device
+        self._mips = mips
         self._metrics = metrics
         self._poll_s = poll_s
         self._lock = threading.Lock()
@@ -57,7 +57,7 @@ class SnapshotHolder:
             return False
         started = time.perf_counter()
         try:
-            loaded = load_snapshot(version_dir(self._dir, version), self._device)
+            loaded = load_snapshot(version_dir(self._dir, version), self._mips)
         except Exception as exc:
             self._record_failure(version, exc)
             return False

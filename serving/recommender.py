@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load
 
-from serving.mips import Device, ExactMIPS, build_mips
+from serving.mips import ExactMIPS, MipsOptions, build_mips
 from serving.sequences import SequenceSource, UserSequences
 from serving.snapshots import (
     EMBEDDINGS_FILE,
@@ -56,7 +56,7 @@ class LoadedSnapshot:
         return int(self.servable.sum())
 
 
-def load_snapshot(folder: Path, device: Device = "auto") -> LoadedSnapshot:
+def load_snapshot(folder: Path, mips: MipsOptions | None = None) -> LoadedSnapshot:
     """Verify ``folder`` (checksums) and load it; raises :class:`SnapshotError` if unusable.
 
     The matrix bytes read for verification become the model's item table and the MIPS
@@ -98,7 +98,7 @@ def load_snapshot(folder: Path, device: Device = "auto") -> LoadedSnapshot:
         servable=servable,
         popular_items=popular,
         model=model.eval(),
-        mips=build_mips(matrix, device),
+        mips=build_mips(matrix, mips),
     )
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from serving.batcher import MicroBatcher, QueueFullError
-from serving.mips import TiledFlatMIPS, TorchMIPS, build_mips
+from serving.mips import MipsOptions, TiledFlatMIPS, TorchMIPS, build_mips
 
 # isort: split
 import faiss  # after serving.mips, which loads torch first (see there)
@@ -57,6 +58,85 @@ def test_tiled_scan_is_exact_and_equals_faiss_index_flat_ip(
     np.testing.assert_allclose(scores, f_scores, rtol=1e-5, atol=1e-5)
 
 
+def assert_exact_top_k(
+    matrix: np.ndarray, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray
+) -> None:
+    """Against float64 truth: the k best items in order, up to float32 near-ties.
+
+    The screen rescores its candidates with a batched product whose float32 sums run in
+    another order than the tiles', so two items within ~1e-6 may swap places.
+    """
+    exact = queries.astype(np.float64) @ matrix.T.astype(np.float64)
+    best = -np.sort(-exact, axis=1)[:, : rows.shape[1]]
+    np.testing.assert_allclose(np.take_along_axis(exact, rows, 1), best, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores, best, rtol=1e-5, atol=1e-5)
+    assert all(len(set(row)) == len(row) for row in rows.tolist())
+
+
+class Screened(TiledFlatMIPS):
+    """The bf16 screen, whatever this CPU's instructions (emulated bf16 is slow, not wrong)."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        super().__init__(matrix, bf16_screen=True)
+
+
+class ScreenedSmallTiles(Screened, SmallTiles):
+    """The screen over tiles that cross every boundary."""
+
+
+class ScreenedNarrow(Screened):
+    """A screen too narrow to prove anything: every query must fall back to the full scan."""
+
+    rescans = 0
+
+    def screen_width(self, k: int) -> int:
+        return k
+
+    def score_tiles(self, queries, matrix=None):  # type: ignore[no-untyped-def]
+        if queries.dtype == torch.float32:
+            ScreenedNarrow.rescans += 1
+        return super().score_tiles(queries, matrix)
+
+
+@pytest.mark.parametrize("searcher", [Screened, ScreenedSmallTiles, ScreenedNarrow])
+def test_bf16_screen_returns_exactly_the_float32_top_k(
+    vectors: tuple[np.ndarray, np.ndarray], searcher: type[TiledFlatMIPS]
+) -> None:
+    matrix, queries = vectors
+    scores, rows = searcher(matrix).search(queries, 100)
+    assert_exact_top_k(matrix, queries, scores, rows)
+    if searcher is ScreenedNarrow:
+        assert ScreenedNarrow.rescans == 1  # one float32 rescan of the unproven queries
+
+
+def test_bf16_screen_separates_items_that_bf16_cannot_tell_apart() -> None:
+    """Near-duplicates round to the same bf16 vector; only float32 ranks them, and the
+    screen must hand all of them to the float32 rescoring. Norms span 1e-3..30."""
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((2_000, 32)).astype(np.float32)
+    twins = base * (1 + 1e-4 * rng.standard_normal((2_000, 1)).astype(np.float32))
+    scale = np.geomspace(1e-3, 30, 4_000).astype(np.float32)[:, None]
+    matrix = np.concatenate([base, twins]) * rng.permutation(scale)
+    queries = rng.standard_normal((16, 32)).astype(np.float32)
+    searcher = Screened(matrix)
+    for k in (1, 10, 300):
+        scores, rows = searcher.search(queries, k)
+        assert_exact_top_k(matrix, queries, scores, rows)
+
+
+def test_the_screen_is_used_only_where_it_pays(vectors: tuple[np.ndarray, np.ndarray]) -> None:
+    matrix, _ = vectors
+    screened = Screened(matrix)
+    assert screened._screens(64, 100)
+    assert not screened._screens(TiledFlatMIPS.SCREEN_MAX_BATCH + 1, 100)  # large batches
+    assert not screened._screens(64, 10_000)  # a screen as wide as the catalogue
+    assert not TiledFlatMIPS(matrix)._screens(64, 100)  # off unless asked
+    forced = build_mips(matrix, MipsOptions("cpu", bf16_screen="on"))
+    assert isinstance(forced, TiledFlatMIPS) and forced._screens(1, 10)
+    off = build_mips(matrix, MipsOptions("cpu", bf16_screen="off"))
+    assert isinstance(off, TiledFlatMIPS) and not off._screens(1, 10)
+
+
 def test_tiled_scan_reads_a_read_only_mapping_in_place(
     vectors: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
@@ -84,7 +164,9 @@ def test_torch_path_returns_the_same_results_as_faiss(
 
 def test_k_larger_than_the_catalogue_returns_every_item() -> None:
     matrix = np.eye(3, dtype=np.float32)
-    scores, rows = build_mips(matrix, "cpu").search(np.array([[0, 2, 1]], np.float32), 10)
+    scores, rows = build_mips(matrix, MipsOptions("cpu")).search(
+        np.array([[0, 2, 1]], np.float32), 10
+    )
     assert rows.tolist() == [[1, 2, 0]] and scores.tolist() == [[2.0, 1.0, 0.0]]
 
 

@@ -20,6 +20,7 @@ from common.errors import UserFacingError
 from grank.cli import cli
 from grank.config import REPO_ROOT
 from serving.embeddings import refresh_embeddings
+from serving.mips import MipsOptions
 from serving.recommender import Recommender, RecRequest, load_snapshot
 from serving.sequences import StaticSequenceSource, UserSequences
 from serving.snapshots import (
@@ -284,7 +285,7 @@ def test_items_outside_the_catalogue_are_never_recommended_but_still_embed_histo
     out = tmp_path / "embeddings" / "subset"
     catalogue = [i for i in range(1, N_ITEMS + 1) if i not in retired]
     refresh_embeddings(checkpoint, out, catalogue, catalogue[::-1], progress=False)
-    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), device="cpu")
+    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsOptions("cpu"))
     assert snapshot.n_servable == len(catalogue)
     history = UserSequences(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
     recommender = Recommender(lambda: snapshot, StaticSequenceSource({9: history}), 40, True)

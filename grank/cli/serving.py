@@ -259,6 +259,7 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
     config = ServeConfig(
         snapshots_dir=settings.snapshots_dir,
         device=cfg.device,
+        bf16_screen=cfg.bf16_screen,
         k1=cfg.k1,
         max_k=cfg.max_k,
         filter_seen=cfg.filter_seen,
