@@ -2,7 +2,7 @@
 
 Side by side on the same matrix and queries, alternating per batch size so that all see
 the same machine: the serving path with its exact bf16 screen (``TiledFlatMIPS`` with
-``bf16_screen``: screened up to ``SCREEN_MAX_BATCH`` queries, float32 tiles above), the
+``bf16_screen``, ``SCREEN_BLOCK`` queries at a time), the
 float32 tiles alone (MKL sgemm tiles + faiss heaps), ``faiss.knn`` (the search of
 ``IndexFlatIP``, with the faiss wheel's OpenBLAS), the float32 matrix product alone in
 the same tiles (the ceiling of the float32 scan), and optionally torch matmul+topk.

@@ -104,9 +104,9 @@ class Bf16ErrorBound:
 
     def __init__(self, items: torch.Tensor, items_bf16: torch.Tensor) -> None:
         max_norm = max_residual = 0.0
-        for rows in range(0, len(items), 1 << 16):  # chunks: no full-size temporaries
-            chunk = items[rows : rows + (1 << 16)]
-            residual = chunk - items_bf16[rows : rows + (1 << 16)].float()
+        for rows in range(0, len(items), 8192):  # cache-sized chunks, no full-size temporaries
+            chunk = items[rows : rows + 8192]
+            residual = chunk - items_bf16[rows : rows + 8192].float()
             max_norm = max(max_norm, float(torch.linalg.vector_norm(chunk, dim=1).max()))
             max_residual = max(max_residual, float(torch.linalg.vector_norm(residual, dim=1).max()))
         self._max_norm, self._max_residual = max_norm * self.SLACK, max_residual * self.SLACK
@@ -148,16 +148,14 @@ class TiledFlatMIPS:
     read-only mmap from the snapshot is fine: nothing writes to it). Both the product and
     the heap update release the GIL.
 
-    With ``bf16_screen``, batches up to ``SCREEN_MAX_BATCH`` go through the exact bf16
-    screen (module docstring); it keeps a bf16 copy of the matrix (half its size).
+    With ``bf16_screen``, searches go through the exact bf16 screen (module docstring),
+    ``SCREEN_BLOCK`` queries at a time; it keeps a bf16 copy of the matrix (half its size).
     """
 
     TILE_SCORES = 1 << 21  # 8 MB of float32 scores per tile
     MAX_QUERY_ROWS = 2048
     MIN_ITEM_ROWS, MAX_ITEM_ROWS = 1024, 1 << 16
-    # above this batch the screen's wider heaps and the candidates' gather cost more than
-    # its cheaper products save (docs/benchmarks.md)
-    SCREEN_MAX_BATCH = 128
+    SCREEN_BLOCK = 128  # queries screened together: bounds the rescoring's gather (27 MB)
 
     def __init__(self, matrix: np.ndarray, bf16_screen: bool = False) -> None:
         array = np.ascontiguousarray(matrix, dtype=np.float32)  # no copy if it is
@@ -206,19 +204,21 @@ class TiledFlatMIPS:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)
         as_tensor = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        if self._screens(len(as_tensor), k):
-            return self._screened_search(as_tensor, k)
-        return heap_top_k(self.score_tiles(as_tensor), len(as_tensor), k)
+        if len(as_tensor) == 0 or not self._screens(k):
+            return heap_top_k(self.score_tiles(as_tensor), len(as_tensor), k)
+        blocks = [
+            self._screened_search(as_tensor[first : first + self.SCREEN_BLOCK], k)
+            for first in range(0, len(as_tensor), self.SCREEN_BLOCK)
+        ]
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
     def screen_width(self, k: int) -> int:
         """bf16 candidates kept per query: ~1.5k fall within the error bound at 1M x 64."""
         return 2 * k + 32
 
-    def _screens(self, batch: int, k: int) -> bool:
-        """Whether this search goes through the bf16 screen (it pays for small batches)."""
-        if self._bound is None or not 0 < batch <= self.SCREEN_MAX_BATCH:
-            return False
-        return k > 0 and self.screen_width(k) < self.size
+    def _screens(self, k: int) -> bool:
+        """Whether searches for the top k go through the bf16 screen."""
+        return self._bound is not None and k > 0 and self.screen_width(k) < self.size
 
     def _screened_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k through the bf16 screen; queries whose proof fails are rescanned exactly."""

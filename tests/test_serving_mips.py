@@ -81,7 +81,9 @@ class Screened(TiledFlatMIPS):
 
 
 class ScreenedSmallTiles(Screened, SmallTiles):
-    """The screen over tiles that cross every boundary."""
+    """The screen over tiles and query blocks that cross every boundary."""
+
+    SCREEN_BLOCK = 16  # 50 queries: 4 blocks, the last one short
 
 
 class ScreenedNarrow(Screened):
@@ -124,17 +126,19 @@ def test_bf16_screen_separates_items_that_bf16_cannot_tell_apart() -> None:
         assert_exact_top_k(matrix, queries, scores, rows)
 
 
-def test_the_screen_is_used_only_where_it_pays(vectors: tuple[np.ndarray, np.ndarray]) -> None:
-    matrix, _ = vectors
+def test_the_screen_is_used_where_asked_and_narrower_than_the_catalogue(
+    vectors: tuple[np.ndarray, np.ndarray],
+) -> None:
+    matrix, queries = vectors
     screened = Screened(matrix)
-    assert screened._screens(64, 100)
-    assert not screened._screens(TiledFlatMIPS.SCREEN_MAX_BATCH + 1, 100)  # large batches
-    assert not screened._screens(64, 10_000)  # a screen as wide as the catalogue
-    assert not TiledFlatMIPS(matrix)._screens(64, 100)  # off unless asked
+    assert screened._screens(100)
+    assert not screened._screens(10_000)  # a screen as wide as the catalogue saves nothing
+    assert not TiledFlatMIPS(matrix)._screens(100)  # off unless asked
     forced = build_mips(matrix, MipsOptions("cpu", bf16_screen="on"))
-    assert isinstance(forced, TiledFlatMIPS) and forced._screens(1, 10)
+    assert isinstance(forced, TiledFlatMIPS) and forced._screens(10)
     off = build_mips(matrix, MipsOptions("cpu", bf16_screen="off"))
-    assert isinstance(off, TiledFlatMIPS) and not off._screens(1, 10)
+    assert isinstance(off, TiledFlatMIPS) and not off._screens(10)
+    assert screened.search(queries[:0], 10)[1].shape == (0, 10)
 
 
 def test_tiled_scan_reads_a_read_only_mapping_in_place(
