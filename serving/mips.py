@@ -114,25 +114,19 @@ class Bf16ErrorBound:
         self._gamma = terms * 2.0**-24 / (1 - terms * 2.0**-24)  # float32 sum of d products
         self._underflow = terms * 2.0**-125  # products flushed to zero below float32's range
 
-    def floor(
-        self, queries: torch.Tensor, queries_bf16: torch.Tensor, kth: np.ndarray
+    def ceiling(
+        self, queries: torch.Tensor, queries_bf16: torch.Tensor, bf16: np.ndarray
     ) -> np.ndarray:
-        """Per query, the bf16 score under which no item can be in the float32 top k.
-
-        ``kth`` is the k-th largest bf16 score. The k items at or above it have float32
-        scores of at least ``low(kth) - E``; an item whose bf16 score is under the floor
-        has a float32 score under ``high(floor) + E = low(kth) - E``: k items beat it.
-        """
+        """Per query, the highest float32 score an item whose bf16 score is ``bf16`` can have."""
         norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy() * self.SLACK
         residual = torch.linalg.vector_norm((queries - queries_bf16.float()).double(), dim=1)
         r_q = residual.numpy() * self.SLACK
         x, r_x = self._max_norm, self._max_residual
-        inputs = norm * r_x + r_q * (x + r_x) + self._gamma * (norm + r_q) * (x + r_x)
-        error = inputs + self._underflow
-        relative = self.UNIT / (1 - self.UNIT)  # bf16 rounding of the result, of its size
-        kth = kth.astype(np.float64)
-        low = kth - relative * np.abs(kth) - 2 * error
-        return np.where(low >= 0, low / (1 + relative), low / (1 - relative))
+        # gamma twice: the bf16 products' float32 sums, and the rescoring's
+        inputs = norm * r_x + r_q * (x + r_x) + 2 * self._gamma * (norm + r_q) * (x + r_x)
+        bf16 = bf16.astype(np.float64)
+        rounding = self.UNIT / (1 - self.UNIT) * np.abs(bf16)  # of the result, to bf16
+        return bf16 + rounding + inputs + self._underflow
 
 
 class TiledFlatMIPS:
@@ -226,16 +220,13 @@ class TiledFlatMIPS:
         queries_bf16 = queries.bfloat16()
         tiles = self.score_tiles(queries_bf16, self._matrix_bf16)
         approx, rows = heap_top_k(tiles, len(queries), self.screen_width(k))
-        floor = self._bound.floor(queries, queries_bf16, approx[:, k - 1])
-        candidate = approx >= floor[:, None]
-        # every item outside the heap scored <= its last entry: below the floor, all kept
-        proven = approx[:, -1] < floor
-        candidate_rows = torch.from_numpy(np.where(candidate, rows, 0))
-        exact = torch.bmm(self._matrix[candidate_rows], queries.unsqueeze(2)).squeeze(2)
-        exact.masked_fill_(torch.from_numpy(~candidate), float("-inf"))
+        exact = torch.bmm(self._matrix[torch.from_numpy(rows)], queries.unsqueeze(2)).squeeze(2)
         best = torch.topk(exact, k, dim=1)
         scores = best.values.numpy()
         top_rows = np.take_along_axis(rows, best.indices.numpy(), axis=1)
+        # every item outside the heap has a bf16 score <= the heap's last one, so a float32
+        # score <= its ceiling: under the k-th exact score, none of them can be in the top k
+        proven = self._bound.ceiling(queries, queries_bf16, approx[:, -1]) < scores[:, -1]
         unproven = np.flatnonzero(~proven)
         if unproven.size:
             rescan = queries[torch.from_numpy(unproven)]

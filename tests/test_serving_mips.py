@@ -89,14 +89,15 @@ class ScreenedSmallTiles(Screened, SmallTiles):
 class ScreenedNarrow(Screened):
     """A screen too narrow to prove anything: every query must fall back to the full scan."""
 
-    rescans = 0
+    def __init__(self, matrix: np.ndarray) -> None:
+        super().__init__(matrix)
+        self.rescans = 0
 
     def screen_width(self, k: int) -> int:
         return k
 
     def score_tiles(self, queries, matrix=None):  # type: ignore[no-untyped-def]
-        if queries.dtype == torch.float32:
-            ScreenedNarrow.rescans += 1
+        self.rescans += queries.dtype == torch.float32
         return super().score_tiles(queries, matrix)
 
 
@@ -105,13 +106,17 @@ def test_bf16_screen_returns_exactly_the_float32_top_k(
     vectors: tuple[np.ndarray, np.ndarray], searcher: type[TiledFlatMIPS]
 ) -> None:
     matrix, queries = vectors
-    scores, rows = searcher(matrix).search(queries, 100)
+    screen = searcher(matrix)
+    scores, rows = screen.search(queries, 100)
     assert_exact_top_k(matrix, queries, scores, rows)
-    if searcher is ScreenedNarrow:
-        assert ScreenedNarrow.rescans == 1  # one float32 rescan of the unproven queries
+    if isinstance(screen, ScreenedNarrow):
+        assert screen.rescans == 1  # one float32 rescan of the unproven queries
 
 
-def test_bf16_screen_separates_items_that_bf16_cannot_tell_apart() -> None:
+@pytest.mark.parametrize("searcher", [Screened, ScreenedNarrow])
+def test_bf16_screen_separates_items_that_bf16_cannot_tell_apart(
+    searcher: type[TiledFlatMIPS],
+) -> None:
     """Near-duplicates round to the same bf16 vector; only float32 ranks them, and the
     screen must hand all of them to the float32 rescoring. Norms span 1e-3..30."""
     rng = np.random.default_rng(1)
@@ -120,9 +125,9 @@ def test_bf16_screen_separates_items_that_bf16_cannot_tell_apart() -> None:
     scale = np.geomspace(1e-3, 30, 4_000).astype(np.float32)[:, None]
     matrix = np.concatenate([base, twins]) * rng.permutation(scale)
     queries = rng.standard_normal((16, 32)).astype(np.float32)
-    searcher = Screened(matrix)
+    screen = searcher(matrix)
     for k in (1, 10, 300):
-        scores, rows = searcher.search(queries, k)
+        scores, rows = screen.search(queries, k)
         assert_exact_top_k(matrix, queries, scores, rows)
 
 
