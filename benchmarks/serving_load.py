@@ -4,6 +4,7 @@ A server process (benchmarks/serving_server.py) serves one snapshot of N items x
 (`apt-get install -y wrk`) drives POST /recommend on loopback with random users at 1, 8
 and 32 connections. p50/p99 and requests/s come from wrk; per-stage means (lookup,
 generator, MIPS, ranker) and the mean batch size from the server's /metrics deltas.
+Each ``--bf16-screen`` mode gets its own server on the same snapshot, one after the other.
 
     .venv/bin/python benchmarks/serving_load.py --items 100000 --items 1000000
 """
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--bf16-screen", default="on,off", help="MIPS screen modes to compare")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
@@ -113,30 +115,39 @@ def main() -> None:
             source, _ = make_refresh(root, n_items, seed=1)
             publish(root / "snapshots", source)
             url = f"http://127.0.0.1:{args.port}"
-            with server(root / "snapshots", n_items, args.port, max_batch=args.max_batch) as child:
-                run_wrk(url, script, 8, 3)  # warm-up
-                print(f"\n## {n_items:,} items x 64")
-                print(
-                    "| clients | p50 ms | p99 ms | req/s | errors | mean batch "
-                    "| lookup ms | generator ms | MIPS ms | ranker ms | server total ms |"
-                )
-                print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-                for connections in (int(c) for c in args.connections.split(",")):
-                    before = scrape(url)
-                    result = run_wrk(url, script, connections, args.seconds)
-                    stages = stage_means(before, scrape(url))
-                    errors = result["non_2xx"] + result["socket_errors"]
+            for screen in args.bf16_screen.split(","):
+                knobs = {"max_batch": args.max_batch, "bf16_screen": screen}
+                with server(root / "snapshots", n_items, args.port, **knobs) as child:
+                    print(f"\n## {n_items:,} items x 64, bf16 screen {screen}")
+                    load_levels(url, script, args)
+                    memory = memory_mib(child.pid)
                     print(
-                        f"| {connections} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f}"
-                        f" | {result['rps']:.0f} | {errors:.0f}"
-                        f" | {stages['mean_batch']:.1f} | {stages['lookup_ms']:.2f}"
-                        f" | {stages['generator_ms']:.1f} | {stages['mips_ms']:.1f}"
-                        f" | {stages['ranker_ms']:.1f} | {stages['total_ms']:.1f} |"
+                        f"server memory: rss {memory['VmRSS']:.0f} MiB,"
+                        f" peak {memory['VmHWM']:.0f} MiB"
                     )
-                memory = memory_mib(child.pid)
-                print(
-                    f"server memory: rss {memory['VmRSS']:.0f} MiB, peak {memory['VmHWM']:.0f} MiB"
-                )
+
+
+def load_levels(url: str, script: Path, args: argparse.Namespace) -> None:
+    """One warm-up, then one wrk run per connection count, as a markdown table."""
+    run_wrk(url, script, 8, 3)
+    print(
+        "| clients | p50 ms | p99 ms | req/s | errors | mean batch "
+        "| lookup ms | generator ms | MIPS ms | ranker ms | server total ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for connections in (int(c) for c in args.connections.split(",")):
+        before = scrape(url)
+        result = run_wrk(url, script, connections, args.seconds)
+        stages = stage_means(before, scrape(url))
+        errors = result["non_2xx"] + result["socket_errors"]
+        print(
+            f"| {connections} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f}"
+            f" | {result['rps']:.0f} | {errors:.0f}"
+            f" | {stages['mean_batch']:.1f} | {stages['lookup_ms']:.2f}"
+            f" | {stages['generator_ms']:.1f} | {stages['mips_ms']:.1f}"
+            f" | {stages['ranker_ms']:.1f} | {stages['total_ms']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--bf16-screen", choices=["auto", "on", "off"], default="auto")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     table = {}
@@ -36,6 +37,7 @@ def main() -> None:
     config = ServeConfig(
         snapshots_dir=args.snapshots,
         device="cpu",
+        bf16_screen=args.bf16_screen,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
