@@ -79,6 +79,9 @@ def create_app(config: ServeConfig, source: SequenceSource) -> FastAPI:
     metrics = ServingMetrics()
     mips = MipsOptions(config.device, config.bf16_screen)
     holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s)
+    metrics.screen_rescans.set_function(
+        lambda: float(served.mips.screen_rescans) if (served := holder.current()) else 0.0
+    )
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
 
     def process(requests: Sequence[RecRequest]) -> list[RecResult]:

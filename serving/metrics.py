@@ -76,6 +76,12 @@ class ServingMetrics:
             "Seconds since the served snapshot was created",
             registry=self.registry,
         )
+        self.screen_rescans = Gauge(
+            "grank_mips_screen_rescans",
+            "Queries the served snapshot's bf16 screen could not prove exact, so rescanned in"
+            " float32 (since that snapshot was loaded; a rising count costs speed, not results)",
+            registry=self.registry,
+        )
         self._created_at: float | None = None
         self._version: str | None = None
         self.snapshot_age.set_function(self._age)

@@ -52,6 +52,9 @@ class MipsOptions:
 class ExactMIPS(Protocol):
     """Top-k inner products of queries against every row of the item matrix."""
 
+    # queries the bf16 screen could not prove exact and rescanned in float32 (0 without one)
+    screen_rescans: int
+
     @property
     def size(self) -> int: ...
 
@@ -158,6 +161,7 @@ class TiledFlatMIPS:
             self._matrix = torch.from_numpy(array)
         self._matrix_bf16: torch.Tensor | None = None
         self._bound: Bf16ErrorBound | None = None
+        self.screen_rescans = 0
         if bf16_screen:
             self._matrix_bf16 = self._matrix.bfloat16()
             self._bound = Bf16ErrorBound(self._matrix, self._matrix_bf16)
@@ -229,6 +233,7 @@ class TiledFlatMIPS:
         proven = self._bound.ceiling(queries, queries_bf16, approx[:, -1]) < scores[:, -1]
         unproven = np.flatnonzero(~proven)
         if unproven.size:
+            self.screen_rescans += unproven.size
             rescan = queries[torch.from_numpy(unproven)]
             scores[unproven], top_rows[unproven] = heap_top_k(
                 self.score_tiles(rescan), len(unproven), k
@@ -238,6 +243,8 @@ class TiledFlatMIPS:
 
 class TorchMIPS:
     """GPU path (also runs on CPU for tests): one matmul plus ``topk`` per batch."""
+
+    screen_rescans = 0  # no screen
 
     def __init__(self, matrix: np.ndarray, device: str, dtype: str = "float32") -> None:
         self._device = torch.device(device)

@@ -278,6 +278,7 @@ def test_concurrent_requests_are_micro_batched_and_metrics_are_exported(root: Pa
         'grank_requests_total{endpoint="/recommend",status="200"} 12.0',
         "grank_snapshot_age_seconds",
         'grank_snapshot_loads_total{result="ok"} 1.0',
+        "grank_mips_screen_rescans 0.0",
     ):
         assert needle in metrics
     age = next(
