@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from serving.batcher import MicroBatcher, QueueFullError
 from serving.hotswap import SnapshotHolder
 from serving.metrics import ServingMetrics
-from serving.mips import Bf16Screen, Device, MipsOptions
+from serving.mips import Device, MipsOptions, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
 from serving.sequences import SequenceSource
 
@@ -38,7 +38,7 @@ class ServeConfig:
 
     snapshots_dir: Path
     device: Device = "auto"
-    bf16_screen: Bf16Screen = "auto"
+    bf16_screen: ScreenMode = "auto"
     k1: int = 200
     max_k: int = 100
     filter_seen: bool = True

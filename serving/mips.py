@@ -34,7 +34,7 @@ import faiss
 from common.errors import UserFacingError
 
 Device = Literal["auto", "cpu", "cuda"]
-Bf16Screen = Literal["auto", "on", "off"]
+ScreenMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class MipsOptions:
     """
 
     device: Device = "auto"
-    bf16_screen: Bf16Screen = "auto"
+    bf16_screen: ScreenMode = "auto"
 
 
 class ExactMIPS(Protocol):
@@ -91,45 +91,72 @@ def heap_top_k(tiles: Tiles, batch: int, k: int) -> tuple[np.ndarray, np.ndarray
     return scores, rows
 
 
-class Bf16ErrorBound:
-    """How far a bf16 score can be from the float32 one, so screening can prove exactness.
+class Bf16Screen:
+    """The item matrix as bf16 directions and float32 norms, and the bound that makes the
+    bf16 scan an upper bound on every float32 score.
 
-    A bf16 score is ``bf16(sum_i bf16(q_i) * bf16(x_i))``, accumulated in float32. With
-    ``q = bf16(q) - r_q`` and ``x = bf16(x) - r_x`` (residuals known exactly), the inputs'
-    rounding moves a score by at most ``|q| R + |r_q| (X + R)``, where X and R are the
-    largest item norm and residual norm (Cauchy-Schwarz); float32 accumulation of d terms
-    adds ``gamma_d |bf16(q)| |bf16(x)|``; rounding the result to bf16 moves it by at most
-    ``u / (1 - u)`` of its own magnitude (round to nearest, unit roundoff u = 2^-8).
+    Item j is stored as ``u_j = x_j / n_j`` in bf16 plus ``n_j = |x_j|``. For a query q the
+    tile of ``bf16(bf16(q) . bf16(u_j))`` (float32 accumulation, oneDNN) becomes the key
+    ``(score + e_q) * n_j``, where ``e_q`` bounds everything bf16 can get wrong about
+    ``q . u_j``: the inputs' rounding (``|bf16(v) - v| <= u |v|``, unit roundoff u = 2^-8,
+    so ``|r_u| <= u`` for a direction and ``r_q`` is measured), float32 accumulation of d
+    products (``gamma_d``), the result's rounding to bf16 (``u`` of its size), and the
+    float32 arithmetic around it. So ``key_j >= q . x_j`` for every item, and an item's slack
+    scales with its own norm: long and short vectors are bounded equally tightly.
     """
 
     UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
-    SLACK = 1.001  # norms are summed in float32: a little headroom on their rounding
+    CHUNK = 8192  # rows converted at a time: cache-sized, no full-size temporaries
 
-    def __init__(self, items: torch.Tensor, items_bf16: torch.Tensor) -> None:
-        max_norm = max_residual = 0.0
-        for rows in range(0, len(items), 8192):  # cache-sized chunks, no full-size temporaries
-            chunk = items[rows : rows + 8192]
-            residual = chunk - items_bf16[rows : rows + 8192].float()
-            max_norm = max(max_norm, float(torch.linalg.vector_norm(chunk, dim=1).max()))
-            max_residual = max(max_residual, float(torch.linalg.vector_norm(residual, dim=1).max()))
-        self._max_norm, self._max_residual = max_norm * self.SLACK, max_residual * self.SLACK
+    def __init__(self, items: torch.Tensor) -> None:
+        self.norms = torch.empty(len(items))
+        self.directions = torch.empty(items.shape, dtype=torch.bfloat16)
+        tiny = torch.finfo(torch.float32).tiny  # zero rows keep a zero direction
+        for rows in range(0, len(items), self.CHUNK):
+            chunk = items[rows : rows + self.CHUNK]
+            norms = torch.linalg.vector_norm(chunk, dim=1)
+            self.norms[rows : rows + self.CHUNK] = norms
+            self.directions[rows : rows + self.CHUNK] = chunk / norms.clamp(min=tiny)[:, None]
         terms = items.shape[1]
         self._gamma = terms * 2.0**-24 / (1 - terms * 2.0**-24)  # float32 sum of d products
         self._underflow = terms * 2.0**-125  # products flushed to zero below float32's range
 
-    def ceiling(
-        self, queries: torch.Tensor, queries_bf16: torch.Tensor, bf16: np.ndarray
-    ) -> np.ndarray:
-        """Per query, the highest float32 score an item whose bf16 score is ``bf16`` can have."""
-        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy() * self.SLACK
-        residual = torch.linalg.vector_norm((queries - queries_bf16.float()).double(), dim=1)
-        r_q = residual.numpy() * self.SLACK
-        x, r_x = self._max_norm, self._max_residual
-        # gamma twice: the bf16 products' float32 sums, and the rescoring's
-        inputs = norm * r_x + r_q * (x + r_x) + 2 * self._gamma * (norm + r_q) * (x + r_x)
-        bf16 = bf16.astype(np.float64)
-        rounding = self.UNIT / (1 - self.UNIT) * np.abs(bf16)  # of the result, to bf16
-        return bf16 + rounding + inputs + self._underflow
+    def slack(self, queries: torch.Tensor, queries_bf16: torch.Tensor) -> torch.Tensor:
+        """Per query, ``e_q``: how far bf16's ``q . u_j`` can be from the real one, any j."""
+        q = queries.double()
+        norm = torch.linalg.vector_norm(q, dim=1)
+        r_q = torch.linalg.vector_norm(queries_bf16.double() - q, dim=1)
+        u, unit_norm = self.UNIT, 1 + 2.0**-20  # |u_j| is 1 up to float32 rounding
+        inputs = r_q * unit_norm + norm * u * unit_norm + r_q * u * unit_norm
+        product = (norm + r_q) * unit_norm * (1 + u)  # >= |bf16(q)| |bf16(u_j)|
+        summed = (self._gamma + u * (1 + self._gamma)) * product  # float32 sum, bf16 result
+        # q . x_j vs n_j q . u_j, and the float32 add and multiply that make the key
+        arithmetic = 2.0**-20 * (norm + product + inputs + summed)
+        slack = inputs + summed + arithmetic + self._underflow
+        return (slack * (1 + 2.0**-20)).float()  # rounded up into float32
+
+    def key_tiles(self, screen: TiledFlatMIPS, queries: torch.Tensor) -> Tiles:
+        """(first query, first item, float32 keys) per tile: ``key >= q . x`` everywhere."""
+        queries_bf16 = queries.bfloat16()
+        slack = self.slack(queries, queries_bf16)[:, None]
+        products = torch.empty(screen.tile_capacity(len(queries)), dtype=torch.bfloat16)
+        keys = torch.empty(len(products))
+        for query_span, item_span in screen.tile_spans(len(queries)):
+            shape = (query_span.stop - query_span.start, item_span.stop - item_span.start)
+            block = products[: shape[0] * shape[1]].view(shape)
+            torch.mm(queries_bf16[query_span], self.directions[item_span].T, out=block)
+            out = keys[: shape[0] * shape[1]].view(shape)
+            torch.add(block, slack[query_span], out=out)
+            out.mul_(self.norms[item_span])
+            yield query_span.start, item_span.start, out
+
+    def top_rows_norm(self, rows: np.ndarray) -> np.ndarray:
+        """Largest norm among each query's rows: bounds the rescoring's own float32 error."""
+        return self.norms[torch.from_numpy(rows)].amax(dim=1).double().numpy()
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
 
 
 class TiledFlatMIPS:
@@ -146,7 +173,8 @@ class TiledFlatMIPS:
     the heap update release the GIL.
 
     With ``bf16_screen``, searches go through the exact bf16 screen (module docstring),
-    ``SCREEN_BLOCK`` queries at a time; it keeps a bf16 copy of the matrix (half its size).
+    ``SCREEN_BLOCK`` queries at a time; it keeps the matrix's directions in bf16 (half its
+    size) and its norms.
     """
 
     TILE_SCORES = 1 << 21  # 8 MB of float32 scores per tile
@@ -159,12 +187,8 @@ class TiledFlatMIPS:
         with warnings.catch_warnings():  # a read-only mapping: torch warns, we never write
             warnings.simplefilter("ignore", UserWarning)
             self._matrix = torch.from_numpy(array)
-        self._matrix_bf16: torch.Tensor | None = None
-        self._bound: Bf16ErrorBound | None = None
+        self._screen = Bf16Screen(self._matrix) if bf16_screen else None
         self.screen_rescans = 0
-        if bf16_screen:
-            self._matrix_bf16 = self._matrix.bfloat16()
-            self._bound = Bf16ErrorBound(self._matrix, self._matrix_bf16)
 
     @property
     def size(self) -> int:
@@ -176,28 +200,31 @@ class TiledFlatMIPS:
         items = self.TILE_SCORES // rows
         return rows, int(np.clip(items, self.MIN_ITEM_ROWS, self.MAX_ITEM_ROWS))
 
-    def score_tiles(self, queries: torch.Tensor, matrix: torch.Tensor | None = None) -> Tiles:
+    def tile_capacity(self, batch: int) -> int:
+        """Scores in the largest tile of a batch (the size of its reused buffer)."""
+        query_rows, item_rows = self._tile(batch)
+        return query_rows * item_rows
+
+    def tile_spans(self, batch: int) -> Iterator[tuple[slice, slice]]:
+        """(query rows, item rows) of each tile, covering the [batch, items] score matrix."""
+        query_rows, item_rows = self._tile(batch)
+        for first_query in range(0, batch, query_rows):
+            queries = slice(first_query, min(first_query + query_rows, batch))
+            for first_item in range(0, self.size, item_rows):
+                yield queries, slice(first_item, min(first_item + item_rows, self.size))
+
+    def score_tiles(self, queries: torch.Tensor) -> Tiles:
         """(first query, first item, float32 scores) of each tile, into one reused buffer.
 
-        ``matrix`` defaults to the float32 one; with the bf16 copy (and bf16 queries) the
-        products run in bf16 and each tile is widened to float32 for faiss' heaps. A
-        tile's scores are only valid until the next one is computed.
+        A tile's scores are only valid until the next one is computed.
         """
-        matrix = self._matrix if matrix is None else matrix
-        query_rows, item_rows = self._tile(len(queries))
-        tile = torch.empty(query_rows * item_rows)
-        product = tile if matrix.dtype == torch.float32 else tile.to(matrix.dtype)
-        for first_query in range(0, len(queries), query_rows):
-            block = queries[first_query : first_query + query_rows]
-            for first_item in range(0, self.size, item_rows):
-                items = matrix[first_item : first_item + item_rows]
-                shape = (len(block), len(items))
-                out = tile[: shape[0] * shape[1]].view(shape)
-                products = product[: shape[0] * shape[1]].view(shape)
-                torch.mm(block, items.T, out=products)
-                if products is not out:
-                    out.copy_(products)
-                yield first_query, first_item, out
+        scores = torch.empty(self.tile_capacity(len(queries)))
+        for query_span, item_span in self.tile_spans(len(queries)):
+            block = self._matrix[item_span]
+            out = scores[: (query_span.stop - query_span.start) * len(block)]
+            out = out.view(query_span.stop - query_span.start, len(block))
+            torch.mm(queries[query_span], block.T, out=out)
+            yield query_span.start, item_span.start, out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)
@@ -211,26 +238,28 @@ class TiledFlatMIPS:
         return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
     def screen_width(self, k: int) -> int:
-        """bf16 candidates kept per query: ~1.5k fall within the error bound at 1M x 64."""
+        """Candidates kept per query by the screen: ~1.5k beat the bound at 1M x 64."""
         return 2 * k + 32
 
     def _screens(self, k: int) -> bool:
         """Whether searches for the top k go through the bf16 screen."""
-        return self._bound is not None and k > 0 and self.screen_width(k) < self.size
+        return self._screen is not None and k > 0 and self.screen_width(k) < self.size
 
     def _screened_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k through the bf16 screen; queries whose proof fails are rescanned exactly."""
-        assert self._matrix_bf16 is not None and self._bound is not None
-        queries_bf16 = queries.bfloat16()
-        tiles = self.score_tiles(queries_bf16, self._matrix_bf16)
-        approx, rows = heap_top_k(tiles, len(queries), self.screen_width(k))
+        assert self._screen is not None
+        keys, rows = heap_top_k(
+            self._screen.key_tiles(self, queries), len(queries), self.screen_width(k)
+        )
         exact = torch.bmm(self._matrix[torch.from_numpy(rows)], queries.unsqueeze(2)).squeeze(2)
         best = torch.topk(exact, k, dim=1)
         scores = best.values.numpy()
         top_rows = np.take_along_axis(rows, best.indices.numpy(), axis=1)
-        # every item outside the heap has a bf16 score <= the heap's last one, so a float32
-        # score <= its ceiling: under the k-th exact score, none of them can be in the top k
-        proven = self._bound.ceiling(queries, queries_bf16, approx[:, -1]) < scores[:, -1]
+        # Every item left out has a key, so a score, <= the heap's last key. The k rescored
+        # items' real scores are >= the k-th float32 one, less that sum's own rounding.
+        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
+        rounding = 2 * self._screen.gamma * norm * self._screen.top_rows_norm(top_rows)
+        proven = keys[:, -1].astype(np.float64) < scores[:, -1] - rounding
         unproven = np.flatnonzero(~proven)
         if unproven.size:
             self.screen_rescans += unproven.size
