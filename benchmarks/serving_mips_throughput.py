@@ -117,7 +117,7 @@ def main() -> None:
     print(
         f"# exact MIPS stage, {args.items:,} x {args.dim} float32, k={args.k},"
         f" median of {args.reps} ({cpu_note()}, load {os.getloadavg()[0]:.1f});"
-        f" bf16 copy + error bound built in {screen_setup_s:.2f} s"
+        f" bf16 directions + norms built in {screen_setup_s:.2f} s"
     )
     print(
         "| batch | serving (bf16 screen) q/s | float32 tiles + faiss heaps q/s | ratio"

@@ -7,11 +7,11 @@ is searchable as soon as its matrix is in memory, and recall is exact by constru
 Structured indexes (HNSW, IVF, PQ, trees) are deliberately absent: their build time is
 what this design removes (docs/serving.md).
 
-On CPUs that multiply bfloat16 in hardware, small batches are screened first: a bf16
-scan (about 4x cheaper than sgemm here) keeps a few k candidates per query, a rigorous
-bound on bf16's rounding error proves that they contain the exact top k, and only they
-are rescored in float32. A query whose proof fails is rescanned in float32, so results
-are the same as the plain scan's either way (docs/serving.md, "Exact bf16 screening").
+On CPUs that multiply bfloat16 in hardware the scan is screened first: a bf16 scan
+(about 4x cheaper than sgemm here) yields, per item, a rigorous upper bound on its float32
+score; the 2k + 32 highest bounds are rescored in float32, and the bounds prove that no
+item left out can be in the top k. A query whose proof fails is rescanned in float32, so
+results are the plain scan's either way (docs/serving.md, "Exact bf16 screening").
 """
 
 from __future__ import annotations
