@@ -91,72 +91,63 @@ def heap_top_k(tiles: Tiles, batch: int, k: int) -> tuple[np.ndarray, np.ndarray
     return scores, rows
 
 
-class Bf16Screen:
-    """The item matrix as bf16 directions and float32 norms, and the bound that makes the
-    bf16 scan an upper bound on every float32 score.
+def bf16_at_least(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (float32, >= 0) rounded up to bf16: never below the value it stands for."""
+    rounded = values.bfloat16()
+    below = rounded.float() < values
+    rounded.view(torch.int16)[below] += 1  # next bf16 up: bit patterns of >= 0 floats ascend
+    return rounded
 
-    Item j is stored as ``u_j = x_j / n_j`` in bf16 plus ``n_j = |x_j|``. For a query q the
-    tile of ``bf16(bf16(q) . bf16(u_j))`` (float32 accumulation, oneDNN) becomes the key
-    ``(score + e_q) * n_j``, where ``e_q`` bounds everything bf16 can get wrong about
-    ``q . u_j``: the inputs' rounding (``|bf16(v) - v| <= u |v|``, unit roundoff u = 2^-8,
-    so ``|r_u| <= u`` for a direction and ``r_q`` is measured), float32 accumulation of d
-    products (``gamma_d``), the result's rounding to bf16 (``u`` of its size), and the
-    float32 arithmetic around it. So ``key_j >= q . x_j`` for every item, and an item's slack
-    scales with its own norm: long and short vectors are bounded equally tightly.
+
+class Bf16Screen:
+    """The item matrix in bf16 with one more column, so the bf16 product of a query is an
+    upper bound on every item's float32 score, computed by the product itself.
+
+    Row j holds ``bf16(x_j)`` and ``n_j``, its norm rounded up; a query is ``bf16(q)`` and
+    ``e_q``, also rounded up. So the product is ``bf16(q) . bf16(x_j) + e_q n_j``, and
+    ``e_q`` is large enough for the second term to cover everything bf16 can get wrong
+    about ``q . x_j``: the rounding of the inputs (``|bf16(v) - v| <= u |v|``, unit
+    roundoff u = 2^-8: at most ``u n_j`` for the item, measured for the query), float32
+    accumulation of d + 1 products (``gamma``), and the rounding of the result to bf16 (u
+    of its size). Every error is at most a multiple of ``n_j``, so an item's slack scales
+    with its own norm: long and short vectors are bounded equally tightly. Only products
+    flushed to zero below float32's normal range (``underflow``, absolute) are left out.
     """
 
     UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
     CHUNK = 8192  # rows converted at a time: cache-sized, no full-size temporaries
 
     def __init__(self, items: torch.Tensor) -> None:
-        self.norms = torch.empty(len(items))
-        self.directions = torch.empty(items.shape, dtype=torch.bfloat16)
-        tiny = torch.finfo(torch.float32).tiny  # zero rows keep a zero direction
-        for rows in range(0, len(items), self.CHUNK):
+        count, dim = items.shape
+        self.norms = torch.empty(count)
+        self.matrix = torch.empty((count, dim + 1), dtype=torch.bfloat16)
+        for rows in range(0, count, self.CHUNK):
             chunk = items[rows : rows + self.CHUNK]
             norms = torch.linalg.vector_norm(chunk, dim=1)
             self.norms[rows : rows + self.CHUNK] = norms
-            self.directions[rows : rows + self.CHUNK] = chunk / norms.clamp(min=tiny)[:, None]
-        terms = items.shape[1]
-        self._gamma = terms * 2.0**-24 / (1 - terms * 2.0**-24)  # float32 sum of d products
-        self._underflow = terms * 2.0**-125  # products flushed to zero below float32's range
+            self.matrix[rows : rows + self.CHUNK, :dim] = chunk  # round to nearest
+            self.matrix[rows : rows + self.CHUNK, dim] = bf16_at_least(norms)
+        self.gamma = (dim + 1) * 2.0**-24 / (1 - (dim + 1) * 2.0**-24)  # float32 sums
+        self.underflow = (dim + 1) * 2.0**-126
 
-    def slack(self, queries: torch.Tensor, queries_bf16: torch.Tensor) -> torch.Tensor:
-        """Per query, ``e_q``: how far bf16's ``q . u_j`` can be from the real one, any j."""
+    def queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """``[bf16(q), e_q]`` per query: multiplied with ``matrix``, an upper-bound key."""
+        queries_bf16 = queries.bfloat16()
         q = queries.double()
         norm = torch.linalg.vector_norm(q, dim=1)
         r_q = torch.linalg.vector_norm(queries_bf16.double() - q, dim=1)
-        u, unit_norm = self.UNIT, 1 + 2.0**-20  # |u_j| is 1 up to float32 rounding
-        inputs = r_q * unit_norm + norm * u * unit_norm + r_q * u * unit_norm
-        product = (norm + r_q) * unit_norm * (1 + u)  # >= |bf16(q)| |bf16(u_j)|
-        summed = (self._gamma + u * (1 + self._gamma)) * product  # float32 sum, bf16 result
-        # q . x_j vs n_j q . u_j, and the float32 add and multiply that make the key
-        arithmetic = 2.0**-20 * (norm + product + inputs + summed)
-        slack = inputs + summed + arithmetic + self._underflow
-        return (slack * (1 + 2.0**-20)).float()  # rounded up into float32
+        u, nu = self.UNIT, 1 + 2 * self.gamma  # |x_j| <= nu n_j: n_j is a float32 sum
+        inputs = nu * (r_q + norm * u + r_q * u)  # / n_j: |q . x - bf16(q) . bf16(x)|
+        product = (norm + r_q) * nu * (1 + u)  # / n_j: >= |bf16(q)| |bf16(x_j)|
+        kappa = self.gamma + u * (1 + self.gamma)  # float32 sum, then bf16 result
+        slack = (inputs + kappa * product) / (1 - kappa) * (1 + 2.0**-20)
+        return torch.cat([queries_bf16, bf16_at_least(slack.float())[:, None]], dim=1)
 
-    def key_tiles(self, screen: TiledFlatMIPS, queries: torch.Tensor) -> Tiles:
-        """(first query, first item, float32 keys) per tile: ``key >= q . x`` everywhere."""
-        queries_bf16 = queries.bfloat16()
-        slack = self.slack(queries, queries_bf16)[:, None]
-        products = torch.empty(screen.tile_capacity(len(queries)), dtype=torch.bfloat16)
-        keys = torch.empty(len(products))
-        for query_span, item_span in screen.tile_spans(len(queries)):
-            shape = (query_span.stop - query_span.start, item_span.stop - item_span.start)
-            block = products[: shape[0] * shape[1]].view(shape)
-            torch.mm(queries_bf16[query_span], self.directions[item_span].T, out=block)
-            out = keys[: shape[0] * shape[1]].view(shape)
-            torch.add(block, slack[query_span], out=out)
-            out.mul_(self.norms[item_span])
-            yield query_span.start, item_span.start, out
-
-    def top_rows_norm(self, rows: np.ndarray) -> np.ndarray:
-        """Largest norm among each query's rows: bounds the rescoring's own float32 error."""
-        return self.norms[torch.from_numpy(rows)].amax(dim=1).double().numpy()
-
-    @property
-    def gamma(self) -> float:
-        return self._gamma
+    def rescoring_error(self, queries: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+        """Per query, how far float32 rescoring of ``rows`` can be from the real scores."""
+        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
+        longest = self.norms[torch.from_numpy(rows)].amax(dim=1).double().numpy()
+        return 2 * self.gamma * norm * longest
 
 
 class TiledFlatMIPS:
@@ -173,8 +164,8 @@ class TiledFlatMIPS:
     the heap update release the GIL.
 
     With ``bf16_screen``, searches go through the exact bf16 screen (module docstring),
-    ``SCREEN_BLOCK`` queries at a time; it keeps the matrix's directions in bf16 (half its
-    size) and its norms.
+    ``SCREEN_BLOCK`` queries at a time; it keeps a bf16 copy of the matrix (about half its
+    size) and the norms.
     """
 
     TILE_SCORES = 1 << 21  # 8 MB of float32 scores per tile
@@ -213,17 +204,23 @@ class TiledFlatMIPS:
             for first_item in range(0, self.size, item_rows):
                 yield queries, slice(first_item, min(first_item + item_rows, self.size))
 
-    def score_tiles(self, queries: torch.Tensor) -> Tiles:
+    def score_tiles(self, queries: torch.Tensor, matrix: torch.Tensor | None = None) -> Tiles:
         """(first query, first item, float32 scores) of each tile, into one reused buffer.
 
-        A tile's scores are only valid until the next one is computed.
+        ``matrix`` defaults to the float32 one; with the screen's bf16 matrix (and bf16
+        queries) the products run in bf16 and each tile is widened to float32 for faiss'
+        heaps. A tile's scores are only valid until the next one is computed.
         """
+        matrix = self._matrix if matrix is None else matrix
         scores = torch.empty(self.tile_capacity(len(queries)))
+        products = scores if matrix.dtype == torch.float32 else scores.to(matrix.dtype)
         for query_span, item_span in self.tile_spans(len(queries)):
-            block = self._matrix[item_span]
-            out = scores[: (query_span.stop - query_span.start) * len(block)]
-            out = out.view(query_span.stop - query_span.start, len(block))
-            torch.mm(queries[query_span], block.T, out=out)
+            shape = (query_span.stop - query_span.start, item_span.stop - item_span.start)
+            out = scores[: shape[0] * shape[1]].view(shape)
+            block = products[: shape[0] * shape[1]].view(shape)
+            torch.mm(queries[query_span], matrix[item_span].T, out=block)
+            if block is not out:
+                out.copy_(block)
             yield query_span.start, item_span.start, out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,18 +245,17 @@ class TiledFlatMIPS:
     def _screened_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k through the bf16 screen; queries whose proof fails are rescanned exactly."""
         assert self._screen is not None
-        keys, rows = heap_top_k(
-            self._screen.key_tiles(self, queries), len(queries), self.screen_width(k)
-        )
+        tiles = self.score_tiles(self._screen.queries(queries), self._screen.matrix)
+        keys, rows = heap_top_k(tiles, len(queries), self.screen_width(k))
         exact = torch.bmm(self._matrix[torch.from_numpy(rows)], queries.unsqueeze(2)).squeeze(2)
         best = torch.topk(exact, k, dim=1)
         scores = best.values.numpy()
         top_rows = np.take_along_axis(rows, best.indices.numpy(), axis=1)
-        # Every item left out has a key, so a score, <= the heap's last key. The k rescored
+        # Every item left out has a key, so a score, <= the heap's last key; the k rescored
         # items' real scores are >= the k-th float32 one, less that sum's own rounding.
-        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
-        rounding = 2 * self._screen.gamma * norm * self._screen.top_rows_norm(top_rows)
-        proven = keys[:, -1].astype(np.float64) < scores[:, -1] - rounding
+        ceiling = keys[:, -1].astype(np.float64) + self._screen.underflow
+        floor = scores[:, -1] - self._screen.rescoring_error(queries, top_rows)
+        proven = ceiling < floor
         unproven = np.flatnonzero(~proven)
         if unproven.size:
             self.screen_rescans += unproven.size

@@ -136,7 +136,8 @@ def test_bf16_screen_keys_bound_every_exact_score_from_above() -> None:
     exact = queries.astype(np.float64) @ matrix.T.astype(np.float64)
     # the slack, in units of |q| |x|: ~3 bf16 roundings (2^-8 each), not more
     unit = np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(matrix, axis=1)) + 1e-30
-    for first_query, first_item, keys in screen._screen.key_tiles(screen, torch.tensor(queries)):
+    augmented = screen._screen.queries(torch.tensor(queries))
+    for first_query, first_item, keys in screen.score_tiles(augmented, screen._screen.matrix):
         rows, items = keys.shape
         span = np.s_[first_query : first_query + rows, first_item : first_item + items]
         slack = keys.numpy().astype(np.float64) - exact[span]
