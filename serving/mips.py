@@ -191,19 +191,6 @@ class TiledFlatMIPS:
         items = self.TILE_SCORES // rows
         return rows, int(np.clip(items, self.MIN_ITEM_ROWS, self.MAX_ITEM_ROWS))
 
-    def tile_capacity(self, batch: int) -> int:
-        """Scores in the largest tile of a batch (the size of its reused buffer)."""
-        query_rows, item_rows = self._tile(batch)
-        return query_rows * item_rows
-
-    def tile_spans(self, batch: int) -> Iterator[tuple[slice, slice]]:
-        """(query rows, item rows) of each tile, covering the [batch, items] score matrix."""
-        query_rows, item_rows = self._tile(batch)
-        for first_query in range(0, batch, query_rows):
-            queries = slice(first_query, min(first_query + query_rows, batch))
-            for first_item in range(0, self.size, item_rows):
-                yield queries, slice(first_item, min(first_item + item_rows, self.size))
-
     def score_tiles(self, queries: torch.Tensor, matrix: torch.Tensor | None = None) -> Tiles:
         """(first query, first item, float32 scores) of each tile, into one reused buffer.
 
@@ -212,16 +199,21 @@ class TiledFlatMIPS:
         heaps. A tile's scores are only valid until the next one is computed.
         """
         matrix = self._matrix if matrix is None else matrix
-        scores = torch.empty(self.tile_capacity(len(queries)))
-        products = scores if matrix.dtype == torch.float32 else scores.to(matrix.dtype)
-        for query_span, item_span in self.tile_spans(len(queries)):
-            shape = (query_span.stop - query_span.start, item_span.stop - item_span.start)
-            out = scores[: shape[0] * shape[1]].view(shape)
-            block = products[: shape[0] * shape[1]].view(shape)
-            torch.mm(queries[query_span], matrix[item_span].T, out=block)
-            if block is not out:
-                out.copy_(block)
-            yield query_span.start, item_span.start, out
+        widen = matrix.dtype != torch.float32
+        query_rows, item_rows = self._tile(len(queries))
+        scores = torch.empty(query_rows * item_rows)
+        products = torch.empty(query_rows * item_rows, dtype=matrix.dtype) if widen else scores
+        for first_query in range(0, len(queries), query_rows):
+            block = queries[first_query : first_query + query_rows]
+            for first_item in range(0, self.size, item_rows):
+                items = matrix[first_item : first_item + item_rows]
+                shape = (len(block), len(items))
+                out = scores[: shape[0] * shape[1]].view(shape)
+                product = products[: shape[0] * shape[1]].view(shape)
+                torch.mm(block, items.T, out=product)
+                if widen:
+                    out.copy_(product)
+                yield first_query, first_item, out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)
