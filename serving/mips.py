@@ -110,8 +110,9 @@ class Bf16Screen:
     roundoff u = 2^-8: at most ``u n_j`` for the item, measured for the query), float32
     accumulation of d + 1 products (``gamma``), and the rounding of the result to bf16 (u
     of its size). Every error is at most a multiple of ``n_j``, so an item's slack scales
-    with its own norm: long and short vectors are bounded equally tightly. Only products
-    flushed to zero below float32's normal range (``underflow``, absolute) are left out.
+    with its own norm: long and short vectors are bounded equally tightly. Only values
+    flushed to zero below float32's normal range (``underflow``, absolute, tiny) are left
+    to the proof.
     """
 
     UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
@@ -128,7 +129,8 @@ class Bf16Screen:
             self.matrix[rows : rows + self.CHUNK, :dim] = chunk  # round to nearest
             self.matrix[rows : rows + self.CHUNK, dim] = bf16_at_least(norms)
         self.gamma = (dim + 1) * 2.0**-24 / (1 - (dim + 1) * 2.0**-24)  # float32 sums
-        self.underflow = (dim + 1) * 2.0**-126
+        self._terms = dim + 1
+        self._longest = float(self.norms.max()) * (1 + 2 * self.gamma) if count else 0.0
 
     def queries(self, queries: torch.Tensor) -> torch.Tensor:
         """``[bf16(q), e_q]`` per query: multiplied with ``matrix``, an upper-bound key."""
@@ -142,6 +144,12 @@ class Bf16Screen:
         kappa = self.gamma + u * (1 + self.gamma)  # float32 sum, then bf16 result
         slack = (inputs + kappa * product) / (1 - kappa) * (1 + 2.0**-20)
         return torch.cat([queries_bf16, bf16_at_least(slack.float())[:, None]], dim=1)
+
+    def underflow(self, queries: torch.Tensor) -> np.ndarray:
+        """Per query, what bf16 hardware may drop below float32's normal range (2^-126):
+        subnormal inputs and products flushed to zero (absolute, not covered by keys)."""
+        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
+        return self._terms * 2.0**-126 * (1 + norm + self._longest)
 
     def rescoring_error(self, queries: torch.Tensor, rows: np.ndarray) -> np.ndarray:
         """Per query, how far float32 rescoring of ``rows`` can be from the real scores."""
@@ -245,7 +253,7 @@ class TiledFlatMIPS:
         top_rows = np.take_along_axis(rows, best.indices.numpy(), axis=1)
         # Every item left out has a key, so a score, <= the heap's last key; the k rescored
         # items' real scores are >= the k-th float32 one, less that sum's own rounding.
-        ceiling = keys[:, -1].astype(np.float64) + self._screen.underflow
+        ceiling = keys[:, -1].astype(np.float64) + self._screen.underflow(queries)
         floor = scores[:, -1] - self._screen.rescoring_error(queries, top_rows)
         proven = ceiling < floor
         unproven = np.flatnonzero(~proven)
