@@ -180,6 +180,9 @@ class TiledFlatMIPS:
     MAX_QUERY_ROWS = 2048
     MIN_ITEM_ROWS, MAX_ITEM_ROWS = 1024, 1 << 16
     SCREEN_BLOCK = 128  # queries screened together: bounds the rescoring's gather (27 MB)
+    # The screen's own cost grows with its width (heaps, rescoring gather), its saving with
+    # the catalogue: it broke even at ~450 items per candidate here (docs/benchmarks.md).
+    SCREEN_MIN_ITEMS_PER_CANDIDATE = 500
 
     def __init__(self, matrix: np.ndarray, bf16_screen: bool = False) -> None:
         array = np.ascontiguousarray(matrix, dtype=np.float32)  # no copy if it is
@@ -239,8 +242,9 @@ class TiledFlatMIPS:
         return 2 * k + 32
 
     def _screens(self, k: int) -> bool:
-        """Whether searches for the top k go through the bf16 screen."""
-        return self._screen is not None and k > 0 and self.screen_width(k) < self.size
+        """Whether searches for the top k go through the bf16 screen (where it pays)."""
+        wide_enough = self.size > self.SCREEN_MIN_ITEMS_PER_CANDIDATE * self.screen_width(k)
+        return self._screen is not None and k > 0 and wide_enough
 
     def _screened_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k through the bf16 screen; queries whose proof fails are rescanned exactly."""

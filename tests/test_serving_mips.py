@@ -74,7 +74,10 @@ def assert_exact_top_k(
 
 
 class Screened(TiledFlatMIPS):
-    """The bf16 screen, whatever this CPU's instructions (emulated bf16 is slow, not wrong)."""
+    """The bf16 screen, whatever this CPU's instructions (emulated bf16 is slow, not wrong),
+    and however small the catalogue (in production it waits for ~500 items per candidate)."""
+
+    SCREEN_MIN_ITEMS_PER_CANDIDATE = 1
 
     def __init__(self, matrix: np.ndarray) -> None:
         super().__init__(matrix, bf16_screen=True)
@@ -152,11 +155,12 @@ def test_the_screen_is_used_where_asked_and_narrower_than_the_catalogue(
     screened = Screened(matrix)
     assert screened._screens(100)
     assert not screened._screens(10_000)  # a screen as wide as the catalogue saves nothing
+    assert not TiledFlatMIPS(matrix, bf16_screen=True)._screens(100)  # 20k items: too few
     assert not TiledFlatMIPS(matrix)._screens(100)  # off unless asked
     forced = build_mips(matrix, MipsOptions("cpu", bf16_screen="on"))
-    assert isinstance(forced, TiledFlatMIPS) and forced._screens(10)
+    assert isinstance(forced, TiledFlatMIPS) and forced._screens(1)  # 20k > 500 x 34
     off = build_mips(matrix, MipsOptions("cpu", bf16_screen="off"))
-    assert isinstance(off, TiledFlatMIPS) and not off._screens(10)
+    assert isinstance(off, TiledFlatMIPS) and not off._screens(1)
     assert screened.search(queries[:0], 10)[1].shape == (0, 10)
 
 
