@@ -148,7 +148,7 @@ def test_bf16_screen_keys_bound_every_exact_score_from_above() -> None:
         assert (slack / unit[span]).max() < 4 * 2.0**-8
 
 
-def test_the_screen_is_used_where_asked_and_narrower_than_the_catalogue(
+def test_the_screen_is_used_where_asked_and_where_it_pays(
     vectors: tuple[np.ndarray, np.ndarray],
 ) -> None:
     matrix, queries = vectors
