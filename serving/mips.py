@@ -111,8 +111,8 @@ class Bf16Screen:
     accumulation of d + 1 products (``gamma``), and the rounding of the result to bf16 (u
     of its size). Every error is at most a multiple of ``n_j``, so an item's slack scales
     with its own norm: long and short vectors are bounded equally tightly. Only values
-    flushed to zero below float32's normal range (``underflow``, absolute, tiny) are left
-    to the proof.
+    flushed to zero below float32's normal range (absolute, tiny) are left to the proof
+    (``proof_margin``).
     """
 
     UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
@@ -145,17 +145,14 @@ class Bf16Screen:
         slack = (inputs + kappa * product) / (1 - kappa) * (1 + 2.0**-20)
         return torch.cat([queries_bf16, bf16_at_least(slack.float())[:, None]], dim=1)
 
-    def underflow(self, queries: torch.Tensor) -> np.ndarray:
-        """Per query, what bf16 hardware may drop below float32's normal range (2^-126):
-        subnormal inputs and products flushed to zero (absolute, not covered by keys)."""
+    def proof_margin(self, queries: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+        """Per query, what the proof must allow beside the keys: values below float32's
+        normal range (2^-126) that bf16 hardware may flush to zero (absolute, not covered
+        by the keys), and the float32 rounding of rescoring ``rows`` against real scores."""
         norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
-        return self._terms * 2.0**-126 * (1 + norm + self._longest)
-
-    def rescoring_error(self, queries: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-        """Per query, how far float32 rescoring of ``rows`` can be from the real scores."""
-        norm = torch.linalg.vector_norm(queries.double(), dim=1).numpy()
+        underflow = self._terms * 2.0**-126 * (1 + norm + self._longest)
         longest = self.norms[torch.from_numpy(rows)].amax(dim=1).double().numpy()
-        return 2 * self.gamma * norm * longest
+        return underflow + 2 * self.gamma * norm * longest
 
 
 class TiledFlatMIPS:
@@ -257,9 +254,8 @@ class TiledFlatMIPS:
         top_rows = np.take_along_axis(rows, best.indices.numpy(), axis=1)
         # Every item left out has a key, so a score, <= the heap's last key; the k rescored
         # items' real scores are >= the k-th float32 one, less that sum's own rounding.
-        ceiling = keys[:, -1].astype(np.float64) + self._screen.underflow(queries)
-        floor = scores[:, -1] - self._screen.rescoring_error(queries, top_rows)
-        proven = ceiling < floor
+        margin = self._screen.proof_margin(queries, top_rows)
+        proven = keys[:, -1].astype(np.float64) + margin < scores[:, -1]
         unproven = np.flatnonzero(~proven)
         if unproven.size:
             self.screen_rescans += unproven.size
