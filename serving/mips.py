@@ -186,7 +186,9 @@ class TiledFlatMIPS:
         with warnings.catch_warnings():  # a read-only mapping: torch warns, we never write
             warnings.simplefilter("ignore", UserWarning)
             self._matrix = torch.from_numpy(array)
-        self._screen = Bf16Screen(self._matrix) if bf16_screen else None
+        # no bf16 copy where no search could use it (the narrowest screen is k = 1's)
+        usable = bf16_screen and self._screen_pays(1)
+        self._screen = Bf16Screen(self._matrix) if usable else None
         self.screen_rescans = 0
 
     @property
@@ -238,10 +240,13 @@ class TiledFlatMIPS:
         """Candidates kept per query by the screen: ~1.5k beat the bound at 1M x 64."""
         return 2 * k + 32
 
+    def _screen_pays(self, k: int) -> bool:
+        """Whether the catalogue is large enough for a top-k screen to beat the plain scan."""
+        return self.size > self.SCREEN_MIN_ITEMS_PER_CANDIDATE * self.screen_width(k)
+
     def _screens(self, k: int) -> bool:
         """Whether searches for the top k go through the bf16 screen (where it pays)."""
-        wide_enough = self.size > self.SCREEN_MIN_ITEMS_PER_CANDIDATE * self.screen_width(k)
-        return self._screen is not None and k > 0 and wide_enough
+        return self._screen is not None and k > 0 and self._screen_pays(k)
 
     def _screened_search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k through the bf16 screen; queries whose proof fails are rescanned exactly."""

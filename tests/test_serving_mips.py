@@ -156,6 +156,7 @@ def test_the_screen_is_used_where_asked_and_where_it_pays(
     assert screened._screens(100)
     assert not screened._screens(10_000)  # a screen as wide as the catalogue saves nothing
     assert not TiledFlatMIPS(matrix, bf16_screen=True)._screens(100)  # 20k items: too few
+    assert TiledFlatMIPS(matrix[:10_000], bf16_screen=True)._screen is None  # never usable
     assert not TiledFlatMIPS(matrix)._screens(100)  # off unless asked
     forced = build_mips(matrix, MipsOptions("cpu", bf16_screen="on"))
     assert isinstance(forced, TiledFlatMIPS) and forced._screens(1)  # 20k > 500 x 34
