@@ -2,8 +2,8 @@
 
 Side by side on the same matrix and queries, alternating per batch size so that all see
 the same machine: the serving path with its exact bf16 screen (``TiledFlatMIPS`` with
-``bf16_screen``, ``SCREEN_BLOCK`` queries at a time), the
-float32 tiles alone (MKL sgemm tiles + faiss heaps), ``faiss.knn`` (the search of
+``bf16_screen``: used where the catalogue is large enough), the float32 tiles alone
+(MKL sgemm tiles + faiss heaps), ``faiss.knn`` (the search of
 ``IndexFlatIP``, with the faiss wheel's OpenBLAS), the float32 matrix product alone in
 the same tiles (the ceiling of the float32 scan), and optionally torch matmul+topk.
 Each cell is the median of ``--reps`` timed calls after one untimed call (the machine
@@ -117,7 +117,7 @@ def main() -> None:
     print(
         f"# exact MIPS stage, {args.items:,} x {args.dim} float32, k={args.k},"
         f" median of {args.reps} ({cpu_note()}, load {os.getloadavg()[0]:.1f});"
-        f" bf16 directions + norms built in {screen_setup_s:.2f} s"
+        f" bf16 copy + norms built in {screen_setup_s:.2f} s"
     )
     print(
         "| batch | serving (bf16 screen) q/s | float32 tiles + faiss heaps q/s | ratio"
