@@ -56,7 +56,7 @@ CHROMIUM_FLAGS = (
 BROWSER_OWN_INITIATOR = "not an origin"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: skipped before the Spark session would start
 def chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-headless-shell")
     if binary is None:
@@ -178,7 +178,7 @@ def text_of(dom: str) -> str:
 
 @pytest.mark.spark
 def test_home_page_opened_offline_lists_failed_day_first_with_its_expectation(
-    site, chromium, tmp_path
+    chromium, site, tmp_path
 ):
     dom, _ = read_offline(chromium, quality_report.home_page(site.reports_dir), tmp_path)
 
@@ -215,7 +215,7 @@ def test_home_page_opened_offline_lists_failed_day_first_with_its_expectation(
 
 
 @pytest.mark.spark
-def test_validation_pages_opened_offline_name_table_day_and_status(site, chromium, tmp_path):
+def test_validation_pages_opened_offline_name_table_day_and_status(chromium, site, tmp_path):
     dom, text = read_offline(chromium, result_page(site, BAD_DAY, "raw_events"), tmp_path / "a")
     assert f"raw_events dt={BAD_DAY.isoformat()} failed" in text
     assert f"Run {BAD_DAY.isoformat()} raw" in text
