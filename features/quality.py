@@ -6,7 +6,11 @@ average) are suite parameters filled in here. Each run copies the committed cont
 temporary folder (GX persists data sources and checkpoints into its context, and the
 repository must stay untouched), validates pandas frames (a day's partition fits in
 memory and pandas avoids a Spark session; docs/features.md has the measurement), and
-writes results and Data Docs HTML to ``reports/dt=D/`` plus ``reports/dt=D/summary.json``.
+stores GX's result JSON under ``reports/dt=D/validations/`` plus the gate's verdict in
+``reports/dt=D/summary.json``; features/quality_report.py then renders the report site
+from them. Each run is named after the day and stage (``2000-12-08 raw``) and each data
+asset after the table and partition (``raw_events dt=2000-12-08``), so every result says
+what it is about.
 
 A failed *critical* expectation fails the gate: the day's partitions move to
 ``quarantine/`` byte for byte (same relative paths) and nothing downstream runs. A
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +35,7 @@ import pyarrow.parquet as pq
 from common.atomic import atomic_write_text
 from common.errors import UserFacingError
 from features import feature_tables as ft
+from features import quality_report
 from features.jobs import quarantined_raw_dir
 from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
 
@@ -61,20 +66,31 @@ class QualitySpec:
     volume_high_ratio: float = 5.0
 
 
+@dataclass(frozen=True)
+class VolumeBaseline:
+    """What the raw volume warning compared the day with, kept for the report's trend."""
+
+    trailing_average_rows: float | None  # None: no earlier landed day, any volume passes
+    low_ratio: float
+    high_ratio: float
+
+
 @dataclass
 class GateOutcome:
-    """The verdict of one gate run: what failed, what only warned, where the report is."""
+    """The verdict of one gate run: what failed, what only warned, where the report is.
+
+    ``report`` is the day's page, ``home`` the page of all days; ``validated_at`` is also
+    the GX run time of the run's results, which is how the report finds them.
+    """
 
     success: bool
     report: Path
+    home: Path
+    validated_at: datetime
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     quarantined: list[Path] = field(default_factory=list)
-
-
-def report_dir(reports_dir: Path, day: date) -> Path:
-    """The browsable report folder of one date (``index.html`` + ``summary.json``)."""
-    return reports_dir / f"dt={day.isoformat()}"
+    volume: VolumeBaseline | None = None
 
 
 def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
@@ -83,7 +99,12 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
     if not folder.exists():
         raise UserFacingError(f"no raw events for {day}: expected {folder}")
     frame, read_error = _read_frame(folder)
-    low, high = _volume_band(spec, day)
+    volume = VolumeBaseline(
+        trailing_average_rows=_trailing_average_rows(spec, day),
+        low_ratio=spec.volume_low_ratio,
+        high_ratio=spec.volume_high_ratio,
+    )
+    low, high = _volume_band(volume)
     parameters: dict[str, Any] = {
         **_day_bounds(day),
         "known_item_ids": _known_item_ids(spec.lake_dir),
@@ -91,11 +112,13 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "volume_high": high,
     }
     outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
+    outcome.volume = volume
     if not outcome.success:
         destination = quarantined_raw_dir(spec.quarantine_dir, day)
         ft.move_partition(folder, destination)
         outcome.quarantined.append(destination)
     _write_summary(spec.reports_dir, day, "raw", outcome)
+    quality_report.publish_day(spec.reports_dir, day)
     return outcome
 
 
@@ -124,6 +147,7 @@ def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
                 ft.move_partition(source, destination)
                 outcome.quarantined.append(destination)
     _write_summary(spec.reports_dir, day, "features", outcome)
+    quality_report.publish_day(spec.reports_dir, day)
     return outcome
 
 
@@ -145,8 +169,16 @@ def _known_item_ids(lake_dir: Path) -> list[int]:
     return ids
 
 
-def _volume_band(spec: QualitySpec, day: date) -> tuple[int, int | None]:
-    """Row-count band from the average of the trailing landed days (none yet: any volume)."""
+def _volume_band(volume: VolumeBaseline) -> tuple[int, int | None]:
+    """Row-count band around the trailing average (no earlier day: any volume)."""
+    average = volume.trailing_average_rows
+    if average is None:
+        return 0, None
+    return int(average * volume.low_ratio), int(np.ceil(average * volume.high_ratio))
+
+
+def _trailing_average_rows(spec: QualitySpec, day: date) -> float | None:
+    """Average row count of the trailing landed days before ``day`` (None: no such day)."""
     trailing = [d for d in landed_days(spec.lake_dir) if d < day][-spec.volume_trailing_days :]
     counts = []
     for previous in trailing:
@@ -159,10 +191,7 @@ def _volume_band(spec: QualitySpec, day: date) -> tuple[int, int | None]:
             )
         except (pa.ArrowException, OSError):
             continue
-    if not counts:
-        return 0, None
-    average = sum(counts) / len(counts)
-    return int(average * spec.volume_low_ratio), int(np.ceil(average * spec.volume_high_ratio))
+    return sum(counts) / len(counts) if counts else None
 
 
 def _read_frame(folder: Path, with_checks: bool = False) -> tuple[pd.DataFrame, str | None]:
@@ -252,70 +281,71 @@ def _run_gate(
     frames: dict[str, tuple[pd.DataFrame, str | None]],
     parameters: dict[str, Any],
 ) -> GateOutcome:
-    """Validate each suite's frame, build the date's Data Docs, classify failures by severity."""
+    """Validate each suite's frame (results stored as GX JSON), classify failures by severity."""
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
-    report = report_dir(reports_dir, day)
-    outcome = GateOutcome(success=True, report=report / "index.html")
+    run = RunIdentifier(run_name=quality_report.run_name(day, stage), run_time=datetime.now(tz=UTC))
+    outcome = GateOutcome(
+        success=True,
+        report=quality_report.day_page(reports_dir, day),
+        home=quality_report.home_page(reports_dir),
+        validated_at=run.run_time,
+    )
     with tempfile.TemporaryDirectory(prefix="grank-gx-") as scratch:
         shutil.copytree(GX_DIR, Path(scratch) / "gx")
         context = gx.get_context(
             mode="file",
             project_root_dir=scratch,
-            runtime_environment={"GRANK_REPORT_DIR": str(report)},
+            runtime_environment={"GRANK_REPORT_DIR": str(quality_report.day_dir(reports_dir, day))},
         )
-        source = context.data_sources.add_pandas(f"{stage}-{day.isoformat()}")
+        source = context.data_sources.add_pandas(stage)
         for suite_name, (frame, read_error) in frames.items():
             if read_error:
                 outcome.failures.append(f"{suite_name}: unreadable ({read_error})")
-            batch = source.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe(
-                "day"
-            )
+            asset = source.add_dataframe_asset(quality_report.asset_name(suite_name, day))
             definition = context.validation_definitions.add(
                 gx.ValidationDefinition(
                     name=f"{suite_name}-{day.isoformat()}",
-                    data=batch,
+                    data=asset.add_batch_definition_whole_dataframe("day"),
                     suite=context.suites.get(suite_name),
                 )
             )
-            checkpoint = context.checkpoints.add(
-                gx.Checkpoint(
-                    name=f"{suite_name}-{day.isoformat()}",
-                    validation_definitions=[definition],
-                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-                )
+            result = definition.run(
+                batch_parameters={"dataframe": frame},
+                expectation_parameters=parameters,
+                run_id=run,
             )
-            result = checkpoint.run(
-                batch_parameters={"dataframe": frame}, expectation_parameters=parameters
-            )
-            for run in result.run_results.values():
-                for check in run.results:
-                    if check.success:
-                        continue
-                    config = check.expectation_config
-                    assert config is not None  # GX fills it for every suite result
-                    line = f"{suite_name}: {config.type}({config.kwargs.get('column', '')})"
-                    if str(config.severity.value) == "warning":
-                        outcome.warnings.append(line)
-                    else:
-                        outcome.failures.append(line)
+            for check in result.results:
+                if check.success:
+                    continue
+                config = check.expectation_config
+                assert config is not None  # GX fills it for every suite result
+                line = quality_report.check_label(suite_name, config.type, config.kwargs)
+                if str(config.severity.value) == "warning":
+                    outcome.warnings.append(line)
+                else:
+                    outcome.failures.append(line)
     outcome.success = not outcome.failures
     return outcome
 
 
 def _write_summary(reports_dir: Path, day: date, stage: str, outcome: GateOutcome) -> None:
     """Merge this stage's verdict into ``reports/dt=D/summary.json`` (one file per date)."""
-    path = report_dir(reports_dir, day) / "summary.json"
+    path = quality_report.day_dir(reports_dir, day) / quality_report.SUMMARY
     summary: dict[str, Any] = (
         json.loads(path.read_text()) if path.exists() else {"date": day.isoformat()}
     )
-    summary.setdefault("stages", {})[stage] = {
+    entry: dict[str, Any] = {
         "success": outcome.success,
         "failures": outcome.failures,
         "warnings": outcome.warnings,
         "quarantined": [str(p) for p in outcome.quarantined],
         "report": str(outcome.report),
-        "validated_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+        "validated_at": outcome.validated_at.isoformat(),
     }
+    if outcome.volume is not None:
+        entry["volume"] = asdict(outcome.volume)
+    summary.setdefault("stages", {})[stage] = entry
     summary["success"] = all(s["success"] for s in summary["stages"].values())
     atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -186,7 +186,7 @@ printf '\n\033[1mmain job finished in %ss\033[0m\n' "$(($(date +%s) - start))"
 cat <<EOF
     serving API      $SERVE_URL  (POST /recommend, /version, /metrics; log $AIRFLOW_HOME/grank-serve.log)
     snapshot         $(curl -fsS "$SERVE_URL/version")
-    quality report   $DATA_ROOT/reports/dt=$last_day/ (open the index.html; summary.json beside it)
+    quality report   $DATA_ROOT/reports/index.html (all days, opens offline; per day: reports/dt=D/)
     Airflow UI       $UI_NOTE
     DAG run logs     $AIRFLOW_HOME/main-logs/
     stop             scripts/run_main.sh stop

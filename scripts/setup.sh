@@ -44,15 +44,24 @@ else
   fingerprint "${af_inputs[@]}" > .venv-airflow/.grank-stamp
 fi
 
-# docker-compose (Debian's v1 package) validates docker-compose.yml offline in the tests;
-# no Docker engine is needed. Installed only where missing and apt is usable.
-if ! command -v docker-compose >/dev/null 2>&1; then
+# System tools some tests drive, from Debian: installed only where missing and apt-get
+# runs as root; elsewhere the line below says what will not be tested.
+apt_tool() {  # apt_tool COMMAND PACKAGE WHAT_IT_IS_FOR WHAT_HAPPENS_WITHOUT_IT
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing docker-compose (Debian package) to validate docker-compose.yml"
-    (apt-get install -y -q docker-compose >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null; }) ||
-      say "warning: could not install docker-compose; the compose validation test will fail in CI"
+    say "installing $2 (Debian package) $3"
+    local apt=(apt-get -o DPkg::Lock::Timeout=300 install -y -q "$2")
+    ("${apt[@]}" >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && "${apt[@]}" >/dev/null; }) ||
+      say "warning: could not install $2; $4"
   else
-    say "note: docker-compose not found; install it to run the compose validation test"
+    say "note: $1 not found; install Debian's $2: $4"
   fi
-fi
+}
+
+# docker-compose (v1) validates docker-compose.yml offline in the tests; no Docker engine.
+apt_tool docker-compose docker-compose "to validate docker-compose.yml" \
+  "the compose validation test will fail in CI"
+# Headless Chromium opens the data quality report offline (tests/test_quality_report.py).
+apt_tool chromium chromium "to open the data quality report in a real browser" \
+  "the report's browser tests will be skipped"

@@ -1,5 +1,8 @@
 """Great Expectations gates: every bad input of issue 3 is caught, quarantined byte for byte,
-reported in HTML + summary.json, and leaves everything downstream untouched."""
+reported in HTML + summary.json, and leaves everything downstream untouched.
+
+The report pages themselves (naming, the site over all days, the browser) are tested in
+tests/test_quality_report.py."""
 
 from __future__ import annotations
 
@@ -168,7 +171,10 @@ def test_cli_gate_exits_1_with_one_line_pointing_at_the_report(tmp_path, capsys,
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1
     assert error[0].startswith("error: raw quality gate failed for 2024-03-10")
-    assert error[0].endswith(f"report: {spec.reports_dir / 'dt=2024-03-10' / 'index.html'}")
+    assert error[0].endswith(
+        f"report: {spec.reports_dir / 'dt=2024-03-10' / 'index.html'};"
+        f" all days: {spec.reports_dir / 'index.html'}"
+    )
 
 
 @pytest.mark.spark

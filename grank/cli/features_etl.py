@@ -1,4 +1,4 @@
-"""``grank features build`` and ``grank features validate``: the Spark ETL and its quality gates."""
+"""``grank features build|validate|report``: the Spark ETL, its quality gates and their report."""
 
 from __future__ import annotations
 
@@ -84,7 +84,10 @@ def build(
 )
 @click.pass_obj
 def validate(settings: Settings, day: date, stage: str) -> None:
-    """Run the Great Expectations gate; a critical failure quarantines the partition, exit 1."""
+    """Run the Great Expectations gate; a critical failure quarantines the partition, exit 1.
+
+    Either way the day's report pages and the report home page are rebuilt.
+    """
     from common.errors import UserFacingError
     from features.quality import QualitySpec, validate_features, validate_raw
 
@@ -101,12 +104,23 @@ def validate(settings: Settings, day: date, stage: str) -> None:
     outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
     for warning in outcome.warnings:
         click.echo(f"warning: {warning}")
+    where = f"report: {outcome.report}; all days: {outcome.home}"
     if not outcome.success:
         raise UserFacingError(
             f"{stage} quality gate failed for {day} ({'; '.join(outcome.failures)});"
-            f" quarantined under {settings.quarantine_dir}; report: {outcome.report}"
+            f" quarantined under {settings.quarantine_dir}; {where}"
         )
-    click.echo(f"{stage} quality gate passed for {day}; report: {outcome.report}")
+    click.echo(f"{stage} quality gate passed for {day}; {where}")
 
 
-COMMANDS: list[click.Command] = [build, validate]
+@click.command()
+@click.pass_obj
+def report(settings: Settings) -> None:
+    """Rebuild every quality report page (all days, the trend) from the stored GX results."""
+    from features.quality_report import publish_all
+
+    home = publish_all(settings.reports_dir)
+    click.echo(f"quality report of all days: {home}")
+
+
+COMMANDS: list[click.Command] = [build, validate, report]
