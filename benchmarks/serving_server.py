@@ -15,7 +15,7 @@ import numpy as np
 import uvicorn
 
 from serving.app import ServeConfig, create_app
-from serving.sequences import StaticSequenceSource, UserSequences
+from serving.sequences import StaticUserSource, UserHistory
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     table = {}
     for user in range(1, args.users + 1):
         long = tuple(int(i) for i in rng.integers(1, args.items + 1, size=200))
-        table[user] = UserSequences(short=long[-64:], long=long)
+        table[user] = UserHistory(short=long[-64:], long=long)
     config = ServeConfig(
         snapshots_dir=args.snapshots,
         device="cpu",
@@ -42,7 +42,7 @@ def main() -> None:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
     )
-    app = create_app(config, StaticSequenceSource(table))
+    app = create_app(config, StaticUserSource(table))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

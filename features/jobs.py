@@ -345,7 +345,7 @@ def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) ->
     from pyspark.sql import functions as F
 
     active = events.select("user_id").distinct()
-    fields = ["ts", "event_id", "item_id", "value"]  # what a history or a target needs
+    fields = ["ts", "event_id", "item_id", "event_type", "value"]  # a history's or target's
     before = prev_users.join(active, "user_id", "left_semi").select(
         "user_id", F.inline("seq"), F.lit(False).alias("is_target")
     )
@@ -367,21 +367,28 @@ def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) ->
             "events",
             F.transform("events", lambda x: x["item_id"]).alias("items"),
             F.transform("events", lambda x: x["ts"]).alias("times"),
+            F.transform("events", lambda x: x["event_type"]).alias("types"),
+            F.transform("events", lambda x: x["value"]).alias("values"),
         )
     )
     position = F.col("pos")  # 0-based: the number of the user's events before this one
     first = F.greatest(position - max_len, F.lit(0)) + 1
     history_len = F.least(position, F.lit(max_len))
     return (
-        per_user.select("user_id", "items", "times", F.posexplode("events").alias("pos", "x"))
+        per_user.select(
+            "user_id", "items", "times", "types", "values", F.posexplode("events").alias("pos", "x")
+        )
         .where("x.is_target")
         .select(
             F.col("x.event_id").alias("event_id"),
             "user_id",
             F.col("x.item_id").alias("target_item_id"),
             F.col("x.value").alias("target_value"),
+            F.col("x.event_type").alias("target_event_type"),
             F.slice("items", first, history_len).alias("history_item_seq"),
             F.slice("times", first, history_len).alias("history_ts_seq"),
+            F.slice("types", first, history_len).alias("history_event_type_seq"),
+            F.slice("values", first, history_len).alias("history_value_seq"),
             history_len.cast("bigint").alias("history_len"),
             F.timestamp_micros("x.ts").alias("event_timestamp"),
             F.timestamp_micros(F.col("x.ts")).cast("date").alias("dt"),
@@ -550,6 +557,9 @@ def item_features(
             *window_cols,
             F.coalesce("pop_total", F.lit(0)).cast("bigint").alias("pop_total"),
             "first_seen_ts",
+            F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
+            .cast("bigint")
+            .alias("age_days"),
             "title",
             "year",
             "genres",

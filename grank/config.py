@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.gate import GatePolicy
+from training.inputs import BehaviorRule, InputSpec
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DatasetName = Literal["ml-1m", "ml-100k"]
@@ -33,6 +36,8 @@ class FeatureSettings(BaseModel):
     long_seq_len: int = 200
     short_seq_len: int = 64
     popularity_windows_days: tuple[int, ...] = (1, 7, 30)
+    # how long a daily feature row stays valid online (Feast TTL) and in training reads
+    daily_ttl_days: int = 2
 
 
 class QualitySettings(BaseModel):
@@ -95,12 +100,25 @@ class TrainSettings(BaseModel):
     finetune_lr: float = 5e-4
     finetune_max_epochs: int = 3
     finetune_max_minutes: float = 0.0
-    # evaluation and the publish gate
+    # early stopping watches the Generator's metric on the validation queries
+    val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = "ndcg@10"
+    # bootstrap (no published model): validation = the global temporal split at the test
+    # day's start, T_val = this quantile of the training events (training/temporal.py)
+    val_quantile: float = 0.9
+    catchup_epochs: int = 1  # epochs over the events between T_val and the test day
+    # what the model reads besides the item sequences (training/inputs.py, docs/model.md)
+    inputs: InputSpec = Field(
+        default_factory=lambda: InputSpec(
+            behaviors=(BehaviorRule("liked", ("rating",), min_value=4.0),),
+            user_numeric=("events_7d", "events_30d", "events_total", "mean_value", "tenure_days"),
+            user_categorical=("age", "gender", "occupation"),
+            item_numeric=("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+        )
+    )
+    # evaluation and the publish gate (training/gate.py)
     k1: int = 200
-    k2: int = 50
-    gate_metric: Literal["recall@10", "recall@50", "recall@200"] = "recall@50"
-    gate_tolerance: float = 0.01
-    dssm_lr: float = 3e-3
+    recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
+    gate: GatePolicy = Field(default_factory=GatePolicy)
 
 
 class ServeSettings(BaseModel):

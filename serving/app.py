@@ -26,7 +26,7 @@ from serving.hotswap import SnapshotHolder
 from serving.metrics import ServingMetrics
 from serving.mips import Device, MipsOptions, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
-from serving.sequences import SequenceSource
+from serving.sequences import ItemSource, UserSource
 
 INT64_MAX = 2**63 - 1
 log = logging.getLogger(__name__)
@@ -70,17 +70,22 @@ class RecommendResponse(BaseModel):
     items: list[RecommendItem]
     snapshot_version: str
     fallback: bool
+    fallback_reason: str | None = None
     batch_size: int
     timings_ms: dict[str, float]
 
 
-def create_app(config: ServeConfig, source: SequenceSource) -> FastAPI:
+def create_app(config: ServeConfig, source: UserSource, items: ItemSource | None = None) -> FastAPI:
     """Build the app; the snapshot watcher and the batcher start with the app's lifespan."""
     metrics = ServingMetrics()
     mips = MipsOptions(config.device, config.bf16_screen)
-    holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s)
+    holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s, items)
     metrics.screen_rescans.set_function(
-        lambda: float(served.mips.screen_rescans) if (served := holder.current()) else 0.0
+        lambda: (
+            float(served.mips.screen_rescans)
+            if (served := holder.current()) and served.mips
+            else 0.0
+        )
     )
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
 
@@ -149,7 +154,7 @@ def create_app(config: ServeConfig, source: SequenceSource) -> FastAPI:
         timings = {**result.timings_ms, "total": total_ms}
         for stage, value in timings.items():
             metrics.stage_latency.labels(stage=stage).observe(value / 1e3)
-        if result.fallback:
+        if result.fallback is not None:
             metrics.fallbacks.inc()
         return RecommendResponse(
             user_id=result.user_id,
@@ -158,7 +163,8 @@ def create_app(config: ServeConfig, source: SequenceSource) -> FastAPI:
                 for i, s in zip(result.items, result.scores, strict=True)
             ],
             snapshot_version=result.version,
-            fallback=result.fallback,
+            fallback=result.fallback is not None,
+            fallback_reason=result.fallback,
             batch_size=result.batch_size,
             timings_ms=timings,
         )

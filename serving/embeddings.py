@@ -79,8 +79,7 @@ def refresh_embeddings(
             f"item ids {ids[0]}..{ids[-1]} fall outside the model's table (1..{n_rows - 1});"
             " retrain on the new catalogue first"
         )
-    popular = np.asarray(popular_items, dtype=np.int64)
-    popular = popular[np.isin(popular, ids)]
+    popular = _servable_popular(popular_items, ids)
     dim = model.config.dim
     network = {name: t for name, t in model.cpu_state().items() if name != ITEM_TABLE_KEY}
     with staging_dir(out_dir) as staging:
@@ -98,14 +97,49 @@ def refresh_embeddings(
                 matrix[start : start + batch_size] = table[start : start + batch_size].float()
         matrix.flush()
         del matrix
-        np.save(staging / ITEM_IDS_FILE, ids)
-        np.save(staging / POPULAR_FILE, popular)
         save_file(network, str(staging / NETWORK_FILE))
         config = {"config": model.config.to_dict(), "checkpoint_id": checkpoint_dir.name}
         (staging / NETWORK_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        source = {
-            "checkpoint_id": checkpoint_dir.name,
-            "metrics": metrics if metrics is not None else manifest.get("metrics", {}),
-        }
-        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))
+        _write_catalogue(
+            staging,
+            ids,
+            popular,
+            checkpoint_dir.name,
+            metrics if metrics is not None else manifest.get("metrics", {}),
+        )
     return RefreshReport(out_dir, int(ids.size), dim, manifest)
+
+
+def write_popularity_bundle(
+    out_dir: Path, item_ids: Sequence[int] | np.ndarray, popular_items: Sequence[int] | np.ndarray
+) -> RefreshReport:
+    """The snapshot files of a model-less day: the catalogue and its popularity order.
+
+    While no model has passed the gate, serving answers everyone from ``popular_items``
+    (and says so in each response) instead of answering nothing.
+    """
+    ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+    if ids.size == 0:
+        raise UserFacingError("no items to serve: the item catalogue is empty")
+    with staging_dir(out_dir) as staging:
+        _write_catalogue(staging, ids, _servable_popular(popular_items, ids), None, {})
+    return RefreshReport(out_dir, int(ids.size), 0, {})
+
+
+def _servable_popular(popular_items: Sequence[int] | np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The popularity order (most popular first) restricted to the servable catalogue."""
+    popular = np.asarray(popular_items, dtype=np.int64)
+    return popular[np.isin(popular, ids)]
+
+
+def _write_catalogue(
+    staging: Path,
+    ids: np.ndarray,
+    popular: np.ndarray,
+    checkpoint_id: str | None,
+    metrics: dict[str, Any],
+) -> None:
+    np.save(staging / ITEM_IDS_FILE, ids)
+    np.save(staging / POPULAR_FILE, popular)
+    source = {"checkpoint_id": checkpoint_id, "metrics": metrics}
+    (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))

@@ -17,6 +17,7 @@ from pathlib import Path
 from serving.metrics import ServingMetrics
 from serving.mips import MipsOptions
 from serving.recommender import LoadedSnapshot, load_snapshot
+from serving.sequences import ItemSource
 from serving.snapshots import read_current, version_dir
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,16 @@ class SnapshotHolder:
     """The snapshot being served, and the watcher thread that keeps it current."""
 
     def __init__(
-        self, snapshots_dir: Path, mips: MipsOptions, metrics: ServingMetrics, poll_s: float
+        self,
+        snapshots_dir: Path,
+        mips: MipsOptions,
+        metrics: ServingMetrics,
+        poll_s: float,
+        items: ItemSource | None = None,
     ) -> None:
         self._dir = snapshots_dir
         self._mips = mips
+        self._items = items
         self._metrics = metrics
         self._poll_s = poll_s
         self._lock = threading.Lock()
@@ -57,7 +64,7 @@ class SnapshotHolder:
             return False
         started = time.perf_counter()
         try:
-            loaded = load_snapshot(version_dir(self._dir, version), self._mips)
+            loaded = load_snapshot(version_dir(self._dir, version), self._mips, self._items)
         except Exception as exc:
             self._record_failure(version, exc)
             return False
@@ -67,7 +74,7 @@ class SnapshotHolder:
         self._failed_version = None
         self._metrics.snapshot_loads.labels(result="ok").inc()
         self._metrics.served(loaded.version, loaded.created_at)
-        log.info("serving snapshot %s (%d items)", loaded.version, loaded.mips.size)
+        log.info("serving snapshot %s (%d servable items)", loaded.version, loaded.n_servable)
         return True
 
     def _record_failure(self, version: str, exc: Exception) -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load
 
 from serving.mips import ExactMIPS, MipsOptions, build_mips
-from serving.sequences import SequenceSource, UserSequences
+from serving.sequences import ItemSource, UserHistory, UserSource
 from serving.snapshots import (
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
@@ -33,14 +33,18 @@ from serving.snapshots import (
     SnapshotError,
     read_verified,
 )
-from training.model import ITEM_TABLE_KEY, GRank, GRankConfig
+from training.inputs import behavior_flags, encode_categorical, scale_numeric, seen_items
+from training.model import ITEM_TABLE_KEY, GRank, GRankConfig, UserContext
 
 
 @dataclass(frozen=True)
 class LoadedSnapshot:
     """A verified snapshot in memory: its searcher, catalogue, fallback list and model.
 
-    MIPS rows are item ids (the matrix is the model's item table).
+    MIPS rows are item ids (the matrix is the model's item table). A popularity-only
+    snapshot (no model has passed the gate yet) has no model and no searcher. When the
+    model's Ranker reads item features, ``item_features`` holds them for every table row
+    (scaled, read from the online store when the snapshot was loaded).
     """
 
     version: str
@@ -48,25 +52,60 @@ class LoadedSnapshot:
     created_at: float
     servable: np.ndarray  # bool per table row: may MIPS return it (the catalogue)
     popular_items: np.ndarray
-    model: GRank
-    mips: ExactMIPS
+    model: GRank | None
+    mips: ExactMIPS | None
+    item_features: torch.Tensor | None = None
 
     @cached_property
     def n_servable(self) -> int:
         return int(self.servable.sum())
 
 
-def load_snapshot(folder: Path, mips: MipsOptions | None = None) -> LoadedSnapshot:
+def load_snapshot(
+    folder: Path, mips: MipsOptions | None = None, items: ItemSource | None = None
+) -> LoadedSnapshot:
     """Verify ``folder`` (checksums) and load it; raises :class:`SnapshotError` if unusable.
 
     The matrix bytes read for verification become the model's item table and the MIPS
     corpus at once (no copy), so a swap costs one read and one hash of the matrix.
+    ``items`` provides the item features a Ranker reads (looked up once per load).
     """
     manifest, files = read_verified(folder)
     try:
-        matrix = _npy(files[EMBEDDINGS_FILE])
         item_ids = _npy(files[ITEM_IDS_FILE])
         popular = _npy(files[POPULAR_FILE])
+    except (KeyError, ValueError) as exc:
+        raise SnapshotError(f"snapshot {folder.name} cannot be loaded: {exc}") from exc
+    created = datetime.fromisoformat(manifest["created_at"]).timestamp()
+    if EMBEDDINGS_FILE not in files:  # popularity only: no model has passed the gate yet
+        return LoadedSnapshot(
+            folder.name, manifest, created, np.zeros(0, bool), popular, None, None
+        )
+    model, matrix = _load_model(folder, files)
+    if item_ids.ndim != 1 or (item_ids.size and not 0 < item_ids.min() <= item_ids.max()):
+        raise SnapshotError(f"snapshot {folder.name}: item ids must be positive")
+    if item_ids.size and item_ids.max() >= matrix.shape[0]:
+        raise SnapshotError(f"snapshot {folder.name}: item ids exceed the {len(matrix)}-row table")
+    if manifest.get("item_count") != item_ids.size or manifest.get("dim") != matrix.shape[1]:
+        raise SnapshotError(f"snapshot {folder.name}: matrix shape disagrees with its manifest")
+    servable = np.zeros(matrix.shape[0], dtype=bool)
+    servable[item_ids] = True
+    return LoadedSnapshot(
+        version=folder.name,
+        manifest=manifest,
+        created_at=created,
+        servable=servable,
+        popular_items=popular,
+        model=model,
+        mips=build_mips(matrix, mips),
+        item_features=_item_features(model, items, folder.name),
+    )
+
+
+def _load_model(folder: Path, files: dict[str, bytes | mmap.mmap]) -> tuple[GRank, np.ndarray]:
+    """The snapshot's network with the item matrix as its (shared, read-only) item table."""
+    try:
+        matrix = _npy(files[EMBEDDINGS_FILE])
         config = GRankConfig.from_dict(json.loads(bytes(files[NETWORK_CONFIG_FILE]))["config"])
         with torch.device("meta"):  # no random init of weights that are overwritten next
             model = GRank(config)
@@ -82,24 +121,29 @@ def load_snapshot(folder: Path, mips: MipsOptions | None = None) -> LoadedSnapsh
             model.share_item_table(torch.from_numpy(matrix))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot {folder.name} cannot be loaded: {exc}") from exc
-    if item_ids.ndim != 1 or (item_ids.size and not 0 < item_ids.min() <= item_ids.max()):
-        raise SnapshotError(f"snapshot {folder.name}: item ids must be positive")
-    if item_ids.size and item_ids.max() >= matrix.shape[0]:
-        raise SnapshotError(f"snapshot {folder.name}: item ids exceed the {len(matrix)}-row table")
-    if manifest.get("item_count") != item_ids.size or manifest.get("dim") != matrix.shape[1]:
-        raise SnapshotError(f"snapshot {folder.name}: matrix shape disagrees with its manifest")
-    servable = np.zeros(matrix.shape[0], dtype=bool)
-    servable[item_ids] = True
-    created = datetime.fromisoformat(manifest["created_at"]).timestamp()
-    return LoadedSnapshot(
-        version=folder.name,
-        manifest=manifest,
-        created_at=created,
-        servable=servable,
-        popular_items=popular,
-        model=model.eval(),
-        mips=build_mips(matrix, mips),
+    return model.eval(), matrix
+
+
+def _item_features(model: GRank, items: ItemSource | None, version: str) -> torch.Tensor | None:
+    """[table rows, Fi] scaled features of every item row, when the Ranker reads any."""
+    columns = model.config.inputs.item_numeric
+    if not columns or not model.config.use_ranker:
+        return None
+    if items is None:
+        raise SnapshotError(f"snapshot {version}: its Ranker reads item features, no source given")
+    rows = np.arange(1, model.config.n_item_rows, dtype=np.int64)
+    table = np.zeros((model.config.n_item_rows, len(columns)), dtype=np.float32)
+    table[1:] = encode_items(items, columns, rows)
+    return torch.from_numpy(table)
+
+
+def encode_items(items: ItemSource, columns: Sequence[str], item_ids: np.ndarray) -> np.ndarray:
+    """[len(item_ids), len(columns)] item features from the store, scaled as training does."""
+    values = items.item_features(item_ids, columns)
+    raw = np.array(
+        [[np.nan if v is None else float(v) for v in values[column]] for column in columns]
     )
+    return scale_numeric(raw.T.reshape(len(item_ids), len(columns)))
 
 
 def _npy(data: bytes | mmap.mmap) -> np.ndarray:
@@ -125,19 +169,71 @@ class RecRequest:
 
 @dataclass
 class RecResult:
-    """Top-k item ids with scores (None for the fallback), the version and stage timings."""
+    """Top-k item ids with scores (None for a fallback), the version and stage timings.
+
+    ``fallback`` names why the answer is the popularity list, or is None for a
+    personalised answer.
+    """
 
     user_id: int
     items: list[int]
     scores: list[float | None]
     version: str
-    fallback: bool
+    fallback: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
 
 
+UNKNOWN_USER = "unknown user: the most popular items"
+NO_MODEL = "no model has passed the quality gate yet: the most popular items"
+
+
 class NotReadyError(Exception):
     """No verified snapshot is loaded yet."""
+
+
+def user_columns(config: GRankConfig) -> tuple[str, ...]:
+    """The profile columns a model reads from the online store."""
+    return (*config.inputs.user_numeric, *config.inputs.user_categorical)
+
+
+def encode_users(
+    config: GRankConfig, histories: Sequence[UserHistory]
+) -> tuple[torch.Tensor, UserContext]:
+    """The Generator's inputs for these users, encoded exactly as training encodes them.
+
+    Sequences are left-padded to the model's lengths; behaviour flags come from the long
+    sequence's event types and values; profile columns are scaled or hashed
+    (training/inputs.py, the one definition both sides share).
+    """
+    spec = config.inputs
+    short = _left_pad([h.short for h in histories], config.short_seq_len)
+    long = _left_pad([h.long for h in histories], config.long_seq_len)
+    flags = None
+    if spec.behaviors:
+        rows = []
+        for h in histories:
+            kinds = np.array(h.event_types or [""] * len(h.long), dtype=object)
+            values = np.array(h.values or [np.nan] * len(h.long), dtype=np.float64)
+            rows.append(behavior_flags(spec.behaviors, kinds, values))
+        flags = _left_pad(rows, config.long_seq_len)
+    numeric = categorical = None
+    if spec.user_numeric:
+        raw = np.array([[_number(h.features.get(c)) for c in spec.user_numeric] for h in histories])
+        numeric = torch.from_numpy(scale_numeric(raw).reshape(len(histories), -1))
+    if spec.user_categorical:
+        categorical = torch.from_numpy(
+            encode_categorical(
+                spec.user_categorical,
+                [[h.features.get(c) for c in spec.user_categorical] for h in histories],
+                spec.categorical_buckets,
+            )
+        )
+    return short, UserContext(long, flags, numeric, categorical)
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 class Recommender:
@@ -146,7 +242,7 @@ class Recommender:
     def __init__(
         self,
         current: Callable[[], LoadedSnapshot | None],
-        source: SequenceSource,
+        source: UserSource,
         k1: int,
         filter_seen: bool,
     ) -> None:
@@ -161,12 +257,13 @@ class Recommender:
         if snap is None:
             raise NotReadyError("no verified snapshot loaded yet")
         started = time.perf_counter()
-        histories = self._source.get([r.user_id for r in requests])
+        columns = () if snap.model is None else user_columns(snap.model.config)
+        histories = self._source.get([r.user_id for r in requests], columns)
         t_lookup = time.perf_counter()
         known = [r for r in requests if histories.get(r.user_id) is not None]
         ranked: dict[int, tuple[list[int], list[float]]] = {}
         t_gen = t_mips = t_lookup
-        if known:
+        if known and snap.model is not None:
             seqs = [histories[r.user_id] for r in known]
             ranked, t_gen, t_mips = self._score(snap, known, seqs)  # type: ignore[arg-type]
         done = time.perf_counter()
@@ -174,7 +271,7 @@ class Recommender:
             "lookup": (t_lookup - started) * 1e3,
             "generator": (t_gen - t_lookup) * 1e3,
             "mips": (t_mips - t_gen) * 1e3,
-            "ranker": (done - t_mips) * 1e3 if known else 0.0,
+            "ranker": (done - t_mips) * 1e3 if ranked else 0.0,
         }
         results = []
         for request in requests:
@@ -186,41 +283,50 @@ class Recommender:
                         items[: request.k],
                         list(scores[: request.k]),
                         snap.version,
-                        False,
+                        None,
                         timings,
                         len(requests),
                     )
                 )
-            else:
-                popular = [int(i) for i in snap.popular_items[: request.k]]
-                results.append(
-                    RecResult(
-                        request.user_id,
-                        popular,
-                        [None] * len(popular),
-                        snap.version,
-                        True,
-                        timings,
-                        len(requests),
-                    )
+                continue
+            history = histories.get(request.user_id)
+            seen = set() if history is None or not self._filter_seen else set(history.long)
+            popular = [int(i) for i in snap.popular_items if int(i) not in seen][: request.k]
+            results.append(
+                RecResult(
+                    request.user_id,
+                    popular,
+                    [None] * len(popular),
+                    snap.version,
+                    NO_MODEL if snap.model is None else UNKNOWN_USER,
+                    timings,
+                    len(requests),
                 )
+            )
         return results
 
     def _score(
-        self, snap: LoadedSnapshot, requests: Sequence[RecRequest], seqs: Sequence[UserSequences]
+        self, snap: LoadedSnapshot, requests: Sequence[RecRequest], seqs: Sequence[UserHistory]
     ) -> tuple[dict[int, tuple[list[int], list[float]]], float, float]:
         """Generator → MIPS (top k1 unseen) → Ranker for users that have a history."""
-        model = snap.model
+        model, mips = snap.model, snap.mips
+        assert model is not None and mips is not None
         cfg = model.config
         with torch.inference_mode():
-            short = _left_pad([s.short for s in seqs], cfg.short_seq_len)
-            queries = model.user_vectors(short).float().cpu().numpy()
+            short, user = encode_users(cfg, seqs)
+            queries = model.user_vectors(short, user).float().cpu().numpy()
             t_gen = time.perf_counter()
-            seen = [set(s.long) | set(s.short) if self._filter_seen else set() for s in seqs]
+            # the seen filter: the online long sequence's items, the rule evaluation applies
+            seen = [
+                {int(i) for i in seen_items(np.array(s.long, dtype=np.int64), None)}
+                if self._filter_seen
+                else set()
+                for s in seqs
+            ]
             # headroom: seen items and rows outside the catalogue (padding, retired) drop out
-            unservable = snap.mips.size - snap.n_servable
-            fetch = min(self._k1 + max(len(s) for s in seen) + unservable, snap.mips.size)
-            _, rows = snap.mips.search(queries, fetch)
+            unservable = mips.size - snap.n_servable
+            fetch = min(self._k1 + max(len(s) for s in seen) + unservable, mips.size)
+            _, rows = mips.search(queries, fetch)
             width = min(self._k1, snap.n_servable)
             candidates = np.zeros((len(seqs), width), dtype=np.int64)
             for b, row in enumerate(rows):
@@ -231,8 +337,9 @@ class Recommender:
             cand = torch.from_numpy(candidates)
             scores = model.generator_scores(torch.from_numpy(queries), cand)
             if cfg.use_ranker:
-                long = _left_pad([s.long for s in seqs], cfg.long_seq_len)
-                scores = model.rank_scores(long, cand, scores)
+                item_features = None if snap.item_features is None else snap.item_features[cand]
+                assert user.long_seq is not None
+                scores = model.rank_scores(user.long_seq, cand, scores, item_features)
             scores = scores.float().masked_fill(cand == 0, float("-inf"))
             order = torch.argsort(scores, dim=1, descending=True)
         ranked: dict[int, tuple[list[int], list[float]]] = {}
@@ -245,7 +352,9 @@ class Recommender:
         return ranked, t_gen, t_mips
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+def _left_pad(
+    sequences: Sequence[Sequence[int]] | Sequence[np.ndarray], length: int
+) -> torch.Tensor:
     """[B, length] LongTensor of the newest ``length`` ids of each sequence, left-padded with 0."""
     out = np.zeros((len(sequences), length), dtype=np.int64)
     for b, seq in enumerate(sequences):

@@ -1,92 +1,154 @@
-"""Where /recommend gets a user's history: the Feast online store, behind a small protocol.
+"""Where /recommend gets a user's history and features: the Feast online store.
 
-The Generator reads the short sequence (feature service ``grank_generator_v1``) and the
-Ranker the long one (``grank_ranker_v1``). Serving talks to the Feast SDK directly, not
-to ``features/`` (layering: serving never imports the Spark side). Any object with
-``get(user_ids)`` can stand in, e.g. an in-memory table for benchmarks without Feast.
+The Generator reads the short sequence (feature service ``grank_generator_v1``), the
+Ranker the long one (``grank_ranker_v1``); a model trained with features also reads the
+long sequence's event types and values (behaviour types) and the user's profile
+(``grank_user_context_v1``), and its Ranker the candidates' item features
+(``grank_item_context_v1``). Serving talks to the Feast SDK directly, not to
+``features/`` (layering: serving never imports the Spark side). Any object with
+``get(user_ids, user_columns)`` can stand in, e.g. an in-memory table for benchmarks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from common.errors import UserFacingError
 
 GENERATOR_SERVICE = "grank_generator_v1"
 RANKER_SERVICE = "grank_ranker_v1"
+USER_CONTEXT_SERVICE = "grank_user_context_v1"
+ITEM_CONTEXT_SERVICE = "grank_item_context_v1"
+SERVICES = (GENERATOR_SERVICE, RANKER_SERVICE, USER_CONTEXT_SERVICE, ITEM_CONTEXT_SERVICE)
 
 
 @dataclass(frozen=True)
-class UserSequences:
-    """A user's item ids, oldest first: ``short`` feeds the Generator, ``long`` the Ranker."""
+class UserHistory:
+    """A user's item ids, oldest first: ``short`` feeds the Generator, ``long`` the Ranker.
+
+    ``event_types``/``values`` are aligned with ``long`` (empty when the store has none);
+    ``features`` holds the user's profile columns as the online store returned them.
+    """
 
     short: tuple[int, ...]
     long: tuple[int, ...]
+    event_types: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()
+    features: Mapping[str, Any] = field(default_factory=dict)
 
 
-class SequenceSource(Protocol):
+class UserSource(Protocol):
     """Batched lookup of user histories; a user without features maps to None."""
 
-    def get(self, user_ids: Sequence[int]) -> dict[int, UserSequences | None]: ...
+    def get(
+        self, user_ids: Sequence[int], user_columns: Sequence[str] = ()
+    ) -> dict[int, UserHistory | None]: ...
 
 
-class StaticSequenceSource:
-    """Histories held in memory (benchmarks of the serving path without a feature store)."""
+class ItemSource(Protocol):
+    """Batched lookup of item features (a model whose Ranker reads none never calls it)."""
 
-    def __init__(self, table: Mapping[int, UserSequences]) -> None:
+    def item_features(
+        self, item_ids: np.ndarray, columns: Sequence[str]
+    ) -> dict[str, list[Any]]: ...
+
+
+class StaticUserSource:
+    """Histories held in memory (benchmarks and tests of the serving path without a store)."""
+
+    def __init__(
+        self,
+        table: Mapping[int, UserHistory],
+        items: Mapping[str, Mapping[int, Any]] | None = None,
+    ) -> None:
         self._table = dict(table)
+        self._items = {name: dict(values) for name, values in (items or {}).items()}
 
-    def get(self, user_ids: Sequence[int]) -> dict[int, UserSequences | None]:
+    def get(
+        self, user_ids: Sequence[int], user_columns: Sequence[str] = ()
+    ) -> dict[int, UserHistory | None]:
         return {user: self._table.get(user) for user in user_ids}
 
+    def item_features(self, item_ids: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+        return {c: [self._items.get(c, {}).get(int(i)) for i in item_ids] for c in columns}
 
-class FeastSequenceSource:
-    """Reads ``short_item_seq`` and ``item_seq`` for many users in one online-store call."""
+
+class FeastUserSource:
+    """Reads sequences, profiles and item features for many entities in one store call."""
 
     def __init__(self, repo_path: Path) -> None:
         from feast import FeatureStore
 
         self._store = FeatureStore(repo_path=str(repo_path))
-        refs: list[str] = []
-        for service_name in (GENERATOR_SERVICE, RANKER_SERVICE):
-            service = self._store.get_feature_service(service_name)
+        self._refs: dict[str, str] = {}  # feature name -> "view:feature"
+        for service_name in SERVICES:
+            try:
+                service = self._store.get_feature_service(service_name)
+            except Exception as exc:  # FeatureServiceNotFoundException: an older repository
+                if service_name in (GENERATOR_SERVICE, RANKER_SERVICE):
+                    raise UserFacingError(
+                        f"Feast feature service {service_name} is not registered: run"
+                        " `grank features register`"
+                    ) from exc
+                continue
             for projection in service.feature_view_projections:
-                refs.extend(f"{projection.name_to_use()}:{f.name}" for f in projection.features)
-        self._short_ref = _find_ref(refs, "short_item_seq")
-        self._long_ref = _find_ref(refs, "item_seq")
-        self._refs = sorted(set(refs))
+                for feature in projection.features:
+                    self._refs.setdefault(
+                        feature.name, f"{projection.name_to_use()}:{feature.name}"
+                    )
+        for required in ("short_item_seq", "item_seq"):
+            self._ref(required)
 
-    def get(self, user_ids: Sequence[int]) -> dict[int, UserSequences | None]:
+    def _ref(self, feature: str) -> str:
+        if feature not in self._refs:
+            raise UserFacingError(f"the Feast feature services define no feature {feature!r}")
+        return self._refs[feature]
+
+    def get(
+        self, user_ids: Sequence[int], user_columns: Sequence[str] = ()
+    ) -> dict[int, UserHistory | None]:
         if not user_ids:
             return {}
+        names = ["short_item_seq", "item_seq"]
+        names += [n for n in ("event_type_seq", "value_seq") if n in self._refs]
+        names += list(user_columns)
+        refs = sorted({self._ref(name) for name in names})
         response = self._store.get_online_features(
-            features=self._refs,
+            features=refs,
             entity_rows=[{"user_id": int(user)} for user in user_ids],
             full_feature_names=True,
         ).to_dict()
-        short_col = response[self._short_ref.replace(":", "__")]
-        long_col = response[self._long_ref.replace(":", "__")]
-        result: dict[int, UserSequences | None] = {}
-        for user, short, long in zip(user_ids, short_col, long_col, strict=True):
-            result[int(user)] = _to_sequences(short, long)
+        column = {name: response[self._ref(name).replace(":", "__")] for name in names}
+        result: dict[int, UserHistory | None] = {}
+        for row, user in enumerate(user_ids):
+            short, long = column["short_item_seq"][row], column["item_seq"][row]
+            if short is None and long is None:
+                result[int(user)] = None
+                continue
+            result[int(user)] = UserHistory(
+                short=tuple(int(i) for i in short or ()),
+                long=tuple(int(i) for i in long or ()),
+                event_types=tuple(column.get("event_type_seq", [None] * len(user_ids))[row] or ()),
+                values=tuple(
+                    float("nan") if v is None else float(v)
+                    for v in column.get("value_seq", [None] * len(user_ids))[row] or ()
+                ),
+                features={name: column[name][row] for name in user_columns},
+            )
         return result
 
-
-def _find_ref(refs: list[str], feature: str) -> str:
-    """The one ``view:feature`` reference for ``feature`` among the services' features."""
-    matches = [ref for ref in refs if ref.split(":", 1)[1] == feature]
-    if not matches:
-        raise UserFacingError(f"Feast feature services define no feature {feature!r}")
-    return matches[0]
-
-
-def _to_sequences(short: Any, long: Any) -> UserSequences | None:
-    """None when the store has no row (both lists missing), else the integer sequences."""
-    if short is None and long is None:
-        return None
-    return UserSequences(
-        short=tuple(int(i) for i in short or ()), long=tuple(int(i) for i in long or ())
-    )
+    def item_features(self, item_ids: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+        refs = [self._ref(name) for name in columns]
+        response = self._store.get_online_features(
+            features=refs,
+            entity_rows=[{"item_id": int(item)} for item in item_ids],
+            full_feature_names=True,
+        ).to_dict()
+        return {
+            name: response[ref.replace(":", "__")] for name, ref in zip(columns, refs, strict=True)
+        }

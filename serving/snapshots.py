@@ -247,9 +247,14 @@ def publish_snapshot(
     if keep < 1:
         raise SnapshotError(f"retention must keep at least 1 snapshot, got {keep}")
     files = _snapshot_files(source_dir)
-    if EMBEDDINGS_FILE not in files or ITEM_IDS_FILE not in files:
+    if not {ITEM_IDS_FILE, POPULAR_FILE, SOURCE_FILE} <= set(files):
         raise SnapshotError(
             f"{source_dir} holds no refreshed embeddings; run `grank embeddings refresh`"
+        )
+    model_files = {EMBEDDINGS_FILE, NETWORK_FILE, NETWORK_CONFIG_FILE}
+    if model_files & set(files) and not model_files <= set(files):
+        raise SnapshotError(
+            f"{source_dir} holds part of a model: {sorted(model_files & set(files))}"
         )
     metadata = {**metadata, **_content_metadata(source_dir)}
     snapshots_dir.mkdir(parents=True, exist_ok=True)
@@ -269,9 +274,22 @@ def publish_snapshot(
 
 
 def _content_metadata(source_dir: Path) -> dict[str, Any]:
-    """Shape, dtype and checkpoint id, read from the files themselves (never trusted input)."""
-    matrix = np.load(source_dir / EMBEDDINGS_FILE, mmap_mode="r")
+    """Shape, dtype and checkpoint id, read from the files themselves (never trusted input).
+
+    A popularity-only snapshot (no model has passed the gate yet) has no matrix: its
+    ``checkpoint_id`` is None and serving answers every user from ``popular_items``.
+    """
     item_ids = np.load(source_dir / ITEM_IDS_FILE, mmap_mode="r")
+    if not (source_dir / EMBEDDINGS_FILE).is_file():
+        return {
+            "item_count": int(item_ids.shape[0]),
+            "table_rows": None,
+            "dim": None,
+            "dtype": None,
+            "checkpoint_id": None,
+            "metrics": {},
+        }
+    matrix = np.load(source_dir / EMBEDDINGS_FILE, mmap_mode="r")
     try:
         source = json.loads((source_dir / SOURCE_FILE).read_text("utf-8"))
     except (OSError, ValueError) as exc:
@@ -333,10 +351,10 @@ def list_snapshots(snapshots_dir: Path) -> list[SnapshotInfo]:
     return infos
 
 
-def rollback(snapshots_dir: Path, to: str | None = None) -> str:
-    """Point ``CURRENT`` at ``to`` (or the newest verified version older than current).
+def rollback_target(snapshots_dir: Path, to: str | None = None) -> str:
+    """The version a rollback goes to: ``to``, or the newest one older than ``CURRENT``.
 
-    The target is verified first; a broken target is refused and ``CURRENT`` stays.
+    The target is verified; a broken one is refused (then nothing moves).
     """
     current = read_current(snapshots_dir)
     if to is not None:
@@ -355,8 +373,31 @@ def rollback(snapshots_dir: Path, to: str | None = None) -> str:
             raise SnapshotError(f"no snapshot older than {current} to roll back to")
         target = older[-1]
     verify_snapshot(version_dir(snapshots_dir, target))
-    atomic_write_text(snapshots_dir / CURRENT, target + "\n")
     return target
+
+
+def point_current(snapshots_dir: Path, version: str) -> str:
+    """Point ``CURRENT`` at ``version`` after verifying it (a broken one is refused)."""
+    verify_snapshot(version_dir(snapshots_dir, version))
+    atomic_write_text(snapshots_dir / CURRENT, version + "\n")
+    return version
+
+
+def read_manifest_of(snapshots_dir: Path, version: str) -> dict[str, Any]:
+    """The manifest of a published ``version`` (unverified: for its metadata only)."""
+    try:
+        manifest = json.loads((version_dir(snapshots_dir, version) / MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"snapshot {version}: its manifest is unreadable") from exc
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"snapshot {version}: its manifest is not a JSON object")
+    return manifest
+
+
+def current_manifest(snapshots_dir: Path) -> dict[str, Any] | None:
+    """The manifest of the version ``CURRENT`` names (None before the first publish)."""
+    version = read_current(snapshots_dir)
+    return None if version is None else read_manifest_of(snapshots_dir, version)
 
 
 def prune_snapshots(snapshots_dir: Path, keep: int) -> list[str]:

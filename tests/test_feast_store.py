@@ -108,6 +108,7 @@ def write_feature_tables(features_dir: Path, day: date, user_ids: list[int]) -> 
                 "item_id": pa.array([1, 2], pa.int64()),
                 **{f"pop_{w}": pa.array([7, 3], pa.int64()) for w in ("1d", "7d", "30d", "total")},
                 "first_seen_ts": stamps([day_start_us(DAY1)] * 2),
+                "age_days": pa.array([(day - DAY1).days] * 2, pa.int64()),
                 "title": pa.array(["Toy Story (1995)", "Jumanji (1995)"]),
                 "year": pa.array([1995, 1995], pa.int32()),
                 "genres": pa.array(["Animation", "Adventure"]),

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "common": set(),
     "features": {"common", "features"},
     "training": {"common", "features", "training"},
-    "serving": {"common", "serving", "training.model", "training.checkpoint"},
+    "serving": {"common", "serving", "training.model", "training.inputs", "training.checkpoint"},
     "grank": OURS - {"dags"},
     "dags": set(),
 }

@@ -17,37 +17,44 @@ import uvicorn
 
 from common.atomic import atomic_write_text
 from serving.app import ServeConfig, create_app
-from serving.sequences import SequenceSource, StaticSequenceSource, UserSequences
-from serving.snapshots import CURRENT, EMBEDDINGS_FILE, read_current, rollback, version_sequence
+from serving.sequences import StaticUserSource, UserHistory, UserSource
+from serving.snapshots import (
+    CURRENT,
+    EMBEDDINGS_FILE,
+    point_current,
+    read_current,
+    rollback_target,
+    version_sequence,
+)
 from tests.test_snapshots import N_ITEMS, make_refresh, publish
 from training.checkpoint import load_checkpoint
 
 HISTORIES = {
-    1: UserSequences(short=(5, 6, 7), long=(1, 2, 3, 5, 6, 7)),
-    2: UserSequences(short=(100, 200), long=(100, 200)),
-    3: UserSequences(short=(), long=()),
+    1: UserHistory(short=(5, 6, 7), long=(1, 2, 3, 5, 6, 7)),
+    2: UserHistory(short=(100, 200), long=(100, 200)),
+    3: UserHistory(short=(), long=()),
 }
 for _user in range(10, 60):
-    HISTORIES[_user] = UserSequences(short=(_user, _user + 1), long=(_user, _user + 1, _user + 2))
+    HISTORIES[_user] = UserHistory(short=(_user, _user + 1), long=(_user, _user + 1, _user + 2))
 
 
-class SlowSource(StaticSequenceSource):
+class SlowSource(StaticUserSource):
     """A lookup that takes a while, so requests pile up behind it (back-pressure test)."""
 
-    def get(self, user_ids: Sequence[int]) -> dict[int, UserSequences | None]:
+    def get(
+        self, user_ids: Sequence[int], user_columns: Sequence[str] = ()
+    ) -> dict[int, UserHistory | None]:
         time.sleep(0.2)
-        return super().get(user_ids)
+        return super().get(user_ids, user_columns)
 
 
 @contextmanager
-def running_server(
-    root: Path, source: SequenceSource | None = None, **knobs: object
-) -> Iterator[str]:
+def running_server(root: Path, source: UserSource | None = None, **knobs: object) -> Iterator[str]:
     """A uvicorn server on a free loopback port in a thread; yields its base URL."""
     config = ServeConfig(
         snapshots_dir=root / "snapshots", device="cpu", k1=50, poll_s=0.05, **knobs
     )  # type: ignore[arg-type]
-    app = create_app(config, source or StaticSequenceSource(HISTORIES))
+    app = create_app(config, source or StaticUserSource(HISTORIES))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -120,6 +127,7 @@ def test_unknown_users_get_the_popular_fallback(root: Path) -> None:
     with running_server(root) as url:
         body = httpx.post(f"{url}/recommend", json={"user_id": 999_999, "k": 3}).json()
         assert body["fallback"] is True
+        assert body["fallback_reason"] == "unknown user: the most popular items"
         assert [i["item_id"] for i in body["items"]] == [N_ITEMS, N_ITEMS - 1, N_ITEMS - 2]
         empty = httpx.post(f"{url}/recommend", json={"user_id": 3, "k": 3}).json()
         assert empty["fallback"] is False and len(empty["items"]) == 3
@@ -232,7 +240,7 @@ def test_rollback_is_served_within_seconds(root: Path) -> None:
     with running_server(root) as url:
         second = publish(root, make_refresh(root, seed=2))
         wait_for_version(url, second)
-        assert rollback(root / "snapshots") == first
+        assert point_current(root / "snapshots", rollback_target(root / "snapshots")) == first
         assert wait_for_version(url, first) < 2.0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from features.feature_store import StoreConfig, materialize_window, open_store, register
-from serving.sequences import FeastSequenceSource, UserSequences
+from serving.sequences import FeastUserSource, UserHistory
 from tests.test_feast_store import DAY1, sequence_of, write_feature_tables
 from tests.test_serving_app import running_server
 from tests.test_snapshots import N_ITEMS, make_refresh, publish
@@ -20,10 +21,25 @@ def test_recommend_reads_histories_from_the_feast_online_store(tmp_path: Path) -
     register(store, features_dir)
     materialize_window(store, features_dir, DAY1, DAY1)
 
-    source = FeastSequenceSource(tmp_path / "feast")
+    source = FeastUserSource(tmp_path / "feast")
     histories = source.get([2, 999])
     expected = tuple(sequence_of(2, DAY1))
-    assert histories == {2: UserSequences(short=expected, long=expected), 999: None}
+    assert histories == {
+        2: UserHistory(
+            short=expected,
+            long=expected,
+            event_types=("rating",) * len(expected),
+            values=(4.0,) * len(expected),
+        ),
+        999: None,
+    }
+    # a model trained with features also reads the profile and item features online
+    profile = source.get([2], ["events_7d", "gender"])[2]
+    assert profile is not None and profile.features == {"events_7d": 1, "gender": "F"}
+    assert source.item_features(np.array([1, 2, 99]), ["pop_7d", "age_days"]) == {
+        "pop_7d": [7, 3, None],
+        "age_days": [0, 0, None],
+    }
 
     publish(tmp_path, make_refresh(tmp_path, seed=1))
     with running_server(tmp_path, source) as url:

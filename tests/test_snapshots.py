@@ -21,8 +21,8 @@ from grank.cli import cli
 from grank.config import REPO_ROOT
 from serving.embeddings import refresh_embeddings
 from serving.mips import MipsOptions
-from serving.recommender import Recommender, RecRequest, load_snapshot
-from serving.sequences import StaticSequenceSource, UserSequences
+from serving.recommender import NO_MODEL, Recommender, RecRequest, load_snapshot
+from serving.sequences import StaticUserSource, UserHistory
 from serving.snapshots import (
     CURRENT,
     EMBEDDINGS_FILE,
@@ -30,10 +30,11 @@ from serving.snapshots import (
     NETWORK_FILE,
     SnapshotError,
     list_snapshots,
+    point_current,
     prune_snapshots,
     publish_snapshot,
     read_current,
-    rollback,
+    rollback_target,
     verify_snapshot,
     version_dir,
 )
@@ -57,6 +58,11 @@ def make_refresh(root: Path, seed: int, n_items: int = N_ITEMS) -> Path:
     out = root / "embeddings" / f"seed={seed}"
     refresh_embeddings(checkpoint, out, list(range(1, n_items + 1)), popular, batch_size=64)
     return out
+
+
+def rollback(snapshots: Path, to: str | None = None) -> str:
+    """What `grank snapshot rollback` does to CURRENT."""
+    return point_current(snapshots, rollback_target(snapshots, to))
 
 
 def publish(root: Path, source: Path, keep: int = 5) -> str:
@@ -213,22 +219,17 @@ def test_killing_the_publisher_mid_write_keeps_the_old_current(tmp_path: Path, p
     verify_snapshot(snapshots / newer)
 
 
-def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
-    make_refresh(tmp_path, seed=3)
-    checkpoints = tmp_path / "checkpoints"
-    (settings.models_dir / "checkpoints").mkdir(parents=True)
-    os.replace(checkpoints / "ckpt-3", settings.models_dir / "checkpoints" / "ckpt-3")
-    (settings.models_dir / "PUBLISHED").write_text("ckpt-3\n")
-    items = settings.lake_dir / "raw" / "items"
-    items.mkdir(parents=True)
+def _catalogue_and_item_features(settings, day: date = DAY) -> None:
+    """50 catalogue items; item_features of ``day`` for 60 (10 of them not servable)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    items = settings.lake_dir / "raw" / "items"
+    items.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         pa.table({"item_id": pa.array(range(1, 51), pa.int64())}), items / "items.parquet"
     )
-    features = settings.features_dir / "item_features" / f"dt={DAY}"
+    features = settings.features_dir / "item_features" / f"dt={day}"
     features.mkdir(parents=True)
     pq.write_table(
         pa.table(
@@ -240,6 +241,22 @@ def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
         ),
         features / "part-0.parquet",
     )
+
+
+def _registered(settings, seed: int, day: date = DAY) -> str:
+    """A tiny checkpoint of 51 rows committed to the settings' model registry."""
+    from training.registry import ModelRegistry
+
+    torch.manual_seed(seed)
+    config = GRankConfig(
+        n_item_rows=51, dim=16, n_layers=1, n_heads=2, short_seq_len=8, long_seq_len=16
+    )
+    return ModelRegistry(settings.models_dir).commit(
+        GRank(config).eval(), {"test_day": day.isoformat()}, day
+    )
+
+
+def _cli(tmp_path: Path):
     env = {"GRANK_DATA_ROOT": str(tmp_path), "GRANK_DATASET": "ml-100k"}
     runner = CliRunner()
 
@@ -248,15 +265,38 @@ def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         return result.output
 
+    return grank, env
+
+
+def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
+    from training.registry import ModelRegistry
+
+    settings = make_settings(tmp_path)
+    _catalogue_and_item_features(settings)
+    registry = ModelRegistry(settings.models_dir)
+    first = _registered(settings, seed=3)
+    registry.promote(first, "promote", "test")
+    grank, env = _cli(tmp_path)
     assert "refreshed 50 items x 16" in grank("embeddings", "refresh", "--date", str(DAY))
     popular = np.load(tmp_path / "embeddings" / f"dt={DAY}" / "popular_items.npy")
     assert popular[:3].tolist() == [48, 41, 34] and popular.max() <= 50  # pop_7d=6 first
     assert "000001-2000-12-31" in grank("snapshot", "publish", "--date", str(DAY))
-    grank("snapshot", "publish", "--date", str(DAY))
+    # the same model again changes nothing: not published (unless forced)
+    assert "not published: CURRENT (000001-2000-12-31) already serves the model" in grank(
+        "snapshot", "publish", "--date", str(DAY)
+    )
+    second = _registered(settings, seed=4)
+    registry.promote(second, "promote", "test")
+    grank("embeddings", "refresh", "--date", str(DAY))
+    assert "000002-2000-12-31" in grank("snapshot", "publish", "--date", str(DAY))
     listing = grank("snapshot", "list")
-    assert "* 000002-2000-12-31" in listing and "checkpoint=ckpt-3" in listing
+    assert "* 000002-2000-12-31" in listing and f"checkpoint={second}" in listing
     assert "verified" in grank("snapshot", "verify")
-    assert "CURRENT -> 000001-2000-12-31" in grank("snapshot", "rollback")
+    # a snapshot rollback moves the model pointer with it: tomorrow trains from that model
+    rolled = grank("snapshot", "rollback", "--reason", "bad model")
+    assert f"CURRENT -> 000001-2000-12-31; PUBLISHED: {second} -> {first}" in rolled
+    assert registry.published() == first
+    assert registry.history()[-1].action == "snapshot rollback"
     bad = subprocess.run(
         [str(REPO_ROOT / ".venv" / "bin" / "grank"), "snapshot", "rollback", "--to", "../x"],
         env={**os.environ, **env},
@@ -265,7 +305,39 @@ def test_cli_refresh_publish_list_verify_rollback(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error: invalid snapshot version")
+    assert registry.published() == first  # a refused rollback moves nothing
     assert json.loads((tmp_path / "snapshots" / "000001-2000-12-31" / "manifest.json").read_text())
+
+
+def test_publish_never_goes_back_in_time_and_popularity_serves_until_a_model_passes(
+    tmp_path: Path,
+) -> None:
+    from training.registry import ModelRegistry
+
+    settings = make_settings(tmp_path)
+    _catalogue_and_item_features(settings)
+    earlier = date(2000, 12, 30)
+    _catalogue_and_item_features(settings, earlier)
+    grank, _ = _cli(tmp_path)
+    # no model has passed: the snapshot is popularity only, and serving says so
+    assert "no model has passed the gate yet" in grank("embeddings", "refresh", "--date", str(DAY))
+    assert "000001-2000-12-31" in grank("snapshot", "publish", "--date", str(DAY))
+    snapshot = load_snapshot(tmp_path / "snapshots" / "000001-2000-12-31")
+    assert snapshot.model is None
+    source = StaticUserSource({7: UserHistory(short=(48,), long=(48,))})
+    recommender = Recommender(lambda: snapshot, source, 40, True)
+    known, unknown = recommender.recommend_batch([RecRequest(7, 3), RecRequest(8, 3)])
+    assert known.items == [41, 34, 27] and unknown.items == [48, 41, 34]  # seen 48 filtered
+    assert known.fallback == unknown.fallback == NO_MODEL
+    # a model passes: it replaces popularity; popularity never replaces it again
+    ModelRegistry(settings.models_dir).promote(_registered(settings, seed=3), "promote", "test")
+    grank("embeddings", "refresh", "--date", str(DAY))
+    assert "000002-2000-12-31" in grank("snapshot", "publish", "--date", str(DAY))
+    # an older day re-run (a backfill) never moves CURRENT back
+    grank("embeddings", "refresh", "--date", str(earlier))
+    out = grank("snapshot", "publish", "--date", str(earlier))
+    assert "not published: CURRENT serves 000002-2000-12-31, of a later day" in out
+    assert read_current(tmp_path / "snapshots") == "000002-2000-12-31"
 
 
 def test_publish_refuses_a_folder_without_embeddings(tmp_path: Path) -> None:
@@ -287,8 +359,8 @@ def test_items_outside_the_catalogue_are_never_recommended_but_still_embed_histo
     refresh_embeddings(checkpoint, out, catalogue, catalogue[::-1], progress=False)
     snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsOptions("cpu"))
     assert snapshot.n_servable == len(catalogue)
-    history = UserSequences(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
-    recommender = Recommender(lambda: snapshot, StaticSequenceSource({9: history}), 40, True)
+    history = UserHistory(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
+    recommender = Recommender(lambda: snapshot, StaticUserSource({9: history}), 40, True)
     (result,) = recommender.recommend_batch([RecRequest(user_id=9, k=40)])
     assert len(result.items) == 40 and not set(result.items) & retired
     model, _ = load_checkpoint(checkpoint)

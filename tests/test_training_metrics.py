@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common.errors import UserFacingError
+from features.lake import US_PER_DAY
 from training.data import Timelines, day_number, leave_last_out, make_windows, next_day
-from training.evaluate import gate
 from training.losses import (
     LossWeights,
     generator_hard_negatives,
@@ -75,19 +75,12 @@ def test_hard_negatives_come_from_the_generator_top_and_never_the_target():
     assert set(drawn[1].tolist()) == {1, 3, 4}
 
 
-def test_gate():
-    assert gate(0.30, None, 0.01)[0]
-    assert gate(0.295, 0.30, 0.01)[0]
-    ok, reason = gate(0.28, 0.30, 0.01)
-    assert not ok and "worse than the published" in reason
-
-
 def timelines(seqs: list[list[int]], days: list[list[int]], first_target: list[int]) -> Timelines:
     return Timelines(
         user_ids=np.arange(1, len(seqs) + 1),
         offsets=np.r_[0, np.cumsum([len(s) for s in seqs])],
         items=np.concatenate([np.array(s) for s in seqs]),
-        days=np.concatenate([np.array(d) for d in days]),
+        times=np.concatenate([np.array(d) for d in days]) * US_PER_DAY,
         first_target=np.array(first_target),
         first_day=date(2000, 1, 1),
         last_day=date(2000, 1, 3),

@@ -9,7 +9,7 @@ import torch
 
 from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
-from training.losses import LossWeights, joint_loss
+from training.losses import LossWeights, TrainBatch, joint_loss
 from training.model import GRank, GRankConfig
 
 
@@ -165,10 +165,7 @@ def test_hard_negatives_only_add_ranker_columns():
         torch.manual_seed(1)
         loss, parts[hard] = joint_loss(
             model,
-            short,
-            long,
-            labels,
-            targets,
+            TrainBatch(short, long, labels, targets),
             LossWeights(candidates=4, hard_negatives=hard),
             None,
         )
@@ -177,3 +174,55 @@ def test_hard_negatives_only_add_ranker_columns():
         assert float(model.ranker_query.weight.grad.abs().sum()) > 0
     assert parts[0]["ntp"] == parts[5]["ntp"] and parts[0]["sa"] == parts[5]["sa"]
     assert parts[0]["ca"] != parts[5]["ca"]
+
+
+def test_features_reach_the_query_token_and_the_ranker():
+    """Each feature group changes what it should, and only that: the profile and the pooled
+    behaviours move the user vector, item features move the Ranker's scores."""
+    from training.inputs import BehaviorRule, InputSpec
+    from training.model import UserContext
+
+    spec = InputSpec(
+        behaviors=(BehaviorRule("liked", (), min_value=4.0),),
+        user_numeric=("events_7d",),
+        user_categorical=("gender",),
+        item_numeric=("pop_7d",),
+    )
+    torch.manual_seed(0)
+    model = GRank(
+        GRankConfig(
+            n_item_rows=40,
+            dim=16,
+            n_layers=1,
+            n_heads=2,
+            short_seq_len=6,
+            long_seq_len=8,
+            dropout=0.0,
+            inputs=spec,
+            ranker_residual=True,
+        )
+    )
+    model.eval()
+    long = torch.randint(1, 40, (2, 8))
+    base = UserContext(
+        long,
+        torch.zeros(2, 8, dtype=torch.long),
+        torch.zeros(2, 1),
+        torch.ones(2, 1, dtype=torch.long),
+    )
+    vectors = model.user_vectors(SHORT, base)
+    for changed in (
+        UserContext(long, torch.ones(2, 8, dtype=torch.long), base.numeric, base.categorical),
+        UserContext(long, base.long_flags, torch.ones(2, 1), base.categorical),
+        UserContext(long, base.long_flags, base.numeric, torch.full((2, 1), 7)),
+    ):
+        assert not torch.allclose(vectors, model.user_vectors(SHORT, changed))
+    with pytest.raises(ValueError, match="reads user features"):
+        model.user_vectors(SHORT)
+    cands = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    gen = model.generator_scores(vectors, cands)
+    popular = model.rank_scores(long, cands, gen, torch.ones(2, 3, 1))
+    unpopular = model.rank_scores(long, cands, gen, torch.zeros(2, 3, 1))
+    assert not torch.allclose(popular, unpopular)
+    with pytest.raises(ValueError, match="reads item features"):
+        model.rank_scores(long, cands, gen)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.features import FeatureHistory
+
 
 class Popularity(nn.Module):
     """Everyone gets the items most frequent among the training targets."""
@@ -26,6 +28,26 @@ class Popularity(nn.Module):
 
     def item_vectors(self) -> torch.Tensor:
         return self.scores[:, None]
+
+
+class RecentPopularity:
+    """Everyone gets the items with the most events in a trailing window, as of the day
+    before the prediction: ranked by an ``item_features`` count column (e.g. ``pop_7d``),
+    the popularity a team would serve from this feature store."""
+
+    def __init__(self, history: FeatureHistory, column: str) -> None:
+        if column not in history.spec.item_numeric:
+            raise ValueError(f"the feature history holds no item column {column!r}")
+        self._history = history
+        self._column = history.spec.item_numeric.index(column)
+
+    def scores(self, days: np.ndarray) -> torch.Tensor:
+        """[B, item rows] scores for predictions made on ``days`` (monotone in the count)."""
+        table = self._history.item_numeric
+        rows = torch.arange(table.shape[1], device=table.device)
+        features = self._history.item_features(days, rows.expand(len(days), -1))
+        assert features is not None
+        return features[..., self._column]
 
 
 class TwoTower(nn.Module):

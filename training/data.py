@@ -15,8 +15,9 @@ Splits (docs/model.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +29,48 @@ from common.errors import UserFacingError
 from features.lake import EPOCH, US_PER_DAY
 
 TABLE = "training_examples"
-COLUMNS = ["event_id", "user_id", "target_item_id", "event_timestamp", "history_item_seq"]
+COLUMNS = [
+    "event_id",
+    "user_id",
+    "target_item_id",
+    "event_timestamp",
+    "history_item_seq",
+    "history_ts_seq",
+]
+# written by newer feature builds: what each event was (behaviour types come from these)
+BEHAVIOR_COLUMNS = [
+    "target_value",
+    "target_event_type",
+    "history_value_seq",
+    "history_event_type_seq",
+]
 
 
 @dataclass(frozen=True)
 class Timelines:
-    """Per-user item sequences (oldest → newest) in CSR form.
+    """Per-user event sequences (oldest → newest) in CSR form.
 
     ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s sequence; positions before
-    ``first_target[u]`` are history from before the window (not targets of it);
-    ``days[p]`` is the UTC day number of position ``p`` (-1 for pre-window history).
+    ``first_target[u]`` are history from before the window (not targets of it).
+    ``times`` are unix microseconds; ``kinds`` index ``kind_names`` (the event type) and
+    ``values`` hold the event's value (NaN when unknown), per position.
     """
 
     user_ids: np.ndarray
     offsets: np.ndarray
     items: np.ndarray
-    days: np.ndarray
+    times: np.ndarray
     first_target: np.ndarray
     first_day: date
     last_day: date
+    kinds: np.ndarray | None = None
+    values: np.ndarray | None = None
+    kind_names: tuple[str, ...] = ()
+
+    @cached_property
+    def days(self) -> np.ndarray:
+        """UTC day number of every position."""
+        return self.times // US_PER_DAY
 
     @property
     def n_users(self) -> int:
@@ -59,18 +83,48 @@ class Timelines:
     def sequence(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
+    def event_types(self) -> np.ndarray:
+        """The event type of every position as strings ("" where unknown)."""
+        names = np.array([*self.kind_names, ""], dtype=object)
+        if self.kinds is None:
+            return np.full(len(self.items), "", dtype=object)
+        return names[self.kinds]
+
+    def event_values(self) -> np.ndarray:
+        return self.values if self.values is not None else np.full(len(self.items), np.nan)
+
 
 @dataclass(frozen=True)
 class Queries:
-    """Evaluation queries: history ``sequence(user)[:cut]``, relevant items in CSR form."""
+    """Evaluation queries: history ``sequence(user)[:cut]``, relevant items in CSR form.
+
+    ``days[q]`` is the UTC day number the prediction is made on (features are read as of
+    the end of the day before); ``weights[q]`` weigh the metric's mean (uniform when None;
+    1/n per query of a user with n queries gives the per-user mean).
+    """
 
     users: np.ndarray
     cuts: np.ndarray
     relevant_offsets: np.ndarray
     relevant_items: np.ndarray
+    days: np.ndarray
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
+
+    def select(self, rows: np.ndarray) -> Queries:
+        """The queries at ``rows`` (with their relevant items)."""
+        starts, stops = self.relevant_offsets[rows], self.relevant_offsets[rows + 1]
+        items = [self.relevant_items[a:b] for a, b in zip(starts, stops, strict=True)]
+        return Queries(
+            users=self.users[rows],
+            cuts=self.cuts[rows],
+            relevant_offsets=np.r_[0, np.cumsum(stops - starts)].astype(np.int64),
+            relevant_items=(np.concatenate(items) if items else np.zeros(0)).astype(np.int64),
+            days=self.days[rows],
+            weights=None if self.weights is None else self.weights[rows],
+        )
 
 
 def partition_days(features_dir: Path) -> list[date]:
@@ -85,6 +139,16 @@ def partition_days(features_dir: Path) -> list[date]:
 
 def day_number(day: date) -> int:
     return (day - EPOCH).days
+
+
+@dataclass
+class _Pieces:
+    """What :func:`read_timelines` collects partition by partition before assembling."""
+
+    targets: list[pa.Table] = field(default_factory=list)
+    history_users: list[np.ndarray] = field(default_factory=list)
+    history: list[pa.Table] = field(default_factory=list)
+    seen_users: set[int] = field(default_factory=set)
 
 
 def read_timelines(
@@ -108,83 +172,136 @@ def read_timelines(
     missing = sorted(d for d in span_days - set(days) if landed is None or d in landed)
     if missing:
         raise UserFacingError(f"{TABLE} has gaps in {days[0]}..{days[-1]}: missing {missing[:3]}")
-    targets: list[pa.Table] = []
-    history_users: list[np.ndarray] = []
-    history_lists: list[pa.Array] = []
-    seen_users: set[int] = set()
+    pieces = _Pieces()
     for day in days:
-        folder = features_dir / TABLE / f"dt={day.isoformat()}"
-        table = pq.read_table(folder, columns=COLUMNS)
-        if table.num_rows == 0:
-            continue
-        ts = pc.cast(table["event_timestamp"], pa.int64()).to_numpy()
-        order = np.lexsort((table["event_id"].to_numpy(), ts))
-        table = table.take(pa.array(order))
-        users = table["user_id"].to_numpy()
-        _, first_rows = np.unique(users, return_index=True)
-        new_rows = np.array([r for r in np.sort(first_rows) if int(users[r]) not in seen_users])
-        if len(new_rows):
-            seen_users.update(int(u) for u in users[new_rows])
-            history_users.append(users[new_rows])
-            history_lists.append(
-                table["history_item_seq"].take(pa.array(new_rows)).combine_chunks()
-            )
-        targets.append(
+        _read_partition(features_dir / TABLE / f"dt={day.isoformat()}", pieces)
+    if not pieces.targets:
+        raise UserFacingError(f"{TABLE} partitions for {days[0]}..{days[-1]} hold no rows")
+    return _assemble(pieces, days[0], days[-1])
+
+
+def _read_partition(folder: Path, pieces: _Pieces) -> None:
+    """Add one day's targets, and the history of users not seen in earlier days."""
+    present = set(pq.read_schema(next(folder.glob("*.parquet"))).names)
+    table = pq.read_table(folder, columns=COLUMNS + [c for c in BEHAVIOR_COLUMNS if c in present])
+    if table.num_rows == 0:
+        return
+    ts = pc.cast(table["event_timestamp"], pa.int64()).to_numpy()
+    order = np.lexsort((table["event_id"].to_numpy(), ts))
+    table = table.take(pa.array(order))
+    users = table["user_id"].to_numpy()
+    _, first_rows = np.unique(users, return_index=True)
+    new_rows = np.array(
+        [r for r in np.sort(first_rows) if int(users[r]) not in pieces.seen_users], dtype=np.int64
+    )
+    if len(new_rows):
+        pieces.seen_users.update(int(u) for u in users[new_rows])
+        pieces.history_users.append(users[new_rows])
+        pieces.history.append(
             pa.table(
                 {
-                    "user_id": table["user_id"],
-                    "item": table["target_item_id"],
-                    "ts": pc.cast(table["event_timestamp"], pa.int64()),
-                    "event_id": table["event_id"],
+                    "item": table["history_item_seq"].take(pa.array(new_rows)).combine_chunks(),
+                    "ts": table["history_ts_seq"].take(pa.array(new_rows)).combine_chunks(),
+                    "value": _optional_list(table, "history_value_seq", new_rows, pa.float32()),
+                    "kind": _optional_list(table, "history_event_type_seq", new_rows, pa.string()),
                 }
             )
         )
-    if not targets:
-        raise UserFacingError(f"{TABLE} partitions for {days[0]}..{days[-1]} hold no rows")
-    return _assemble(pa.concat_tables(targets), history_users, history_lists, days[0], days[-1])
+    pieces.targets.append(
+        pa.table(
+            {
+                "user_id": table["user_id"],
+                "item": table["target_item_id"],
+                "ts": pc.cast(table["event_timestamp"], pa.int64()),
+                "event_id": table["event_id"],
+                "value": _optional(table, "target_value", pa.float32()),
+                "kind": _optional(table, "target_event_type", pa.string()),
+            }
+        )
+    )
 
 
-def _assemble(
-    targets: pa.Table,
-    history_users: list[np.ndarray],
-    history_lists: list[pa.Array],
-    first_day: date,
-    last_day: date,
-) -> Timelines:
+def _optional(table: pa.Table, column: str, kind: pa.DataType) -> pa.ChunkedArray:
+    """``column`` cast to ``kind``, or nulls where an older build did not write it."""
+    if column in table.column_names:
+        return pc.cast(table[column], kind)
+    return pa.chunked_array([pa.nulls(table.num_rows, kind)])
+
+
+def _optional_list(table: pa.Table, column: str, rows: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """List ``column`` at ``rows``; where absent, lists of nulls as long as the item lists."""
+    if column in table.column_names:
+        return pc.cast(table[column].take(pa.array(rows)).combine_chunks(), pa.list_(kind))
+    lengths = pc.list_value_length(table["history_item_seq"].take(pa.array(rows))).to_numpy(
+        zero_copy_only=False
+    )
+    offsets = np.r_[0, np.cumsum(np.nan_to_num(lengths.astype(float)))].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.nulls(int(offsets[-1]), kind))
+
+
+def _assemble(pieces: _Pieces, first_day: date, last_day: date) -> Timelines:
     """Glue each user's pre-window history to their in-window targets (CSR, user-sorted)."""
+    targets = pa.concat_tables(pieces.targets)
     user = targets["user_id"].to_numpy()
     ts = targets["ts"].to_numpy()
     order = np.lexsort((targets["event_id"].to_numpy(), ts, user))
-    user, item, ts = user[order], targets["item"].to_numpy()[order], ts[order]
-    user_ids, target_counts = np.unique(user, return_counts=True)
-    hist_users = np.concatenate(history_users)
-    hist_lists = pa.chunked_array(history_lists).combine_chunks()
-    hist_lengths = pc.list_value_length(hist_lists).to_numpy(zero_copy_only=False)
+    user_ids, target_counts = np.unique(user[order], return_counts=True)
+    history = pa.concat_tables(pieces.history)
+    hist_users = np.concatenate(pieces.history_users)
+    hist_lengths = pc.list_value_length(history["item"]).to_numpy(zero_copy_only=False)
     hist_lengths = np.nan_to_num(hist_lengths.astype(float)).astype(np.int64)
-    hist_values = pc.list_flatten(hist_lists).to_numpy(zero_copy_only=False).astype(np.int64)
     hist_starts = np.r_[0, np.cumsum(hist_lengths)]
     slot = {int(u): i for i, u in enumerate(hist_users)}
-    pieces: list[np.ndarray] = []
-    day_pieces: list[np.ndarray] = []
+    columns = {}
+    for name in ("item", "ts", "value", "kind"):
+        flat = pc.list_flatten(history[name])
+        columns[name] = (flat, pa.chunked_array(targets[name].chunks).combine_chunks())
+    kind_names, kind_codes = _encode_kinds(columns["kind"])
+    arrays = {
+        "item": [np.asarray(a.to_numpy(zero_copy_only=False), np.int64) for a in columns["item"]],
+        "ts": [np.asarray(a.to_numpy(zero_copy_only=False), np.int64) for a in columns["ts"]],
+        "value": [
+            pc.fill_null(pc.cast(a, pa.float32()), float("nan")).to_numpy(zero_copy_only=False)
+            for a in columns["value"]
+        ],
+        "kind": kind_codes,
+    }
+    for name in arrays:  # targets in (user, time, event_id) order
+        arrays[name][1] = arrays[name][1][order]
+    pieces_by_name: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
     first_target = np.zeros(len(user_ids), dtype=np.int64)
     target_starts = np.r_[0, np.cumsum(target_counts)]
     for u, uid in enumerate(user_ids):
         h = slot[int(uid)]
-        history = hist_values[hist_starts[h] : hist_starts[h + 1]]
+        hist = slice(hist_starts[h], hist_starts[h + 1])
         span = slice(target_starts[u], target_starts[u + 1])
-        pieces += [history, item[span]]
-        day_pieces += [np.full(len(history), -1), ts[span] // US_PER_DAY]
-        first_target[u] = len(history)
+        for name, (hist_values, target_values) in arrays.items():
+            pieces_by_name[name] += [hist_values[hist], target_values[span]]
+        first_target[u] = hist_starts[h + 1] - hist_starts[h]
     lengths = target_counts + first_target
     return Timelines(
         user_ids=user_ids,
         offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
-        items=np.concatenate(pieces).astype(np.int64),
-        days=np.concatenate(day_pieces).astype(np.int64),
+        items=np.concatenate(pieces_by_name["item"]).astype(np.int64),
+        times=np.concatenate(pieces_by_name["ts"]).astype(np.int64),
         first_target=first_target,
         first_day=first_day,
         last_day=last_day,
+        kinds=np.concatenate(pieces_by_name["kind"]).astype(np.int16),
+        values=np.concatenate(pieces_by_name["value"]).astype(np.float32),
+        kind_names=kind_names,
     )
+
+
+def _encode_kinds(parts: tuple[pa.Array, pa.Array]) -> tuple[tuple[str, ...], list[np.ndarray]]:
+    """Event types as small codes into a sorted name list (the last code = unknown)."""
+    names = sorted({str(v) for part in parts for v in pc.unique(part).to_pylist() if v is not None})
+    lookup = pa.array(names, pa.string())
+    codes = []
+    for part in parts:
+        index = pc.index_in(part, value_set=lookup)
+        codes.append(pc.fill_null(index, len(names)).to_numpy(zero_copy_only=False))
+    return tuple(names), codes
 
 
 # ------------------------------------------------------------------------ splits
@@ -201,8 +318,8 @@ def leave_last_out(timelines: Timelines) -> tuple[np.ndarray, Queries, Queries]:
     test_users = users[lengths >= 2]
     return (
         train_end,
-        _single_target_queries(timelines, val_users, lengths[val_users] - 2),
-        _single_target_queries(timelines, test_users, lengths[test_users] - 1),
+        single_target_queries(timelines, val_users, lengths[val_users] - 2),
+        single_target_queries(timelines, test_users, lengths[test_users] - 1),
     )
 
 
@@ -239,21 +356,27 @@ def next_day(timelines: Timelines, test_day: date) -> tuple[np.ndarray, Queries,
         cuts=np.array(test_cuts, dtype=np.int64),
         relevant_offsets=np.array(rel_offsets, dtype=np.int64),
         relevant_items=np.concatenate(rel_items).astype(np.int64),
+        days=np.full(len(test_users), day, dtype=np.int64),
     )
     return (
         train_end_fit,
-        _single_target_queries(timelines, val_users, train_end_fit[val_users]),
+        single_target_queries(timelines, val_users, train_end_fit[val_users]),
         test,
     )
 
 
-def _single_target_queries(timelines: Timelines, users: np.ndarray, cuts: np.ndarray) -> Queries:
+def single_target_queries(
+    timelines: Timelines, users: np.ndarray, cuts: np.ndarray, weights: np.ndarray | None = None
+) -> Queries:
+    """One query per (user, cut): predict the event at ``cut`` from the events before it."""
     positions = timelines.offsets[users] + cuts
     return Queries(
         users=users.astype(np.int64),
         cuts=cuts.astype(np.int64),
         relevant_offsets=np.arange(len(users) + 1, dtype=np.int64),
         relevant_items=timelines.items[positions].astype(np.int64),
+        days=timelines.days[positions].astype(np.int64),
+        weights=weights,
     )
 
 
@@ -272,6 +395,9 @@ class Windows:
     long: np.ndarray
     labels: np.ndarray
     targets: np.ndarray
+    users: np.ndarray  # timeline row of each window's user
+    days: np.ndarray  # UTC day number of each window's target
+    long_flags: np.ndarray | None = None  # behaviour bitmasks aligned with ``long``
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -292,13 +418,16 @@ def make_windows(
     long_len: int,
     stride: int,
     rng: np.random.Generator,
+    flags: np.ndarray | None = None,
 ) -> Windows:
     """Cut training windows ending at every ``stride``-th training target (random phase).
 
     The random phase (drawn from ``rng``, so deterministic by seed) moves the window
     boundaries each epoch, a cheap augmentation; ``stride=1`` yields one example per event.
+    ``flags`` (behaviour bitmasks per timeline position) add ``long_flags`` to the windows.
     """
-    short_rows, long_rows, label_rows, targets = [], [], [], []
+    short_rows, long_rows, label_rows, targets, flag_rows = [], [], [], [], []
+    users, positions = [], []
     for u in range(timelines.n_users):
         seq = timelines.sequence(u)
         lo, hi = int(timelines.first_target[u]), int(train_end[u])
@@ -314,6 +443,11 @@ def make_windows(
             long_rows.append(_left_padded(seq[:end], long_len))
             label_rows.append(_left_padded(supervised[1 : end + 1], short_len))
             targets.append(seq[end])
+            users.append(u)
+            positions.append(timelines.offsets[u] + end)
+            if flags is not None:
+                start = timelines.offsets[u]
+                flag_rows.append(_left_padded(flags[start : start + end], long_len))
     if not targets:
         raise UserFacingError("the training window holds no training events")
     return Windows(
@@ -321,20 +455,31 @@ def make_windows(
         long=np.stack(long_rows),
         labels=np.stack(label_rows),
         targets=np.array(targets, dtype=np.int64),
+        users=np.array(users, dtype=np.int64),
+        days=timelines.days[np.array(positions, dtype=np.int64)],
+        long_flags=np.stack(flag_rows) if flags is not None else None,
     )
 
 
 def query_histories(
-    timelines: Timelines, queries: Queries, short_len: int, long_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded short and long histories of every query."""
+    timelines: Timelines,
+    queries: Queries,
+    short_len: int,
+    long_len: int,
+    flags: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Left-padded short and long histories of every query (and the long one's flags)."""
     short = np.zeros((len(queries), short_len), dtype=np.int64)
     long = np.zeros((len(queries), long_len), dtype=np.int64)
+    long_flags = None if flags is None else np.zeros((len(queries), long_len), dtype=np.int64)
     for i, (u, cut) in enumerate(zip(queries.users, queries.cuts, strict=True)):
-        history = timelines.sequence(int(u))[: int(cut)]
+        start = int(timelines.offsets[int(u)])
+        history = timelines.items[start : start + int(cut)]
         short[i] = _left_padded(history, short_len)
         long[i] = _left_padded(history, long_len)
-    return short, long
+        if long_flags is not None and flags is not None:
+            long_flags[i] = _left_padded(flags[start : start + int(cut)], long_len)
+    return short, long, long_flags
 
 
 def item_counts(timelines: Timelines, train_end: np.ndarray, n_rows: int) -> np.ndarray:

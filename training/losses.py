@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training.baselines import TwoTower
-from training.model import GRank
+from training.model import GRank, UserContext
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,35 @@ class LossWeights:
     candidates: int = 32  # in-batch candidates per row for L_SA and L_CA
     hard_negatives: int = 0  # extra L_CA negatives per row from the Generator's top hard_pool
     hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
+
+
+def _no_item_features(candidates: torch.Tensor) -> torch.Tensor | None:
+    return None
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One step's windows as tensors: sequences, NTP labels, targets and the features.
+
+    ``item_features(candidates)`` returns the [B, K, Fi] features of ``candidates`` [B, K]
+    as of each row's prediction day (None for a model that reads none).
+    """
+
+    short: torch.Tensor
+    long: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    user: UserContext | None = None
+    item_features: Callable[[torch.Tensor], torch.Tensor | None] = _no_item_features
+
+
+BatchLoss = Callable[[torch.nn.Module, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def log_q(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """log of each item's share of the training targets: the logQ correction's input."""
+    share = torch.as_tensor(counts, dtype=torch.float32).clamp(min=1) / max(int(counts.sum()), 1)
+    return torch.log(share).to(device)
 
 
 def in_batch_candidates(targets: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,20 +150,17 @@ def ntp_loss(
 
 
 def joint_loss(
-    model: GRank,
-    short: torch.Tensor,
-    long: torch.Tensor,
-    labels: torch.Tensor,
-    targets: torch.Tensor,
-    weights: LossWeights,
-    log_q: torch.Tensor | None,
+    model: GRank, batch: TrainBatch, weights: LossWeights, log_q: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of one batch and its parts (for logging); paths off in the config are skipped."""
     config = model.config
+    targets = batch.targets
     candidates, collides = in_batch_candidates(targets, weights.candidates)
     correction = log_q[candidates] if weights.logq and log_q is not None else None
-    states, aux_scores = model.generator(short, candidates if config.use_aux else None)
-    slot_labels = torch.cat([labels, targets[:, None]], dim=1)  # U predicts the target too
+    states, aux_scores = model.generator(
+        batch.short, candidates if config.use_aux else None, user=batch.user
+    )
+    slot_labels = torch.cat([batch.labels, targets[:, None]], dim=1)  # U predicts the target
     supervised = slot_labels > 0
     total = weights.ntp * ntp_loss(
         states[supervised], slot_labels[supervised], model.item_vectors(), targets, weights, log_q
@@ -156,7 +183,7 @@ def joint_loss(
                 )
         # a residual Ranker learns a correction to the Generator's score, not the score
         base = model.generator_scores(states[:, -1], ranked).detach()
-        scores = model.rank_scores(long, ranked, base)
+        scores = model.rank_scores(batch.long, ranked, base, batch.item_features(ranked))
         logits = scores if ranked_q is None else scores - ranked_q
         ca = softmax_first(logits, masked)
         total = total + weights.ca * ca
@@ -164,37 +191,27 @@ def joint_loss(
     return total, parts
 
 
-def grank_batch_loss(
-    weights: LossWeights, log_q: torch.Tensor | None
-) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+def grank_batch_loss(weights: LossWeights, log_q: torch.Tensor | None) -> BatchLoss:
     """The training loop's per-batch loss for GRank (any ablation)."""
 
     def batch_loss(
-        model: GRank,
-        short: torch.Tensor,
-        long: torch.Tensor,
-        labels: torch.Tensor,
-        targets: torch.Tensor,
+        model: torch.nn.Module, batch: TrainBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return joint_loss(model, short, long, labels, targets, weights, log_q)
+        assert isinstance(model, GRank)
+        return joint_loss(model, batch, weights, log_q)
 
     return batch_loss
 
 
-def two_tower_batch_loss(
-    weights: LossWeights, log_q: torch.Tensor | None
-) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+def two_tower_batch_loss(weights: LossWeights, log_q: torch.Tensor | None) -> BatchLoss:
     """The DSSM baseline's loss: its user vector scores the target, same negatives as L_NTP."""
 
     def batch_loss(
-        model: TwoTower,
-        short: torch.Tensor,
-        long: torch.Tensor,
-        labels: torch.Tensor,
-        targets: torch.Tensor,
+        model: torch.nn.Module, batch: TrainBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        vectors = model.user_vectors(short)
-        loss = ntp_loss(vectors, targets, model.item_vectors(), targets, weights, log_q)
+        assert isinstance(model, TwoTower)
+        vectors = model.user_vectors(batch.short)
+        loss = ntp_loss(vectors, batch.targets, model.item_vectors(), batch.targets, weights, log_q)
         return loss, {"ntp": float(loss.detach())}
 
     return batch_loss

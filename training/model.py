@@ -20,7 +20,7 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserFacingError
+from training.inputs import InputSpec
 
 ITEM_TABLE_KEY = "item_embedding.weight"  # state-dict name of the shared item table
 
@@ -48,6 +49,8 @@ class GRankConfig:
     # The Ranker's score = the Generator's MIPS score + the MLP's correction, so Stage 2
     # starts from Stage 1's order (docs/model.md). False in checkpoints written before it.
     ranker_residual: bool = False
+    # features besides the item sequences (training/inputs.py); sequence-only by default
+    inputs: InputSpec = field(default_factory=InputSpec)
 
     def __post_init__(self) -> None:
         if self.n_item_rows < 2:
@@ -56,7 +59,7 @@ class GRankConfig:
             raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "inputs": self.inputs.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GRankConfig:
@@ -65,7 +68,24 @@ class GRankConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserFacingError(f"unknown model config keys {unknown}")
-        return cls(**values)
+        inputs = InputSpec.from_dict(values.get("inputs", {}))
+        return cls(**{**values, "inputs": inputs})
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """The user-side inputs besides the short sequence, as tensors (training/inputs.py).
+
+    ``long_seq`` [B, Ll] with ``long_flags`` [B, Ll] (behaviour bitmasks, aligned);
+    ``numeric`` [B, Fu] (scaled) and ``categorical`` [B, Cu] (hashed buckets) are the user's
+    features as of the day before the prediction. Any part the config does not use may
+    be None.
+    """
+
+    long_seq: torch.Tensor | None = None
+    long_flags: torch.Tensor | None = None
+    numeric: torch.Tensor | None = None
+    categorical: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -143,6 +163,15 @@ class GRank(nn.Module):
             Block(d, config.n_heads, config.dropout) for _ in range(config.n_layers)
         )
         self.final_norm = nn.LayerNorm(d)
+        spec = config.inputs
+        if spec.behaviors:  # U = [profile ; pooled sequences of each behaviour] (the paper)
+            self.behavior_pool = nn.Linear(d * len(spec.behaviors), d)
+        if spec.user_numeric:
+            self.user_numeric = nn.Sequential(
+                nn.Linear(len(spec.user_numeric), d), nn.GELU(), nn.Linear(d, d)
+            )
+        if spec.user_categorical:
+            self.user_categories = nn.Embedding(spec.categorical_buckets, d, padding_idx=0)
         if config.use_aux:
             self.aux_input = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
             self.aux_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
@@ -155,8 +184,14 @@ class GRank(nn.Module):
             # a learned always-present slot so users without history still get a score
             self.ranker_null_key = nn.Parameter(torch.zeros(d))
             self.ranker_null_value = nn.Parameter(torch.zeros(d))
+            item_features = len(spec.item_numeric)
+            if item_features:
+                self.ranker_item_features = nn.Sequential(
+                    nn.Linear(item_features, d), nn.GELU(), nn.Linear(d, d)
+                )
+            width = (4 if item_features else 3) * d
             self.ranker_mlp = nn.Sequential(
-                nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
+                nn.Linear(width, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
             )
         self.reset_parameters()
 
@@ -226,8 +261,37 @@ class GRank(nn.Module):
             return seq[:, seq.shape[1] - length :]
         return F.pad(seq, (length - seq.shape[1], 0))
 
+    def _profile(self, user: UserContext | None, batch: int) -> torch.Tensor | None:
+        """The feature part of the query token U: pooled behaviours and the user's profile."""
+        spec = self.config.inputs
+        if not (spec.behaviors or spec.uses_user_features):
+            return None
+        if user is None:
+            raise ValueError("this model reads user features: pass a UserContext")
+        parts: list[torch.Tensor] = []
+        if spec.behaviors:
+            assert user.long_seq is not None and user.long_flags is not None
+            seq = self._fit(user.long_seq, self.config.long_seq_len)
+            flags = self._fit(user.long_flags, self.config.long_seq_len)
+            items = self.embed(seq)
+            pooled = []
+            for bit in range(len(spec.behaviors)):
+                chosen = (((flags >> bit) & 1) * (seq > 0)).unsqueeze(-1).to(items.dtype)
+                pooled.append((items * chosen).sum(1) / chosen.sum(1).clamp(min=1.0))
+            parts.append(self.behavior_pool(torch.cat(pooled, dim=-1)))
+        if spec.user_numeric:
+            assert user.numeric is not None
+            parts.append(self.user_numeric(user.numeric))
+        if spec.user_categorical:
+            assert user.categorical is not None
+            parts.append(self.user_categories(user.categorical).sum(1))
+        return torch.stack(parts).sum(0).reshape(batch, -1)
+
     def generator(
-        self, short_seq: torch.Tensor, aux_candidates: torch.Tensor | None = None
+        self,
+        short_seq: torch.Tensor,
+        aux_candidates: torch.Tensor | None = None,
+        user: UserContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the Generator; returns (states [B, Ls+1, d], aux scores [B, C] or None).
 
@@ -242,6 +306,9 @@ class GRank(nn.Module):
         present = (seq > 0).unsqueeze(-1).float()
         mean_history = (items * present).sum(1) / present.sum(1).clamp(min=1.0)
         query = self.query_token + self.query_from_history(mean_history)
+        profile = self._profile(user, batch)
+        if profile is not None:
+            query = query + profile
         tokens = torch.cat([items, query.unsqueeze(1)], dim=1) + self.short_positions.weight
         hist = self.embed_drop(tokens)
         # causal mask over [history, U]; padding keys hidden; every token sees itself, so a
@@ -262,9 +329,11 @@ class GRank(nn.Module):
             return states, None
         return states, self.aux_head(self.final_norm(cand)).squeeze(-1)
 
-    def user_vectors(self, short_seq: torch.Tensor) -> torch.Tensor:
+    def user_vectors(
+        self, short_seq: torch.Tensor, user: UserContext | None = None
+    ) -> torch.Tensor:
         """[B, d] MIPS query: the Generator's output at the user query token."""
-        states, _ = self.generator(short_seq)
+        states, _ = self.generator(short_seq, user=user)
         return states[:, -1]
 
     # ----------------------------------------------------------------- ranker
@@ -279,11 +348,14 @@ class GRank(nn.Module):
         long_seq: torch.Tensor,
         candidates: torch.Tensor,
         generator_scores: torch.Tensor | None = None,
+        item_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll].
 
         A residual Ranker (``config.ranker_residual``) adds its correction to
         ``generator_scores`` [B, K] (:meth:`generator_scores`: the candidates' MIPS scores).
+        ``item_features`` [B, K, Fi] are the candidates' ``inputs.item_numeric`` (scaled),
+        as of the day before the prediction; required when the config names any.
         """
         if not self.config.use_ranker:
             raise ValueError("this model was built without the Ranker")
@@ -303,8 +375,12 @@ class GRank(nn.Module):
         logits = (self.ranker_query(cand) @ keys.transpose(1, 2)) / math.sqrt(d)
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
         attended = torch.softmax(logits, dim=-1) @ values
-        features = torch.cat([attended, cand, attended * cand], dim=-1)
-        scores = self.ranker_mlp(features).squeeze(-1)
+        parts = [attended, cand, attended * cand]
+        if self.config.inputs.item_numeric:
+            if item_features is None:
+                raise ValueError("this Ranker reads item features: pass item_features")
+            parts.append(self.ranker_item_features(item_features))
+        scores = self.ranker_mlp(torch.cat(parts, dim=-1)).squeeze(-1)
         if self.config.ranker_residual:
             assert generator_scores is not None
             scores = scores + generator_scores

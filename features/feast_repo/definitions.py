@@ -27,6 +27,23 @@ ONLINE_VIEWS: tuple[str, ...] = (USER_SEQUENCES, USER_FEATURES, ITEM_FEATURES)
 FEATURE_SERVICES: dict[str, dict[str, tuple[str, ...]]] = {
     "grank_generator_v1": {USER_SEQUENCES: ("short_item_seq", "seq_len")},
     "grank_ranker_v1": {USER_SEQUENCES: ("item_seq", "ts_seq")},
+    # what a model trained with features reads besides the sequences (docs/model.md)
+    "grank_user_context_v1": {
+        USER_SEQUENCES: ("item_seq", "event_type_seq", "value_seq"),
+        USER_FEATURES: (
+            "events_7d",
+            "events_30d",
+            "events_total",
+            "mean_value",
+            "tenure_days",
+            "age",
+            "gender",
+            "occupation",
+        ),
+    },
+    "grank_item_context_v1": {
+        ITEM_FEATURES: ("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+    },
     "user_profile_v1": {
         USER_FEATURES: (
             "events_7d",
@@ -127,6 +144,7 @@ def build_definitions(features_dir: Path) -> list[FeastObject]:
                 Field(name="pop_30d", dtype=Int64),
                 Field(name="pop_total", dtype=Int64),
                 Field(name="first_seen_ts", dtype=UnixTimestamp),
+                Field(name="age_days", dtype=Int64, description="days since first seen"),
                 Field(name="title", dtype=String),
                 Field(name="year", dtype=Int32),
                 Field(name="genres", dtype=String),

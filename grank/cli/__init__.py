@@ -15,7 +15,7 @@ from common.errors import UserFacingError
 from grank.cli.data import data
 from grank.cli.features import features
 from grank.cli.serving import embeddings, recommend, serve, snapshot
-from grank.cli.train import evaluate, train
+from grank.cli.train import evaluate, model, offline_eval, train
 from grank.config import Settings
 
 
@@ -34,6 +34,8 @@ cli.add_command(serve)
 cli.add_command(recommend)
 cli.add_command(train)
 cli.add_command(evaluate)
+cli.add_command(model)
+cli.add_command(offline_eval)
 
 
 def main() -> None:

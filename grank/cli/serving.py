@@ -24,25 +24,16 @@ def embeddings_dir(settings: Settings, day: date) -> Path:
     return settings.data_root / "embeddings" / f"dt={day.isoformat()}"
 
 
-def published_checkpoint(settings: Settings) -> Path:
-    """The checkpoint the evaluation gate published (``models/PUBLISHED`` names it)."""
-    from training.evaluate import read_published
+def evaluation_metrics(settings: Settings, checkpoint_id: str) -> dict[str, Any] | None:
+    """The gate's report of the evaluation that published ``checkpoint_id``, if any."""
+    from training.registry import ModelRegistry, checkpoint_day
 
-    name = read_published(settings.models_dir)
-    if name is None:
-        raise UserFacingError(
-            f"no published model in {settings.models_dir}: run `grank train` and"
-            " `grank evaluate` first (or pass --checkpoint)"
-        )
-    return settings.models_dir / "checkpoints" / name
-
-
-def evaluation_metrics(settings: Settings, checkpoint: Path) -> dict[str, Any] | None:
-    """The gate's evaluation report of ``checkpoint`` (``models/evaluations/<name>/``), if any."""
-    path = settings.models_dir / "evaluations" / checkpoint.name / "metrics.json"
-    if not path.is_file():
+    path = ModelRegistry(settings.models_dir).evaluation_dir(checkpoint_day(checkpoint_id))
+    if not (path / "metrics.json").is_file():
         return None
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    if report.get("checkpoint") != checkpoint_id:
+        return None
     return {"day": report.get("day"), "gate": report.get("gate"), "results": report.get("results")}
 
 
@@ -81,19 +72,28 @@ def embeddings() -> None:
 @click.option("--date", "day", type=DATE, required=True, help="Logical date of the run.")
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Checkpoint folder (default: the published model, models/PUBLISHED).",
+    help="Checkpoint id (default: the published model; none published: popularity only).",
 )
 @click.pass_obj
-def refresh(settings: Settings, day: date, checkpoint: Path | None) -> None:
+def refresh(settings: Settings, day: date, checkpoint: str | None) -> None:
     """Compute every catalogue item's vector into embeddings/dt=D/ (float32 + ids + weights)."""
-    from serving.embeddings import refresh_embeddings
+    from serving.embeddings import refresh_embeddings, write_popularity_bundle
+    from training.registry import ModelRegistry
 
     catalogue, popular = _catalogue_and_popularity(settings, day)
-    checkpoint = checkpoint or published_checkpoint(settings)
+    registry = ModelRegistry(settings.models_dir)
+    checkpoint = checkpoint or registry.published()
+    out = embeddings_dir(settings, day)
+    if checkpoint is None:
+        report = write_popularity_bundle(out, catalogue, popular)
+        click.echo(
+            f"no model has passed the gate yet: {report.item_count:,} items by popularity"
+            f" into {out} (serving answers from popularity and says so)"
+        )
+        return
     report = refresh_embeddings(
-        checkpoint,
-        embeddings_dir(settings, day),
+        registry.checkpoint_path(checkpoint),
+        out,
         catalogue,
         popular,
         batch_size=settings.serve.refresh_batch_size,
@@ -110,17 +110,30 @@ def snapshot() -> None:
 @snapshot.command()
 @click.option("--date", "day", type=DATE, required=True, help="Logical date of the refresh.")
 @click.option("--keep", type=int, help="Versions to keep (default: serve.keep_snapshots).")
+@click.option("--force", is_flag=True, help="Publish even if CURRENT already serves the same.")
 @click.pass_obj
-def publish(settings: Settings, day: date, keep: int | None) -> None:
-    """Publish embeddings/dt=D/ as a new verified version and point CURRENT at it."""
+def publish(settings: Settings, day: date, keep: int | None, force: bool) -> None:
+    """Publish embeddings/dt=D/ as a new verified version and point CURRENT at it.
+
+    Skipped (exit 0) when it would change nothing or go back in time: CURRENT already
+    serves the same model, or a newer day (a re-run or backfill of an old day).
+    """
     from serving.sequences import GENERATOR_SERVICE, RANKER_SERVICE
-    from serving.snapshots import publish_snapshot
+    from serving.snapshots import current_manifest, publish_snapshot
 
     source = embeddings_dir(settings, day)
     if not source.is_dir():
         raise UserFacingError(
             f"no embeddings for {day} at {source}: run `grank embeddings refresh`"
         )
+    skip = (
+        None
+        if force
+        else _publish_skip_reason(current_manifest(settings.snapshots_dir), source, day)
+    )
+    if skip is not None:
+        click.echo(f"not published: {skip}")
+        return
     version = publish_snapshot(
         settings.snapshots_dir,
         source,
@@ -129,6 +142,21 @@ def publish(settings: Settings, day: date, keep: int | None) -> None:
         keep=keep or settings.serve.keep_snapshots,
     )
     click.echo(f"published snapshot {version}; CURRENT -> {version}")
+
+
+def _publish_skip_reason(current: dict[str, Any] | None, source: Path, day: date) -> str | None:
+    """Why publishing ``source`` for ``day`` would be wrong or pointless (None: publish)."""
+    if current is None:
+        return None
+    served_day = date.fromisoformat(current["logical_date"])
+    if served_day > day:
+        return f"CURRENT serves {current['version']}, of a later day than {day}"
+    checkpoint = json.loads((source / "source.json").read_text("utf-8")).get("checkpoint_id")
+    if checkpoint is not None and checkpoint == current.get("checkpoint_id"):
+        return f"CURRENT ({current['version']}) already serves the model {checkpoint}"
+    if checkpoint is None and current.get("checkpoint_id") is not None:
+        return f"CURRENT serves the model {current['checkpoint_id']}; never replaced by popularity"
+    return None
 
 
 @snapshot.command("list")
@@ -165,12 +193,29 @@ def verify(settings: Settings, version: str | None) -> None:
 
 @snapshot.command()
 @click.option("--to", "to", help="Version to restore (default: the one before CURRENT).")
+@click.option(
+    "--reason",
+    default="snapshot rollback",
+    show_default=True,
+    help="Why (kept in models/published.log).",
+)
 @click.pass_obj
-def rollback(settings: Settings, to: str | None) -> None:
-    """Point CURRENT back at an earlier verified version; running servers follow."""
-    from serving.snapshots import rollback as rollback_to
+def rollback(settings: Settings, to: str | None, reason: str) -> None:
+    """Point CURRENT back at an earlier version, and PUBLISHED at the model it holds.
 
-    click.echo(f"CURRENT -> {rollback_to(settings.snapshots_dir, to)}")
+    Both pointers move together: the next day's warm start then continues from the model
+    that serves, not from the one rolled back.
+    """
+    from serving.snapshots import point_current, read_manifest_of, rollback_target
+    from training.registry import ModelRegistry
+
+    version = rollback_target(settings.snapshots_dir, to)
+    checkpoint = read_manifest_of(settings.snapshots_dir, version).get("checkpoint_id")
+    # the model pointer first: killed in between, the next day trains from the right model
+    # and a re-run of this command moves CURRENT
+    previous = ModelRegistry(settings.models_dir).promote(checkpoint, "snapshot rollback", reason)
+    point_current(settings.snapshots_dir, version)
+    click.echo(f"CURRENT -> {version}; PUBLISHED: {previous} -> {checkpoint}")
 
 
 @snapshot.command("await-serving")
@@ -231,7 +276,7 @@ def recommend(settings: Settings, user_id: int, k: int, url: str | None) -> None
     if items_path.is_file():
         table = pq.read_table(items_path, columns=["item_id", "title"]).to_pydict()
         titles = dict(zip(table["item_id"], table["title"], strict=True))
-    kind = "popular-items fallback (unknown user)" if body["fallback"] else "personalised"
+    kind = body.get("fallback_reason") or "personalised"
     click.echo(f"user {user_id}: {kind}, snapshot {body['snapshot_version']}")
     for rank, item in enumerate(body["items"], start=1):
         score = "" if item["score"] is None else f"{item['score']:8.3f}  "
@@ -249,7 +294,7 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from serving.app import ServeConfig, create_app
-    from serving.sequences import FeastSequenceSource
+    from serving.sequences import FeastUserSource
 
     if not (settings.feast_dir / "feature_store.yaml").is_file():
         raise UserFacingError(
@@ -268,5 +313,6 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
         max_queue=cfg.max_queue,
         poll_s=cfg.poll_s,
     )
-    app = create_app(config, FeastSequenceSource(settings.feast_dir))
+    source = FeastUserSource(settings.feast_dir)
+    app = create_app(config, source, source)
     uvicorn.run(app, host=host or cfg.host, port=port or cfg.port, log_level="info")

@@ -1,4 +1,4 @@
-"""``grank train`` / ``grank evaluate``: daily (re)training and the recall gate before publishing.
+"""``grank train`` / ``grank evaluate`` / ``grank model``: the daily model and its registry.
 
 Day semantics (docs/model.md): the model of date D is trained on the days before D and
 tested on D (next-day protocol), so the gate always judges it on data it never saw.
@@ -7,6 +7,7 @@ tested on D (next-day protocol), so the gate always judges it on data it never s
 from __future__ import annotations
 
 import subprocess
+import sys
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,13 @@ from grank.cli.options import DATE
 from grank.config import REPO_ROOT, Settings
 
 if TYPE_CHECKING:
+    from training.daily import DailyJob
     from training.evaluate import EvalSpec
-    from training.train import DailyJob
+    from training.registry import ModelRegistry
+
+# `grank evaluate` exits with this when the gate refused the candidate: not an error of
+# the run (the DAG marks the task skipped and serving keeps what it has), but not a pass.
+EXIT_REFUSED = 99
 
 
 def _git_commit() -> str:
@@ -38,17 +44,26 @@ def eval_spec(settings: Settings) -> EvalSpec:
         short_len=settings.features.short_seq_len,
         long_len=settings.features.long_seq_len,
         k1=settings.train.k1,
-        k2=settings.train.k2,
+        seen_len=settings.features.long_seq_len,  # serving filters the online long sequence
     )
 
 
-def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool) -> DailyJob:
+def registry(settings: Settings) -> ModelRegistry:
+    from training.registry import ModelRegistry
+
+    return ModelRegistry(settings.models_dir)
+
+
+def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> DailyJob:
     """Turn Settings into the plain values the training layer takes."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
     from features.lake import landed_days
-    from training.data import catalogue_max_id
+    from training.daily import Baselines, DailyJob
     from training.losses import LossWeights
     from training.model import GRankConfig
-    from training.train import DailyJob, FitConfig
+    from training.train import FitConfig
 
     t = settings.train
     fit = FitConfig(
@@ -61,13 +76,20 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
         grad_clip=t.grad_clip,
         stride=settings.features.short_seq_len,
         seed=t.seed,
+        val_metric=t.val_metric,
         max_seconds=t.max_minutes * 60 or None,
+    )
+    items = settings.lake_dir / "raw" / "items" / "items.parquet"
+    catalogue = (
+        pq.read_table(items, columns=["item_id"])["item_id"].to_numpy()
+        if items.is_file()
+        else np.zeros(0, dtype=np.int64)
     )
     return DailyJob(
         features_dir=settings.features_dir,
-        models_dir=settings.models_dir,
+        registry=registry(settings),
         test_day=day,
-        catalogue_max_id=catalogue_max_id(settings.lake_dir),
+        catalogue=catalogue,
         landed_days=frozenset(landed_days(settings.lake_dir)),
         model=GRankConfig(
             n_item_rows=2,
@@ -80,6 +102,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
             use_aux=t.use_aux,
             use_ranker=t.use_ranker,
             ranker_residual=t.ranker_residual,
+            inputs=t.inputs,
         ),
         weights=LossWeights(
             ntp=t.lambda_ntp,
@@ -102,73 +125,277 @@ def daily_job(settings: Settings, day: date, from_scratch: bool, with_dssm: bool
             }
         ),
         spec=eval_spec(settings),
+        gate=t.gate,
+        baselines=Baselines(
+            {
+                "popularity_all_time": "pop_total",
+                f"popularity_{t.recent_popularity_days}d": f"pop_{t.recent_popularity_days}d",
+            }
+        ),
+        val_quantile=t.val_quantile,
+        catchup_epochs=t.catchup_epochs,
+        feature_ttl_days=settings.features.daily_ttl_days,
         train_window_days=t.train_window_days,
         from_scratch=from_scratch,
-        with_dssm=with_dssm,
-        dssm_lr=t.dssm_lr,
         git_commit=_git_commit(),
     )
 
 
-def _print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
-    click.echo(f"{'model':12} {'stage':10} {'R@10':>7} {'R@50':>7} {'R@200':>7} {'N@10':>7}")
-    for name, metrics in results.items():
-        for stage in ("generator", "rank"):
-            row = metrics.get(f"{stage}/filtered")
-            if row is not None:
-                cells = [row.get(k) for k in ("recall@10", "recall@50", "recall@200", "ndcg@10")]
-                text = " ".join(f"{v:7.4f}" if v is not None else f"{'-':>7}" for v in cells)
-                click.echo(f"{name:12} {stage:10} {text}")
+def print_summary(summary: dict[str, dict[str, float]]) -> None:
+    """One line per model: the metrics the gate records (seen items filtered)."""
+    click.echo(f"{'model':24} {'R@10':>7} {'R@50':>7} {'N@10':>7}")
+    for name, row in summary.items():
+        cells = [row.get(k) for k in ("recall@10", "recall@50", "ndcg@10")]
+        text = " ".join(f"{v:7.4f}" if v is not None else f"{'-':>7}" for v in cells)
+        click.echo(f"{name:24} {text}")
 
 
 @click.command()
 @click.option("--date", "day", type=DATE, required=True, help="Test day D: trains on days < D.")
 @click.option("--from-scratch", is_flag=True, help="Ignore the published model (no warm start).")
-@click.option("--with-dssm", is_flag=True, help="Also train the two-tower baseline.")
 @click.pass_obj
-def train(settings: Settings, day: date, from_scratch: bool, with_dssm: bool) -> None:
-    """Train GRank (warm start from the published model) and checkpoint it for day D."""
-    from training.train import checkpoint_dir, pick_device, train_daily
+def train(settings: Settings, day: date, from_scratch: bool) -> None:
+    """Train the candidate model of day D (warm start from the published one) and register it."""
+    from training.daily import train_day
+    from training.train import pick_device
 
-    manifest = train_daily(daily_job(settings, day, from_scratch, with_dssm), pick_device())
+    job = daily_job(settings, day, from_scratch)
+    manifest = train_day(job, pick_device())
     origin = (
         f"warm start from {manifest['warm_start_from']}"
         if manifest["warm_start_from"]
-        else ("from scratch")
+        else "from scratch (bootstrap)"
     )
     click.echo(
         f"trained {origin} on {manifest['data_first_day']}..{manifest['data_last_day']} "
         f"({manifest['n_train_events']:,} events, {manifest['train_seconds']}s, "
-        f"{manifest['stop_reason']}); next-day test on {day} (seen items filtered):"
+        f"{manifest['stop_reason']}; best validation {manifest['val_score']:.4f}"
+        f" at epoch {manifest['best_epoch']})"
     )
-    _print_table(manifest["metrics"])
-    click.echo(f"checkpoint: {checkpoint_dir(settings.models_dir, day)}")
+    click.echo(f"candidate of {day}: {job.registry.checkpoint_path(manifest['checkpoint_id'])}")
 
 
 @click.command()
 @click.option("--date", "day", type=DATE, required=True, help="Test day D of the model to judge.")
 @click.pass_obj
 def evaluate(settings: Settings, day: date) -> None:
-    """Evaluate the model of day D vs the published one; publish it only if the gate passes."""
-    import json
+    """Judge the candidate of day D; PUBLISHED moves only if it clears the gate.
 
-    from common.errors import UserFacingError
-    from features.lake import landed_days
-    from training.evaluate import evaluate_day
+    Exit 0: published (or PUBLISHED already names a newer day's model); exit 99: refused
+    (serving keeps what it has); exit 1: the evaluation itself failed.
+    """
+    from training.daily import evaluate_day
     from training.train import pick_device
 
-    ok, reason, folder = evaluate_day(
-        settings.features_dir,
-        settings.models_dir,
-        day,
-        eval_spec(settings),
-        settings.train.gate_metric,
-        settings.train.gate_tolerance,
-        pick_device(),
-        frozenset(landed_days(settings.lake_dir)),
+    outcome = evaluate_day(daily_job(settings, day), pick_device())
+    print_summary(outcome.summary)
+    click.echo(f"report: {outcome.folder / 'metrics.json'}, chart: {outcome.folder / 'chart.png'}")
+    if not outcome.verdict.publishable:
+        click.echo(f"refused: {outcome.verdict.reason}")
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"gate passed: {outcome.verdict.reason}")
+    click.echo(outcome.note)
+
+
+@click.group()
+def model() -> None:
+    """The model registry: list checkpoints, promote or roll back PUBLISHED (logged)."""
+
+
+@model.command("list")
+@click.pass_obj
+def list_models(settings: Settings) -> None:
+    """Checkpoints, oldest test day first (* marks PUBLISHED), then the pointer's history."""
+    reg = registry(settings)
+    published = reg.published()
+    ids = reg.checkpoint_ids()
+    if not ids:
+        click.echo(f"no checkpoints in {settings.models_dir}")
+    for checkpoint_id in ids:
+        manifest = reg.manifest(checkpoint_id)
+        click.echo(
+            f"{'*' if checkpoint_id == published else ' '} {checkpoint_id}"
+            f"  data {manifest.get('data_first_day')}..{manifest.get('data_last_day')}"
+            f"  warm start from {manifest.get('warm_start_from') or '-'}"
+        )
+    for move in reg.history():
+        click.echo(
+            f"  {move.at} {move.action}: {move.previous} -> {move.checkpoint} ({move.reason})"
+        )
+
+
+@model.command()
+@click.argument("checkpoint_id")
+@click.option("--reason", required=True, help="Why (kept in models/published.log).")
+@click.pass_obj
+def promote(settings: Settings, checkpoint_id: str, reason: str) -> None:
+    """Point PUBLISHED at CHECKPOINT_ID, whatever its day; then publish a snapshot from it."""
+    previous = registry(settings).promote(checkpoint_id, "promote", reason)
+    click.echo(f"PUBLISHED: {previous} -> {checkpoint_id}")
+    click.echo(
+        "serving follows after `grank embeddings refresh` + `grank snapshot publish --force`"
     )
-    _print_table(json.loads((folder / "metrics.json").read_text())["results"])
-    click.echo(f"metrics: {folder / 'metrics.json'}, chart: {folder / 'chart.png'}")
-    if not ok:
-        raise UserFacingError(f"gate refused the model of {day}: {reason}")
-    click.echo(f"published: {reason}")
+
+
+@model.command()
+@click.option("--to", "to", help="Checkpoint id (default: what PUBLISHED named before).")
+@click.option("--reason", required=True, help="Why (kept in models/published.log).")
+@click.pass_obj
+def rollback(settings: Settings, to: str | None, reason: str) -> None:
+    """Move PUBLISHED back, and CURRENT to the newest snapshot of that model if one exists."""
+    from common.errors import UserFacingError
+    from serving.snapshots import list_snapshots, point_current
+
+    reg = registry(settings)
+    target = to or reg.previously_published()
+    if target is None:
+        raise UserFacingError("nothing to roll back to: PUBLISHED has no earlier value")
+    previous = reg.promote(target, "rollback", reason)
+    click.echo(f"PUBLISHED: {previous} -> {target}")
+    snapshots = [
+        s
+        for s in list_snapshots(settings.snapshots_dir)
+        if s.manifest.get("checkpoint_id") == target
+    ]
+    if snapshots:
+        version = point_current(settings.snapshots_dir, snapshots[-1].version)
+        click.echo(f"CURRENT -> {version}")
+    else:
+        click.echo(
+            "no snapshot holds it yet: run `grank embeddings refresh` +"
+            " `grank snapshot publish --force`"
+        )
+
+
+@click.command("offline-eval")
+@click.option(
+    "--protocol",
+    type=click.Choice(["gts", "loo"]),
+    default="gts",
+    show_default=True,
+    help="gts: global temporal split (matches serving); loo: leave-one-out.",
+)
+@click.option(
+    "--variants",
+    default="grank,generator_only,dssm",
+    show_default=True,
+    help="Comma list of: grank, generator_only, dssm, sequence_only,"
+    " without_behaviors, without_user_profile, without_item_features.",
+)
+@click.option(
+    "--quantile",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="T_test = this quantile of all event times (gts).",
+)
+@click.option("--minutes", type=float, help="Training budget per variant (default: none).")
+@click.pass_obj
+def offline_eval(
+    settings: Settings, protocol: str, variants: str, quantile: float, minutes: float | None
+) -> None:
+    """Train and score model variants next to the popularity baselines (docs/model.md).
+
+    Reads every built training_examples partition (build the features of the last day
+    first); writes one JSON per variant under offline/<protocol>/ and prints the table.
+    """
+    import json
+    from dataclasses import replace
+
+    from common.atomic import atomic_write_text
+    from common.errors import UserFacingError
+    from training.offline import VARIANTS, OfflineJob, load, run_gts, run_loo
+    from training.train import pick_device
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise UserFacingError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    job = daily_job(settings, date.max)
+    fit = replace(job.fit, max_seconds=minutes * 60 if minutes else None)
+    offline = OfflineJob(
+        features_dir=settings.features_dir,
+        landed_days=job.landed_days,
+        model=job.model,
+        weights=job.weights,
+        fit=fit,
+        catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
+        spec=job.spec,
+        baselines=job.baselines.columns,
+        quantile=quantile,
+        val_quantile=settings.train.val_quantile,
+        feature_ttl_days=settings.features.daily_ttl_days,
+    )
+    out = settings.data_root / "offline" / protocol
+    device = pick_device()
+    data = load(offline, device)
+    click.echo(
+        f"{protocol}: {data.timelines.n_users:,} users, {len(data.timelines.items):,} events,"
+        f" {int(data.servable.sum()):,} items after the {offline.k_core}-core preprocessing;"
+        f" T_test {data.split.t_test}, {len(data.split.test_last):,} test users"
+    )
+
+    def report(name: str, result: dict[str, object]) -> None:
+        atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2, sort_keys=True))
+        rows = result["results"]
+        assert isinstance(rows, dict)
+        for target, stages in rows.items():
+            for stage, metrics in stages.items():
+                click.echo(
+                    f"{name:24} {target:10} {stage:20} N@10 {metrics['ndcg@10']:.4f}"
+                    f"  HR@10 {metrics['recall@10']:.4f}  R@50 {metrics['recall@50']:.4f}"
+                )
+
+    run = run_gts if protocol == "gts" else run_loo
+    run(offline, data, chosen, device, report)
+    click.echo(f"results: {out}")
+
+
+@model.command()
+@click.option("--date", "day", type=DATE, required=True, help="Last materialized day D.")
+@click.option("--users", type=int, default=50, show_default=True, help="Users to sample.")
+@click.option("--items", type=int, default=200, show_default=True, help="Items to sample.")
+@click.pass_obj
+def skew(settings: Settings, day: date, users: int, items: int) -> None:
+    """Check that serving builds the inputs training saw: online store vs feature tables.
+
+    For sampled users, the inputs of a prediction on D+1 built from the Feast online
+    store (after `grank features materialize --date D`) must equal those training reads
+    from the tables; exit 1 listing every difference otherwise. Uses the published
+    model's inputs (the configured ones before any model is published).
+    """
+    from dataclasses import replace
+
+    from common.errors import UserFacingError
+    from grank.skew import check_skew
+    from training.checkpoint import read_manifest
+    from training.model import GRankConfig
+
+    reg = registry(settings)
+    published = reg.published()
+    if published is not None:
+        config = GRankConfig.from_dict(read_manifest(reg.checkpoint_path(published))["config"])
+    else:
+        job = daily_job(settings, day)
+        config = replace(job.model, n_item_rows=int(job.catalogue.max(initial=1)) + 1)
+    report = check_skew(
+        settings.features_dir,
+        settings.feast_dir,
+        config,
+        day,
+        users,
+        items,
+        settings.features.daily_ttl_days,
+        seed=settings.train.seed,
+    )
+    for line in report.mismatches[:20]:
+        click.echo(f"skew: {line}")
+    if report.mismatches:
+        raise UserFacingError(
+            f"{len(report.mismatches)} online/offline differences for {day}"
+            f" ({report.users} users, {report.items} items compared)"
+        )
+    click.echo(
+        f"no skew for {day}: {report.users} users and {report.items} items, inputs equal"
+        " online and offline"
+    )

@@ -1,0 +1,401 @@
+"""The daily model stages: ``grank train --date D`` and ``grank evaluate --date D``.
+
+Day semantics: the model of D trains on the days before D and is judged on D (next-day
+protocol: each user active on D, history up to the end of D-1, all of D's items relevant),
+so the gate always judges it on data it never saw.
+
+- **Bootstrap** (no published model, or ``--from-scratch``): the global temporal split at
+  the start of D (training/temporal.py) gives a validation inside the training period.
+  The model trains on events up to T_val with early stopping on that validation (under
+  the time budget), is backtested next-day on each day between T_val and D (evidence for
+  the gate), then catches up on the events between T_val and D, so what it serves
+  tomorrow has seen yesterday.
+- **Warm start**: fine-tune the published model on the days after its last training day.
+
+Evaluation pools per-query evidence over a trailing window of days (training/gate.py)
+and moves PUBLISHED only when the candidate clears the gate (training/registry.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from common.atomic import staging_dir
+from common.errors import UserFacingError
+from features.lake import EPOCH, US_PER_DAY
+from training.baselines import RecentPopularity
+from training.checkpoint import load_checkpoint
+from training.data import Timelines, day_number, item_counts, next_day, read_timelines
+from training.evaluate import EvalInputs, EvalSpec, Scorer, query_records, summarize, write_chart
+from training.features import FeatureHistory, read_feature_history
+from training.gate import (
+    CANDIDATE,
+    PUBLISHED,
+    GatePolicy,
+    Verdict,
+    decide,
+    read_evidence,
+    write_evidence,
+)
+from training.inputs import InputSpec, behavior_flags
+from training.losses import LossWeights, grank_batch_loss, log_q
+from training.model import GRank, GRankConfig
+from training.registry import ModelRegistry
+from training.temporal import global_temporal_split
+from training.train import FitConfig, FitResult, fit, fit_to_cutoff, seed_everything
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """The popularity baselines every candidate must beat: name -> ``item_features`` column.
+
+    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's.
+    """
+
+    columns: dict[str, str] = field(
+        default_factory=lambda: {"popularity_all_time": "pop_total", "popularity_7d": "pop_7d"}
+    )
+
+
+@dataclass(frozen=True)
+class DailyJob:
+    """Everything the daily model stages need, as plain values (the CLI fills it)."""
+
+    features_dir: Path
+    registry: ModelRegistry
+    test_day: date
+    catalogue: np.ndarray  # item ids serving may recommend (the lake's item dimension)
+    landed_days: frozenset[date]  # raw days of the lake: a day missing here had no events
+    model: GRankConfig  # architecture of a fresh model; n_item_rows is taken from the data
+    weights: LossWeights
+    fit: FitConfig
+    finetune: FitConfig
+    spec: EvalSpec
+    gate: GatePolicy
+    baselines: Baselines = field(default_factory=Baselines)
+    val_quantile: float = 0.9  # bootstrap: T_val = this quantile of the training events
+    catchup_epochs: int = 1  # bootstrap: epochs over the events between T_val and D
+    feature_ttl_days: int = 2  # as Feast serves the daily views (features/feast_repo)
+    train_window_days: int = 0
+    from_scratch: bool = False
+    git_commit: str = "unknown"
+
+
+@dataclass(frozen=True)
+class DayData:
+    """The timelines of a run and the model's and the baselines' point-in-time features."""
+
+    timelines: Timelines
+    model_inputs: EvalInputs
+    baseline_inputs: EvalInputs
+
+
+def _servable(catalogue: np.ndarray, n_rows: int) -> np.ndarray:
+    servable = np.zeros(n_rows, dtype=bool)
+    ids = catalogue[(catalogue > 0) & (catalogue < n_rows)]
+    servable[ids] = True
+    return servable
+
+
+def read_day_data(
+    job: DailyJob,
+    first: date | None,
+    spec: InputSpec,
+    n_rows: int,
+    device: torch.device,
+    predictions_from: date | None = None,
+) -> DayData:
+    """Timelines of ``first..test_day`` and the features for predictions made on the days
+    ``predictions_from..test_day`` (default: every day of the timelines)."""
+    timelines = read_timelines(job.features_dir, first, job.test_day, job.landed_days)
+    flags = (
+        behavior_flags(spec.behaviors, timelines.event_types(), timelines.event_values())
+        if spec.behaviors
+        else None
+    )
+    servable = _servable(job.catalogue, n_rows)
+    first_day = predictions_from or timelines.first_day
+
+    def history(item_spec: InputSpec) -> FeatureHistory:
+        return read_feature_history(
+            job.features_dir,
+            item_spec,
+            first_day,
+            job.test_day,
+            n_rows,
+            job.feature_ttl_days,
+            device,
+        )
+
+    baseline_spec = InputSpec(item_numeric=tuple(job.baselines.columns.values()))
+    return DayData(
+        timelines=timelines,
+        model_inputs=EvalInputs(history(spec), flags, servable),
+        baseline_inputs=EvalInputs(history(baseline_spec), None, servable),
+    )
+
+
+def _baseline_scorers(job: DailyJob, data: DayData) -> dict[str, Scorer | None]:
+    history = data.baseline_inputs.features
+    assert history is not None
+    return {name: RecentPopularity(history, col) for name, col in job.baselines.columns.items()}
+
+
+def _records(
+    job: DailyJob,
+    data: DayData,
+    day: date,
+    candidate: GRank,
+    published: GRank | None,
+    device: torch.device,
+) -> pa.Table:
+    """Next-day per-query evidence of ``day`` for the candidate, published and baselines."""
+    timelines = data.timelines
+    _, _, queries = next_day(timelines, day)
+    scorers: dict[str, Scorer | None] = {CANDIDATE: candidate, PUBLISHED: published}
+    inputs = {CANDIDATE: data.model_inputs, PUBLISHED: data.model_inputs}
+    if published is not None and published.config.inputs != candidate.config.inputs:
+        raise UserFacingError(
+            "the published model reads other features than the candidate: evaluate it with"
+            " its own inputs (promote or retrain it)"
+        )
+    for name, scorer in _baseline_scorers(job, data).items():
+        scorers[name] = scorer
+        inputs[name] = data.baseline_inputs
+    return query_records(scorers, timelines, queries, job.spec, device, inputs)
+
+
+# ---------------------------------------------------------------------------- train
+def train_day(job: DailyJob, device: torch.device) -> dict[str, Any]:
+    """Train the candidate of ``test_day`` and commit it; returns its manifest (+ id)."""
+    day = job.test_day
+    if not (job.features_dir / "training_examples" / f"dt={day.isoformat()}").is_dir():
+        raise UserFacingError(
+            f"no training_examples for the test day {day}: build its features first"
+        )
+    base = None if job.from_scratch else job.registry.base_for(day)
+    if base is not None:
+        return _warm_start(job, base, device)
+    return _bootstrap(job, device)
+
+
+def _n_rows(job: DailyJob, timelines_max: int) -> int:
+    return max(timelines_max, int(job.catalogue.max(initial=0))) + 1
+
+
+def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
+    """From scratch: fit up to T_val (early stopping), backtest, catch up to D, commit."""
+    day = job.test_day
+    first = date.min if job.train_window_days <= 0 else day - timedelta(job.train_window_days)
+    spec = job.model.inputs
+    probe = read_timelines(job.features_dir, first, day, job.landed_days)
+    if probe.first_day >= day:
+        raise UserFacingError(f"no training days before the test day {day}")
+    n_rows = _n_rows(job, probe.max_item_id)
+    data = read_day_data(job, first, spec, n_rows, device)
+    timelines = data.timelines
+    split = global_temporal_split(timelines, day_number(day) * US_PER_DAY - 1, job.val_quantile)
+    if len(split.validation) == 0:
+        raise UserFacingError(f"no validation events between T_val and {day}: too little history")
+    seed_everything(job.fit.seed)
+    model = GRank(replace(job.model, n_item_rows=n_rows))
+    backtest: dict[str, list[Any]] = {}
+
+    def run_backtest() -> None:
+        t_val_day = EPOCH + timedelta(days=split.t_val // US_PER_DAY)
+        backtest.update(_backtest(job, data, model, t_val_day, device))
+
+    result = fit_to_cutoff(
+        model,
+        lambda counts: grank_batch_loss(job.weights, log_q(counts, device)),
+        timelines,
+        split,
+        job.spec,
+        job.fit,
+        replace(job.finetune, max_epochs=job.catchup_epochs),
+        device,
+        data.model_inputs,
+        before_catchup=run_backtest,
+    )
+    manifest = _manifest(job, timelines.first_day, None, result, job.fit)
+    manifest.update(
+        bootstrap={
+            "t_val": split.t_val,
+            "catchup_epochs": job.catchup_epochs,
+            "validation_queries": len(split.validation),
+        },
+        backtest=backtest,
+        n_train_events=int(item_counts(timelines, split.train_end, n_rows).sum()),
+    )
+    return _commit(job, model, manifest, result)
+
+
+def _backtest(
+    job: DailyJob, data: DayData, model: GRank, t_val_day: date, device: torch.device
+) -> dict[str, list[Any]]:
+    """Next-day evidence of the model fitted up to T_val on each later day before D."""
+    tables = []
+    day = t_val_day + timedelta(days=1)
+    while day < job.test_day:
+        with contextlib.suppress(UserFacingError):  # a day without queries: no evidence
+            tables.append(_records(job, data, day, model, None, device))
+        day += timedelta(days=1)
+    if not tables:
+        return {}
+    return pa.concat_tables(tables).to_pydict()
+
+
+def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any]:
+    """Fine-tune the published lineage's model on the days after its last training day."""
+    day = job.test_day
+    model, base_manifest = load_checkpoint(job.registry.checkpoint_path(base), str(device))
+    first = date.fromisoformat(base_manifest["data_last_day"]) + timedelta(days=1)
+    probe = read_timelines(job.features_dir, first, day, job.landed_days)
+    if probe.first_day >= day:
+        raise UserFacingError(
+            f"the published model {base} already covers {probe.first_day - timedelta(1)};"
+            f" nothing new to train on before {day}"
+        )
+    n_rows = _n_rows(job, probe.max_item_id)
+    seed_everything(job.fit.seed)  # grown rows must not depend on history
+    model.grow_items(n_rows)
+    n_rows = model.config.n_item_rows
+    data = read_day_data(job, first, model.config.inputs, n_rows, device)
+    train_end, validation, _ = next_day(data.timelines, day)
+    counts = item_counts(data.timelines, train_end, n_rows)
+    if counts.sum() == 0:
+        raise UserFacingError(f"no training events in {data.timelines.first_day}..{day}")
+    result = fit(
+        model,
+        grank_batch_loss(job.weights, log_q(counts, device)),
+        data.timelines,
+        train_end,
+        validation,
+        job.spec,
+        job.finetune,
+        device,
+        data.model_inputs,
+    )
+    manifest = _manifest(
+        job, date.fromisoformat(base_manifest["data_first_day"]), base, result, job.finetune
+    )
+    manifest["n_train_events"] = int(counts.sum())
+    return _commit(job, model, manifest, result)
+
+
+def _manifest(
+    job: DailyJob, first_day: date, base: str | None, result: FitResult, config: FitConfig
+) -> dict[str, Any]:
+    # Durations are left out: a re-run of a day must write the same checkpoint bytes.
+    return {
+        "test_day": job.test_day.isoformat(),
+        "data_first_day": first_day.isoformat(),
+        "data_last_day": (job.test_day - timedelta(days=1)).isoformat(),
+        "warm_start_from": base,
+        "git_commit": job.git_commit,
+        "seed": config.seed,
+        "loss_weights": asdict(job.weights),
+        "fit": {k: v for k, v in asdict(config).items() if k != "progress"},
+        "best_epoch": result.best_epoch,
+        "val_score": result.best_score,
+        "stop_reason": result.stop_reason,
+        "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
+    }
+
+
+def _commit(
+    job: DailyJob, model: GRank, manifest: dict[str, Any], result: FitResult
+) -> dict[str, Any]:
+    checkpoint_id = job.registry.commit(model, manifest, job.test_day)
+    return {**manifest, "checkpoint_id": checkpoint_id, "train_seconds": round(result.seconds, 1)}
+
+
+# ------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``grank evaluate`` reports: the verdict, whether PUBLISHED moved, the files."""
+
+    verdict: Verdict
+    published: bool
+    note: str
+    folder: Path
+    summary: dict[str, dict[str, float]]
+
+
+def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
+    """Judge the candidate of ``test_day``: next-day evidence, pooled gate, PUBLISHED move.
+
+    Writes ``evaluations/<D>/{metrics.json, queries.parquet, chart.png}`` (the report is
+    complete before PUBLISHED can move).
+    """
+    day = job.test_day
+    registry = job.registry
+    name = registry.candidate(day)
+    candidate, manifest = load_checkpoint(registry.checkpoint_path(name), str(device))
+    first = date.fromisoformat(manifest["data_first_day"])
+    n_rows = candidate.config.n_item_rows
+    data = read_day_data(job, first, candidate.config.inputs, n_rows, device, day)
+    base = registry.base_for(day)
+    published = None
+    if base is not None:
+        published, _ = load_checkpoint(registry.checkpoint_path(base), str(device))
+        published.grow_items(n_rows)  # rows for items newer than it score ~0, as served
+    today = _records(job, data, day, candidate, published, device)
+    backtest = manifest.get("backtest") or {}
+    evidence = pa.concat_tables([pa.table(backtest), today]) if backtest else today
+    folder = registry.evaluation_dir(day)
+    window_first = day - timedelta(days=job.gate.window_days - 1)
+    pooled_folders = [
+        registry.evaluation_dir(window_first + timedelta(days=i))
+        for i in range(job.gate.window_days - 1)
+    ]
+    earlier = read_evidence(pooled_folders, day_number(window_first), day_number(day))
+    in_window = _in_window(evidence, day_number(window_first))
+    pooled = (
+        in_window
+        if earlier is None
+        else pa.concat_tables(
+            [earlier.select(in_window.column_names).cast(in_window.schema), in_window]
+        )
+    )
+    verdict = decide(pooled, list(job.baselines.columns), job.gate)
+    will_move, note = registry.would_publish(name) if verdict.publishable else (False, "")
+    summary = summarize(today)
+    report = {
+        "day": day.isoformat(),
+        "checkpoint": name,
+        "published_before": base,
+        "n_queries": today.num_rows,
+        "gate": {
+            **asdict(job.gate),
+            "publishable": verdict.publishable,
+            "reason": verdict.reason,
+            "pooled_queries": verdict.n_queries,
+            "pooled_users": verdict.n_users,
+            "best_baseline": verdict.best_baseline,
+            "pooled_means": verdict.means,
+        },
+        "results": summary,
+    }
+    with staging_dir(folder) as staging:
+        write_evidence(staging, evidence)
+        (staging / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        write_chart(staging / "chart.png", summary, [h["loss"] for h in manifest["history"]])
+    moved = False
+    if will_move:
+        moved, note = registry.publish_if_newer(name, verdict.reason)
+    return Evaluation(verdict, moved, note, folder, summary)
+
+
+def _in_window(records: pa.Table, first_day: int) -> pa.Table:
+    days = records["day"].to_numpy()
+    return records.filter(pa.array(days >= first_day))

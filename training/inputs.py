@@ -1,0 +1,161 @@
+"""How the feature store's values become the model's input tensors, for training and serving.
+
+Training (point in time, from the offline tables) and serving (online, through Feast) must
+turn the same feature values into the same numbers, or the model serves on inputs it never
+saw. Every encoding therefore lives here, once, and both sides call it: behaviour flags from
+(event type, value), the scaling of numeric features, the hashing of categorical ones. The
+model's config carries the :class:`InputSpec` it was trained with, so serving encodes with
+the checkpoint's own spec, not with today's settings.
+
+This module is part of the model definition (serving imports it): numpy only, no Spark,
+Feast or pandas.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BehaviorRule:
+    """Events that count as one behaviour type, e.g. ``liked`` = ratings of at least 4.
+
+    An event matches when its type is one of ``event_types`` (all types when empty) and its
+    value lies in ``[min_value, max_value]`` (an open bound when None). Events without a
+    value never match a rule with a bound.
+    """
+
+    name: str
+    event_types: tuple[str, ...] = ()
+    min_value: float | None = None
+    max_value: float | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Which features the model reads besides the item sequences (all off: sequence only).
+
+    - ``behaviors``: each rule adds a pooled sequence (the long history's items of that
+      behaviour) to the user query token.
+    - ``user_numeric`` / ``user_categorical``: ``user_features`` columns (as of the day
+      before the prediction) added to the query token; numbers are log-scaled, categories
+      hashed into ``categorical_buckets`` rows of an embedding table.
+    - ``item_numeric``: ``item_features`` columns (same point in time) the Ranker reads
+      for every candidate.
+    """
+
+    behaviors: tuple[BehaviorRule, ...] = ()
+    user_numeric: tuple[str, ...] = ()
+    user_categorical: tuple[str, ...] = ()
+    categorical_buckets: int = 1024
+    item_numeric: tuple[str, ...] = ()
+
+    @property
+    def uses_user_features(self) -> bool:
+        return bool(self.user_numeric or self.user_categorical)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "behaviors": [
+                rule.__dict__ | {"event_types": list(rule.event_types)} for rule in self.behaviors
+            ],
+            "user_numeric": list(self.user_numeric),
+            "user_categorical": list(self.user_categorical),
+            "categorical_buckets": self.categorical_buckets,
+            "item_numeric": list(self.item_numeric),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> InputSpec:
+        return cls(
+            behaviors=tuple(
+                BehaviorRule(**{**rule, "event_types": tuple(rule.get("event_types", ()))})
+                for rule in values.get("behaviors", ())
+            ),
+            user_numeric=tuple(values.get("user_numeric", ())),
+            user_categorical=tuple(values.get("user_categorical", ())),
+            categorical_buckets=int(values.get("categorical_buckets", 1024)),
+            item_numeric=tuple(values.get("item_numeric", ())),
+        )
+
+
+@dataclass(frozen=True)
+class UserInputs:
+    """One batch of user-side inputs besides the short sequence (numpy, batch-first).
+
+    ``long_flags[b, t]`` has bit ``r`` set when event ``t`` of the long history matches
+    behaviour rule ``r`` (aligned with the long sequence, left-padded with 0).
+    """
+
+    long_flags: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    numeric: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    categorical: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+
+def behavior_flags(
+    rules: Sequence[BehaviorRule], event_types: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """int64 bitmask per event: bit ``r`` set when the event matches ``rules[r]``.
+
+    ``event_types`` are strings, ``values`` floats (NaN for events without a value).
+    """
+    kinds = np.asarray(event_types, dtype=object)
+    numbers = np.asarray(values, dtype=np.float64)
+    flags = np.zeros(len(kinds), dtype=np.int64)
+    for bit, rule in enumerate(rules):
+        match = np.isin(kinds, rule.event_types) if rule.event_types else np.ones(len(kinds), bool)
+        if rule.min_value is not None or rule.max_value is not None:
+            with np.errstate(invalid="ignore"):
+                match &= np.isfinite(numbers)
+                if rule.min_value is not None:
+                    match &= numbers >= rule.min_value
+                if rule.max_value is not None:
+                    match &= numbers <= rule.max_value
+        flags[match] |= 1 << bit
+    return flags
+
+
+def scale_numeric(values: np.ndarray) -> np.ndarray:
+    """``sign(x)·log1p(|x|)`` as float32, missing (NaN) as 0: counts span 0..10^6."""
+    values = np.asarray(values, dtype=np.float64)
+    scaled = np.sign(values) * np.log1p(np.abs(values))
+    return np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def hash_category(column: str, value: object, buckets: int) -> int:
+    """A stable bucket in ``1..buckets-1`` for ``column=value`` (0 = missing).
+
+    crc32, not Python's ``hash``: that one is salted per process, and training and serving
+    are different processes.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return 0
+    text = f"{column}={value}".encode()
+    return 1 + zlib.crc32(text) % (buckets - 1)
+
+
+def encode_categorical(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], buckets: int
+) -> np.ndarray:
+    """[N, len(columns)] bucket ids; ``rows[n][c]`` is the value of ``columns[c]`` for row n."""
+    out = np.zeros((len(rows), len(columns)), dtype=np.int64)
+    for n, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            out[n, c] = hash_category(column, row[c], buckets)
+    return out
+
+
+def seen_items(history: np.ndarray, seen_len: int | None) -> np.ndarray:
+    """The items never to recommend again: those of the last ``seen_len`` events (all: None).
+
+    Serving applies it to the online sequence and evaluation to the history before each
+    prediction, so the two filter exactly the same items.
+    """
+    recent = history if seen_len is None else history[len(history) - min(seen_len, len(history)) :]
+    return np.unique(recent)

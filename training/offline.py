@@ -1,0 +1,254 @@
+"""Offline evaluation: the global temporal split (headline) and leave-one-out (secondary).
+
+``grank offline-eval`` reads the same feature tables the daily pipeline reads, trains
+every variant the way the daily bootstrap trains (training/train.py ``fit_to_cutoff``:
+early stopping on the split's own validation, then a catch-up to T_test) and scores
+it on the events after T_test, next to the popularity baselines. The model is frozen at
+T_test; features are read as of the day before each prediction, as serving reads them.
+
+Variants: ``grank`` (the configured model), ``generator_only`` (no auxiliary path, no
+Ranker), ``dssm`` (the two-tower baseline), and the feature ablations
+``sequence_only``, ``without_behaviors``, ``without_user_profile``,
+``without_item_features``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import UserFacingError
+from training.baselines import Popularity, RecentPopularity, TwoTower
+from training.data import Timelines, item_counts, leave_last_out, read_timelines
+from training.evaluate import EvalInputs, EvalSpec, Scorer, evaluate
+from training.features import read_feature_history
+from training.inputs import InputSpec, behavior_flags
+from training.losses import LossWeights, grank_batch_loss, log_q, two_tower_batch_loss
+from training.model import GRank, GRankConfig
+from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
+from training.train import FitConfig, fit, fit_to_cutoff, seed_everything
+
+PROTOCOLS = ("gts", "loo")
+VARIANTS = (
+    "grank",
+    "generator_only",
+    "dssm",
+    "sequence_only",
+    "without_behaviors",
+    "without_user_profile",
+    "without_item_features",
+)
+
+
+@dataclass(frozen=True)
+class OfflineJob:
+    """What an offline evaluation needs, as plain values (the CLI fills it)."""
+
+    features_dir: Path
+    landed_days: frozenset[date]
+    model: GRankConfig  # the configured GRank; variants switch parts of it off
+    weights: LossWeights
+    fit: FitConfig
+    catchup: FitConfig
+    spec: EvalSpec
+    baselines: dict[str, str]  # name -> item_features column (as of the day before)
+    quantile: float = 0.9
+    val_quantile: float = 0.9
+    k_core: int = 5
+    feature_ttl_days: int = 2
+    dssm_lr: float = 3e-3
+
+
+@dataclass(frozen=True)
+class OfflineData:
+    """The preprocessed timelines, their split and the point-in-time features."""
+
+    timelines: Timelines
+    split: TemporalSplit
+    servable: np.ndarray
+    features_of: Callable[[InputSpec], EvalInputs]
+
+
+def variant_config(base: GRankConfig, variant: str) -> GRankConfig:
+    """The GRank configuration of a variant (``dssm`` has none: it is not a GRank)."""
+    spec = base.inputs
+    changes: dict[str, dict[str, Any]] = {
+        "grank": {},
+        "generator_only": {"use_aux": False, "use_ranker": False},
+        "sequence_only": {"inputs": InputSpec()},
+        "without_behaviors": {"inputs": replace(spec, behaviors=())},
+        "without_user_profile": {"inputs": replace(spec, user_numeric=(), user_categorical=())},
+        "without_item_features": {"inputs": replace(spec, item_numeric=())},
+    }
+    return replace(base, **changes[variant])
+
+
+def load(job: OfflineJob, device: torch.device) -> OfflineData:
+    """Every training example up to the last built day, preprocessed and split at T_test."""
+    raw = read_timelines(job.features_dir, None, date.max, job.landed_days)
+    timelines = preprocess(raw, job.k_core)
+    if timelines.n_users == 0:
+        raise UserFacingError(f"nothing left after the {job.k_core}-core preprocessing")
+    t_test = quantile_time(timelines.times, job.quantile)
+    split = global_temporal_split(timelines, t_test, job.val_quantile)
+    n_rows = max(timelines.max_item_id, job.model.n_item_rows - 1) + 1
+    servable = np.zeros(n_rows, dtype=bool)
+    servable[np.unique(timelines.items)] = True  # the preprocessed catalogue is what ranks
+    histories: dict[InputSpec, EvalInputs] = {}
+
+    def features_of(spec: InputSpec) -> EvalInputs:
+        if spec not in histories:
+            history = read_feature_history(
+                job.features_dir,
+                spec,
+                timelines.first_day,
+                timelines.last_day,
+                n_rows,
+                job.feature_ttl_days,
+                device,
+            )
+            flags = (
+                behavior_flags(spec.behaviors, timelines.event_types(), timelines.event_values())
+                if spec.behaviors
+                else None
+            )
+            histories[spec] = EvalInputs(history, flags, servable)
+        return histories[spec]
+
+    return OfflineData(timelines, split, servable, features_of)
+
+
+def _scores(
+    scorer: Scorer,
+    data: OfflineData,
+    spec: EvalSpec,
+    inputs: EvalInputs,
+    device: torch.device,
+    protocol_queries: dict[str, Any],
+) -> dict[str, dict[str, dict[str, float]]]:
+    return {
+        target: evaluate(scorer, data.timelines, queries, spec, device, inputs)
+        for target, queries in protocol_queries.items()
+    }
+
+
+def run_gts(
+    job: OfflineJob,
+    data: OfflineData,
+    variants: list[str],
+    device: torch.device,
+    report: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Train and score each variant (and the baselines) on the global temporal split."""
+    split = data.split
+    targets = {"last": split.test_last, "successive": split.test_successive}
+    baseline_inputs = data.features_of(InputSpec(item_numeric=tuple(job.baselines.values())))
+    history = baseline_inputs.features
+    assert history is not None
+    for name, column in job.baselines.items():
+        scorer = RecentPopularity(history, column)
+        report(
+            name,
+            {
+                "protocol": "gts",
+                "results": _scores(scorer, data, job.spec, baseline_inputs, device, targets),
+            },
+        )
+    n_rows = len(data.servable)
+    for variant in variants:
+        started = time.perf_counter()
+        seed_everything(job.fit.seed)
+        model: torch.nn.Module
+        if variant == "dssm":
+            model = TwoTower(n_rows, job.model.dim, dropout=0.1)
+            inputs = EvalInputs(servable=data.servable)
+            spec = replace(job.spec, long_len=0)
+            config = replace(job.fit, lr=job.dssm_lr, stride=1, batch_size=1024)
+
+            def make_loss(counts: np.ndarray) -> Any:
+                return two_tower_batch_loss(job.weights, log_q(counts, device))
+        else:
+            grank_config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
+            model = GRank(grank_config)
+            inputs = data.features_of(grank_config.inputs)
+            spec, config = job.spec, job.fit
+
+            def make_loss(counts: np.ndarray) -> Any:
+                return grank_batch_loss(job.weights, log_q(counts, device))
+
+        result = fit_to_cutoff(
+            model, make_loss, data.timelines, split, spec, config, job.catchup, device, inputs
+        )
+        report(
+            variant,
+            {
+                "protocol": "gts",
+                "results": _scores(model, data, spec, inputs, device, targets),
+                "best_epoch": result.best_epoch,
+                "val_score": result.best_score,
+                "stop_reason": result.stop_reason,
+                "train_seconds": round(time.perf_counter() - started, 1),
+            },
+        )
+
+
+def run_loo(
+    job: OfflineJob,
+    data: OfflineData,
+    variants: list[str],
+    device: torch.device,
+    report: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Leave-one-out: each user's last event tests, the one before validates (literature)."""
+    timelines = data.timelines
+    train_end, validation, test = leave_last_out(timelines)
+    n_rows = len(data.servable)
+    counts = item_counts(timelines, train_end, n_rows)
+    targets = {"last": test}
+    inputs_all = EvalInputs(servable=data.servable)
+    report(
+        "popularity_all_time",
+        {
+            "protocol": "loo",
+            "results": _scores(
+                Popularity(counts).to(device), data, job.spec, inputs_all, device, targets
+            ),
+        },
+    )
+    for variant in variants:
+        if variant == "dssm":
+            raise UserFacingError("the leave-one-out table covers GRank variants only")
+        started = time.perf_counter()
+        seed_everything(job.fit.seed)
+        config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
+        model = GRank(config)
+        inputs = data.features_of(config.inputs)
+        result = fit(
+            model,
+            grank_batch_loss(job.weights, log_q(counts, device)),
+            timelines,
+            train_end,
+            validation,
+            job.spec,
+            job.fit,
+            device,
+            inputs,
+        )
+        report(
+            variant,
+            {
+                "protocol": "loo",
+                "results": _scores(model, data, job.spec, inputs, device, targets),
+                "best_epoch": result.best_epoch,
+                "val_score": result.best_score,
+                "stop_reason": result.stop_reason,
+                "train_seconds": round(time.perf_counter() - started, 1),
+            },
+        )
