@@ -92,6 +92,8 @@ class TrainSettings(BaseModel):
     max_epochs: int = 3
     patience: int = 2
     plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
+    # bf16 autocast of training steps: "auto" = where the CPU multiplies bf16 natively (or CUDA)
+    bf16: Literal["auto", "on", "off"] = "auto"
     # Optional wall-clock budgets, off by default: a time limit makes the weights depend on
     # the machine's speed, so re-running a day would not reproduce the same snapshot.
     max_minutes: float = 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.recommender import encode_items, encode_users, user_columns
+from serving.recommender import encode_users, item_feature_table, user_columns
 from serving.sequences import FeastUserSource
 from training.data import Queries, day_number, query_histories, read_timelines
 from training.features import read_feature_history
@@ -101,7 +101,7 @@ def check_skew(
         )
     )
     if spec.item_numeric:
-        item_served = encode_items(source, spec.item_numeric, items)
+        item_served = item_feature_table(config, source)[items].numpy()
         item_trained = history.item_features(days[:1], torch.as_tensor(items)[None, :])
         assert item_trained is not None
         mismatches += _compare("item features", item_served, item_trained[0].numpy(), items)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 import faiss
 
 from common.errors import UserFacingError
+from common.hardware import cpu_multiplies_bf16
 
 Device = Literal["auto", "cpu", "cuda"]
 ScreenMode = Literal["auto", "on", "off"]
@@ -294,15 +294,6 @@ class TorchMIPS:
             scores = q.to(self._device, self._dtype) @ self._matrix.T
             top = torch.topk(scores.float(), k, dim=1)
         return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
-
-
-def cpu_multiplies_bf16() -> bool:
-    """True where the CPU has bf16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def build_mips(matrix: np.ndarray, options: MipsOptions | None = None) -> ExactMIPS:

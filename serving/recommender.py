@@ -33,7 +33,13 @@ from serving.snapshots import (
     SnapshotError,
     read_verified,
 )
-from training.inputs import behavior_flags, encode_categorical, scale_numeric, seen_items
+from training.inputs import (
+    behavior_flags,
+    encode_categorical,
+    scale_numeric,
+    seen_items,
+    standardize_items,
+)
 from training.model import ITEM_TABLE_KEY, GRank, GRankConfig, UserContext
 
 
@@ -125,16 +131,22 @@ def _load_model(folder: Path, files: dict[str, bytes | mmap.mmap]) -> tuple[GRan
 
 
 def _item_features(model: GRank, items: ItemSource | None, version: str) -> torch.Tensor | None:
-    """[table rows, Fi] scaled features of every item row, when the Ranker reads any."""
-    columns = model.config.inputs.item_numeric
-    if not columns or not model.config.use_ranker:
+    """[table rows, Fi] encoded features of every item row, when the Ranker reads any."""
+    if not model.config.inputs.item_numeric or not model.config.use_ranker:
         return None
     if items is None:
         raise SnapshotError(f"snapshot {version}: its Ranker reads item features, no source given")
-    rows = np.arange(1, model.config.n_item_rows, dtype=np.int64)
-    table = np.zeros((model.config.n_item_rows, len(columns)), dtype=np.float32)
+    return item_feature_table(model.config, items)
+
+
+def item_feature_table(config: GRankConfig, items: ItemSource) -> torch.Tensor:
+    """[table rows, Fi]: every item row's features from the store, encoded as training does
+    (scaled, then standardized across the day's items)."""
+    columns = config.inputs.item_numeric
+    rows = np.arange(1, config.n_item_rows, dtype=np.int64)
+    table = np.zeros((config.n_item_rows, len(columns)), dtype=np.float32)
     table[1:] = encode_items(items, columns, rows)
-    return torch.from_numpy(table)
+    return torch.from_numpy(standardize_items(table))
 
 
 def encode_items(items: ItemSource, columns: Sequence[str], item_ids: np.ndarray) -> np.ndarray:

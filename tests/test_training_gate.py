@@ -222,6 +222,30 @@ def test_behavior_flags_hashing_and_the_seen_rule():
     assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
+def test_item_features_are_standardized_per_day_and_profiles_clipped_to_training():
+    from training.inputs import standardize_items
+
+    day = np.array([[0.0, 0.0], [1.0, 10.0], [3.0, 10.0]])  # row 0 is padding
+    out = standardize_items(day)
+    assert out[0].tolist() == [0.0, 0.0]
+    assert out[1:, 0].tolist() == [-1.0, 1.0] and out[1:, 1].tolist() == [0.0, 0.0]
+    # a tenure far beyond the training range reads as the longest one trained on
+    spec = InputSpec(user_numeric=("tenure_days",))
+    torch.manual_seed(0)
+    model = GRank(
+        GRankConfig(n_item_rows=10, dim=8, n_heads=1, short_seq_len=4, long_seq_len=4, inputs=spec)
+    ).eval()
+    model.fit_feature_ranges(torch.tensor([0.0]), torch.tensor([5.0]))
+    short = torch.tensor([[1, 2, 3, 4]])
+
+    def vector(tenure: float) -> torch.Tensor:
+        from training.model import UserContext
+
+        return model.user_vectors(short, UserContext(numeric=torch.tensor([[tenure]])))
+
+    assert torch.equal(vector(5.0), vector(50.0)) and not torch.equal(vector(4.0), vector(5.0))
+
+
 def test_the_model_config_round_trips_its_inputs(tmp_path: Path):
     spec = InputSpec(user_categorical=("gender",), item_numeric=("pop_1d", "age_days"))
     config = GRankConfig(n_item_rows=5, dim=8, n_heads=1, inputs=spec)

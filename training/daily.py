@@ -208,6 +208,9 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
         raise UserFacingError(f"no validation events between T_val and {day}: too little history")
     seed_everything(job.fit.seed)
     model = GRank(replace(job.model, n_item_rows=n_rows))
+    if spec.user_numeric:
+        assert data.model_inputs.features is not None
+        model.fit_feature_ranges(*data.model_inputs.features.user_ranges(day_number(day)))
     backtest: dict[str, list[Any]] = {}
 
     def run_backtest() -> None:

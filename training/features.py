@@ -27,7 +27,7 @@ import torch
 
 from common.errors import UserFacingError
 from features.lake import EPOCH
-from training.inputs import InputSpec, hash_category, scale_numeric
+from training.inputs import InputSpec, hash_category, scale_numeric, standardize_items
 from training.model import UserContext
 
 USER_TABLE = "user_features"
@@ -79,6 +79,16 @@ class FeatureHistory:
             numeric=numeric,
             categorical=categorical,
         )
+
+    def user_ranges(self, last_day: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of each profile feature over known users, predictions up to
+        ``last_day`` (a model remembers them as its training range)."""
+        upto = int(np.clip(last_day - self.first_day, 1, self.user_numeric.shape[0] - 1))
+        rows = self.user_numeric[1 : upto + 1, 1:].reshape(-1, self.user_numeric.shape[2])
+        if len(rows) == 0:
+            width = self.user_numeric.shape[2]
+            return torch.full((width,), -torch.inf), torch.full((width,), torch.inf)
+        return torch.as_tensor(rows.min(axis=0)), torch.as_tensor(rows.max(axis=0))
 
     def user_slots(self, user_ids: np.ndarray) -> np.ndarray:
         """Slot of each user in the user tables (0: unknown, the all-zero slot)."""
@@ -171,8 +181,10 @@ def read_feature_history(
             continue
         ids = table["item_id"].to_numpy()
         inside = ids < n_item_rows
+        day_table = np.zeros((n_item_rows, len(spec.item_numeric)), np.float32)
         for c, column in enumerate(spec.item_numeric):
-            item_numeric[index, ids[inside], c] = scale_numeric(_floats(table[column]))[inside]
+            day_table[ids[inside], c] = scale_numeric(_floats(table[column]))[inside]
+        item_numeric[index] = standardize_items(day_table)
     return FeatureHistory(
         spec=spec,
         first_day=(asof_first - EPOCH).days,

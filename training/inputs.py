@@ -159,3 +159,20 @@ def seen_items(history: np.ndarray, seen_len: int | None) -> np.ndarray:
     """
     recent = history if seen_len is None else history[len(history) - min(seen_len, len(history)) :]
     return np.unique(recent)
+
+
+def standardize_items(table: np.ndarray) -> np.ndarray:
+    """Each item feature column of one day as z-scores across the item rows (row 0, the
+    padding row, stays 0).
+
+    Popularity counts follow the whole site's traffic and ages grow with the calendar, so
+    their raw scale drifts far outside what a model trained months earlier has seen. Their
+    standing among the day's items (more popular than most, newer than most) does not.
+    Training and serving both hold every item row of a day, so both compute the same.
+    """
+    out = np.zeros_like(table, dtype=np.float32)
+    rows = table[1:].astype(np.float64)
+    if len(rows):
+        std = rows.std(axis=0)
+        out[1:] = (rows - rows.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return out

@@ -170,6 +170,13 @@ class GRank(nn.Module):
             self.user_numeric = nn.Sequential(
                 nn.Linear(len(spec.user_numeric), d), nn.GELU(), nn.Linear(d, d)
             )
+            # the range each profile feature had in training: values beyond it (a tenure
+            # longer than any seen, years later) are clipped, not extrapolated
+            self.user_numeric_low: torch.Tensor
+            self.user_numeric_high: torch.Tensor
+            width = len(spec.user_numeric)
+            self.register_buffer("user_numeric_low", torch.full((width,), -torch.inf))
+            self.register_buffer("user_numeric_high", torch.full((width,), torch.inf))
         if spec.user_categorical:
             self.user_categories = nn.Embedding(spec.categorical_buckets, d, padding_idx=0)
         if config.use_aux:
@@ -253,6 +260,11 @@ class GRank(nn.Module):
         self.item_embedding = table
         self.config = GRankConfig(**{**self.config.to_dict(), "n_item_rows": n_item_rows})
 
+    def fit_feature_ranges(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Remember the training range of the profile features (training sets it once)."""
+        self.user_numeric_low.copy_(low)
+        self.user_numeric_high.copy_(high)
+
     # -------------------------------------------------------------- generator
     def _fit(self, seq: torch.Tensor, length: int) -> torch.Tensor:
         """Keep the newest ``length`` ids (unknown ones as 0), left-padding shorter sequences."""
@@ -281,7 +293,10 @@ class GRank(nn.Module):
             parts.append(self.behavior_pool(torch.cat(pooled, dim=-1)))
         if spec.user_numeric:
             assert user.numeric is not None
-            parts.append(self.user_numeric(user.numeric))
+            clipped = torch.maximum(
+                torch.minimum(user.numeric, self.user_numeric_high), self.user_numeric_low
+            )
+            parts.append(self.user_numeric(clipped))
         if spec.user_categorical:
             assert user.categorical is not None
             parts.append(self.user_categories(user.categorical).sum(1))

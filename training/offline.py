@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.errors import UserFacingError
+from features.lake import US_PER_DAY
 from training.baselines import Popularity, RecentPopularity, TwoTower
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
 from training.evaluate import EvalInputs, EvalSpec, Scorer, evaluate
@@ -178,6 +179,7 @@ def run_gts(
             grank_config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
             model = GRank(grank_config)
             inputs = data.features_of(grank_config.inputs)
+            _fit_ranges(model, inputs, split.t_test)
             spec, config = job.spec, job.fit
 
             def make_loss(counts: np.ndarray) -> Any:
@@ -230,6 +232,7 @@ def run_loo(
         config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
         model = GRank(config)
         inputs = data.features_of(config.inputs)
+        _fit_ranges(model, inputs, int(timelines.times.max()))
         result = fit(
             model,
             grank_batch_loss(job.weights, log_q(counts, device)),
@@ -252,3 +255,9 @@ def run_loo(
                 "train_seconds": round(time.perf_counter() - started, 1),
             },
         )
+
+
+def _fit_ranges(model: GRank, inputs: EvalInputs, until_us: int) -> None:
+    """The profile features' training range: predictions up to ``until_us``."""
+    if model.config.inputs.user_numeric and inputs.features is not None:
+        model.fit_feature_ranges(*inputs.features.user_ranges(until_us // US_PER_DAY))

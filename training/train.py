@@ -44,6 +44,7 @@ class FitConfig:
     val_metric: str = "recall@10"
     max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
     keep_best: bool = True  # end on the best validation epoch (False: on the last one)
+    bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     progress: bool = True
 
 
@@ -132,7 +133,8 @@ def _train_epoch(
         if deadline is not None and time.perf_counter() > deadline:
             return total / max(steps, 1), steps, f"time budget of {config.max_seconds:.0f}s reached"
         batch = train_batch(timelines, windows, rows, inputs, device)
-        loss, parts = batch_loss(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss, parts = batch_loss(model, batch)
         if not math.isfinite(float(loss.detach())):
             raise _NonFinite(f"non-finite loss at {label} step {steps + 1}")
         optimizer.zero_grad(set_to_none=True)

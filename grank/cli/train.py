@@ -78,6 +78,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
         seed=t.seed,
         val_metric=t.val_metric,
         max_seconds=t.max_minutes * 60 or None,
+        bf16=_use_bf16(t.bf16),
     )
     items = settings.lake_dir / "raw" / "items" / "items.parquet"
     catalogue = (
@@ -139,6 +140,17 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
         from_scratch=from_scratch,
         git_commit=_git_commit(),
     )
+
+
+def _use_bf16(mode: str) -> bool:
+    """Resolve ``train.bf16``: "auto" means where bf16 runs natively (CUDA, or the CPU)."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    from common.hardware import cpu_multiplies_bf16
+
+    return torch.cuda.is_available() or cpu_multiplies_bf16()
 
 
 def print_summary(summary: dict[str, dict[str, float]]) -> None:
