@@ -3,7 +3,7 @@
 Histories are deterministic (seeded) random item sequences of the Contract-2 shape (long
 200, short = its last 64) for users 1..N; the in-memory source removes the feature-store
 round trip so the numbers isolate the serving path (Feast lookup latency is measured by
-benchmarks/feast_lookups.py, issue 4).
+benchmarks/feast_lookups.py).
 """
 
 from __future__ import annotations
