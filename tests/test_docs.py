@@ -9,6 +9,7 @@ settings that exist; no doc mentions a development session or an issue number.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fnmatch
 import re
 import subprocess
@@ -36,7 +37,6 @@ KNOWN_STALE = {
         "docs/deployment.md": "cites pitfalls.md, which is not part of the project",
     },
     "diary": {
-        "docs/model.md": "cites benchmark sections by issue and session; being rewritten",
         "docs/deployment.md": 'cites the allocator benchmark as (issue 5, "Session 5")',
     },
 }
@@ -251,8 +251,19 @@ def _stale_setting(name: str) -> str | None:
         model = fields[section].annotation
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return f"{section} is not a section"
-        if field and field not in model.model_fields:
+        # a nested section (a layer's dataclass, e.g. train.gate) takes another "__"
+        head, _, rest = field.partition("__")
+        if field and head not in model.model_fields:
             return f"{section} has no field {field}"
+        if rest:
+            inner = model.model_fields[head].annotation
+            known = (
+                {f.name for f in dataclasses.fields(inner)}
+                if dataclasses.is_dataclass(inner)
+                else set()
+            )
+            if rest not in known:
+                return f"{section}.{head} has no field {rest}"
         return None
     if section in fields and not field:
         return None
@@ -368,6 +379,8 @@ def test_the_checks_flag_what_they_are_for_and_spare_the_rest() -> None:
     assert _stale_setting("GRANK_TRAIN__MAX_HOURS") == "train has no field max_hours"
     assert _stale_setting("GRANK_NOWHERE") == "no setting, and nothing reads it"
     assert _stale_setting("GRANK_SPARK__MASTER") is None
+    assert _stale_setting("GRANK_TRAIN__GATE__MIN_QUERIES") is None
+    assert _stale_setting("GRANK_TRAIN__GATE__MAX_QUERIES") == "train.gate has no field max_queries"
     assert _stale_setting("GRANK_QUALITY__") is None  # GRANK_QUALITY__*: the section
     assert _stale_setting("GRANK_DATA_ROOT") is None
     assert _stale_setting("GRANK_BIN") is None  # read by the DAG and scripts/airflow.sh
