@@ -8,10 +8,12 @@ Why this shape:
   and every step can be re-run by hand without Airflow.
 * Deterministic. Everything derives from the logical date ``ds`` (the start of the daily data
   interval, so the run for D processes the UTC day D); nothing reads the clock.
-* Gates stop the run. A failed quality gate or a refused model exits non-zero, retries=0,
-  nothing downstream runs, and serving keeps the snapshot it already has. The task log names
-  the HTML report (``reports/dt=D/``). Only transient steps (Spark, Feast stores, file
-  publication, the serving check) retry, with exponential back-off.
+* Gates stop the run. A failed quality gate exits non-zero, retries=0, nothing downstream
+  runs, and serving keeps the snapshot it already has; the task log names the HTML report.
+  A refused model is a skipped ``evaluate_gate`` (exit 99): PUBLISHED stays, and the
+  snapshot steps publish nothing new (until a first model passes, they serve popularity).
+  Only transient steps (Spark, Feast stores, file publication, the serving check) retry,
+  with exponential back-off.
 * One run at a time (``max_active_runs=1``): training warm-starts from the model published
   by the previous day, so days must run in order. ``catchup=True`` replays every day from
   the start date once the DAG is unpaused; ``airflow backfill create`` replays a range.
@@ -48,6 +50,7 @@ TRANSIENT_RETRIES = int(os.environ.get("GRANK_DAG_RETRIES", "3"))
 RAW_POKE_INTERVAL = timedelta(minutes=5)
 RAW_WAIT_TIMEOUT = timedelta(hours=6)
 GRANK = '"${GRANK_BIN:-grank}"'
+EXIT_REFUSED = 99  # `grank evaluate`: the gate refused the candidate (docs/model.md)
 
 default_args = {
     "owner": "grank",
@@ -106,10 +109,20 @@ def grank_daily() -> None:
         outlets=[ONLINE_FEATURES_ASSET],
     )
     train = grank_step("train", "train --date {{ ds }}")
-    evaluate = grank_step("evaluate_gate", "evaluate --date {{ ds }}", gate=True)
-    refresh = grank_step("refresh_embeddings", "embeddings refresh --date {{ ds }}")
+    # a refused model exits 99: the task shows as skipped (not failed: nothing broke) and
+    # serving keeps what it has; refresh/publish still run, so a day before any model has
+    # passed serves popularity, and otherwise publish finds nothing new to publish
+    evaluate = grank_step(
+        "evaluate_gate", "evaluate --date {{ ds }}", gate=True, skip_on_exit_code=EXIT_REFUSED
+    )
+    refresh = grank_step(
+        "refresh_embeddings", "embeddings refresh --date {{ ds }}", trigger_rule="none_failed"
+    )
     publish = grank_step(
-        "publish_snapshot", "snapshot publish --date {{ ds }}", outlets=[SNAPSHOT_ASSET]
+        "publish_snapshot",
+        "snapshot publish --date {{ ds }}",
+        outlets=[SNAPSHOT_ASSET],
+        trigger_rule="none_failed",
     )
     verify = BashOperator(
         task_id="verify_serving",

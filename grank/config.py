@@ -89,14 +89,15 @@ class TrainSettings(BaseModel):
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    max_epochs: int = 3
-    patience: int = 2
+    # the bootstrap trains to convergence: early stopping on the temporal validation...
+    max_epochs: int = 200
+    patience: int = 3
     plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
     # bf16 autocast of training steps: "auto" = where the CPU multiplies bf16 natively (or CUDA)
     bf16: Literal["auto", "on", "off"] = "auto"
-    # Optional wall-clock budgets, off by default: a time limit makes the weights depend on
-    # the machine's speed, so re-running a day would not reproduce the same snapshot.
-    max_minutes: float = 0.0
+    # ...within this budget (0 = none). A budget that ends training makes the weights
+    # depend on the machine's speed: a re-run of that day may not reproduce its model.
+    max_minutes: float = 30.0
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # daily warm start from the published model
     finetune_lr: float = 5e-4

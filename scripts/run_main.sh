@@ -6,7 +6,9 @@
 #   scripts/run_main.sh stop     stop what the main job left running (serving, Airflow UI)
 #
 # Knobs: GRANK_MAIN_DAYS="2000-12-07 2000-12-08" (the replayed days, consecutive, oldest
-# first), GRANK_MAIN_AIRFLOW_UI=0 (do not start the Airflow UI), GRANK_SERVE__PORT (8000).
+# first), GRANK_MAIN_AIRFLOW_UI=0 (do not start the Airflow UI), GRANK_SERVE__PORT (8000),
+# GRANK_TRAIN__MAX_MINUTES (the first day's training budget, here 6 minutes so the whole
+# job stays under a quarter of an hour on two cores; the setting's default is 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/airflow.sh # Airflow home .airflow/, sqlite, GRANK_BIN=.venv/bin/grank
@@ -18,6 +20,7 @@ UI_URL="http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT"
 SERVE_PID="$AIRFLOW_HOME/grank-serve.pid"
 UI_PID="$AIRFLOW_HOME/airflow-ui.pid"
 read -r -a DAYS <<<"${GRANK_MAIN_DAYS:-2000-12-07 2000-12-08}"
+export GRANK_TRAIN__MAX_MINUTES=${GRANK_TRAIN__MAX_MINUTES:-6}
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
@@ -181,6 +184,29 @@ if [[ ${GRANK_MAIN_AIRFLOW_UI:-1} == 1 ]]; then
     UI_NOTE="port $AIRFLOW__API__PORT is taken; not started"
   fi
 fi
+
+step "what serves, next to the baselines it had to beat (next-day, seen items filtered)"
+.venv/bin/python - "$DATA_ROOT" "${DAYS[@]}" <<'PY'
+"""Per replayed day: the model PUBLISHED named after the gate, on that day's queries."""
+import json
+import sys
+from pathlib import Path
+
+data_root, days = Path(sys.argv[1]), sys.argv[2:]
+metrics = ("recall@10", "recall@50", "ndcg@10")
+print(f"    {'day':10}  {'model':24} " + " ".join(f"{m:>9}" for m in metrics))
+for day in days:
+    report = json.loads((data_root / "models/evaluations" / day / "metrics.json").read_text())
+    results = report["results"]
+    passed = report["gate"]["publishable"]
+    serving = "candidate" if passed else ("published" if "published" in results else None)
+    rows = [(f"published ({'new' if passed else 'kept'})", results.get(serving or "", {}))]
+    rows += [(name, results[name]) for name in ("popularity_7d", "popularity_all_time")]
+    for name, row in rows:
+        cells = " ".join(f"{row[m]:9.4f}" if m in row else f"{'-':>9}" for m in metrics)
+        print(f"    {day:10}  {name:24} {cells}")
+    print(f"    {'':10}  gate: {report['gate']['reason']}")
+PY
 
 printf '\n\033[1mmain job finished in %ss\033[0m\n' "$(($(date +%s) - start))"
 cat <<EOF
