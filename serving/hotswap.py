@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+from serving.bundle import LoadedSnapshot, load_snapshot
 from serving.metrics import ServingMetrics
 from serving.mips import MipsOptions
-from serving.recommender import LoadedSnapshot, load_snapshot
 from serving.sequences import ItemSource
 from serving.snapshots import read_current, version_dir
 

@@ -19,23 +19,25 @@ from safetensors.torch import load_file
 from common.errors import UserFacingError
 from grank.cli import cli
 from grank.config import REPO_ROOT
-from serving.embeddings import refresh_embeddings
-from serving.mips import MipsOptions
-from serving.recommender import NO_MODEL, Recommender, RecRequest, load_snapshot
-from serving.sequences import StaticUserSource, UserHistory
-from serving.snapshots import (
-    CURRENT,
+from serving.bundle import (
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
     NETWORK_FILE,
-    SnapshotError,
+    load_snapshot,
+    refresh_embeddings,
+)
+from serving.manifest import SnapshotError, verify_snapshot
+from serving.mips import MipsOptions
+from serving.recommender import NO_MODEL, Recommender, RecRequest
+from serving.sequences import StaticUserSource, UserHistory
+from serving.snapshots import (
+    CURRENT,
     list_snapshots,
     point_current,
     prune_snapshots,
     publish_snapshot,
     read_current,
     rollback_target,
-    verify_snapshot,
     version_dir,
 )
 from tests.conftest import make_settings
