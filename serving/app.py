@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from serving.batcher import MicroBatcher, QueueFullError
 from serving.hotswap import SnapshotHolder
 from serving.metrics import ServingMetrics
-from serving.mips import Device, MipsOptions, ScreenMode
+from serving.mips import Device, MipsConfig, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
 from serving.sequences import ItemSource, UserSource
 
@@ -82,8 +82,8 @@ def create_app(config: ServeConfig, source: UserSource, items: ItemSource | None
     lookup), ``holder`` (the served snapshot), ``batcher`` and ``metrics``.
     """
     metrics = ServingMetrics()
-    mips = MipsOptions(config.device, config.bf16_screen)
-    holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s, items)
+    mips_config = MipsConfig(config.device, config.bf16_screen)
+    holder = SnapshotHolder(config.snapshots_dir, mips_config, metrics, config.poll_s, items)
     metrics.screen_rescans.set_function(lambda: _screen_rescans(holder))
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
     batcher: MicroBatcher[RecRequest, RecResult] = MicroBatcher(

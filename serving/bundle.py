@@ -45,7 +45,7 @@ from common.atomic import staging_dir
 from common.errors import UserFacingError
 from serving.encoding import item_feature_table
 from serving.manifest import SnapshotError, read_verified
-from serving.mips import ExactMIPS, MipsOptions, build_mips
+from serving.mips import ExactMIPS, MipsConfig, build_mips
 from serving.sequences import ItemSource
 from training.checkpoint import load_checkpoint
 from training.model import ITEM_TABLE_KEY, GRank, GRankConfig
@@ -246,7 +246,7 @@ class LoadedSnapshot:
 
 
 def load_snapshot(
-    folder: Path, mips: MipsOptions | None = None, items: ItemSource | None = None
+    folder: Path, mips_config: MipsConfig | None = None, items: ItemSource | None = None
 ) -> LoadedSnapshot:
     """Verify ``folder`` (checksums) and load it; raises :class:`SnapshotError` if unusable.
 
@@ -281,7 +281,7 @@ def load_snapshot(
         servable=servable,
         popular_items=popular,
         model=model,
-        mips=build_mips(matrix, mips),
+        mips=build_mips(matrix, mips_config),
         item_features=_item_features(model, items, folder.name),
     )
 

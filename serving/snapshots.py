@@ -120,14 +120,14 @@ def link_or_copy(source: str | Path, target: str | Path) -> None:
 
 def publish_snapshot(
     snapshots_dir: Path,
-    source_dir: Path,
+    bundle_dir: Path,
     logical_date: date,
     metadata: Mapping[str, Any],
     keep: int,
 ) -> str:
-    """Link ``source_dir`` into a new version, point ``CURRENT`` at it, prune old ones.
+    """Link ``bundle_dir`` into a new version, point ``CURRENT`` at it, prune old ones.
 
-    ``source_dir`` holds one bundle (the embedding refresh's output); ``metadata`` goes
+    ``bundle_dir`` holds one bundle (the embedding refresh's output); ``metadata`` goes
     into the manifest with what the bundle's files say of themselves, next to the
     checksums, which are computed from the staged files on disk. The manifest is written
     last, then the folder is renamed into place, and only then does ``CURRENT`` move.
@@ -139,8 +139,8 @@ def publish_snapshot(
 
     if keep < 1:
         raise SnapshotError(f"retention must keep at least 1 snapshot, got {keep}")
-    files = folder_files(source_dir)
-    metadata = {**metadata, **describe_bundle(source_dir, set(files))}
+    files = folder_files(bundle_dir)
+    metadata = {**metadata, **describe_bundle(bundle_dir, set(files))}
     snapshots_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish.", suffix=".tmp", dir=snapshots_dir))
     try:

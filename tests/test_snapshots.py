@@ -27,7 +27,7 @@ from serving.bundle import (
     refresh_embeddings,
 )
 from serving.manifest import SnapshotError, verify_snapshot
-from serving.mips import MipsOptions
+from serving.mips import MipsConfig
 from serving.recommender import NO_MODEL, Recommender, RecRequest
 from serving.sequences import StaticUserSource, UserHistory
 from serving.snapshots import (
@@ -359,7 +359,7 @@ def test_items_outside_the_catalogue_are_never_recommended_but_still_embed_histo
     out = tmp_path / "embeddings" / "subset"
     catalogue = [i for i in range(1, N_ITEMS + 1) if i not in retired]
     refresh_embeddings(checkpoint, out, catalogue, catalogue[::-1], progress=False)
-    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsOptions("cpu"))
+    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsConfig("cpu"))
     assert snapshot.n_servable == len(catalogue)
     history = UserHistory(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
     recommender = Recommender(lambda: snapshot, StaticUserSource({9: history}), 40, True)
