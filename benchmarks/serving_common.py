@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import torch
 
-from serving.embeddings import refresh_embeddings
+from serving.bundle import refresh_embeddings
 from serving.snapshots import publish_snapshot
 from training.checkpoint import save_checkpoint
 from training.model import GRank, GRankConfig

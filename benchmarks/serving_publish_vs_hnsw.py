@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from serving_common import cpu_note, make_refresh, memory_mib, publish, server
 
-from serving.snapshots import EMBEDDINGS_FILE
+from serving.bundle import EMBEDDINGS_FILE
 from training.checkpoint import load_checkpoint
 
 

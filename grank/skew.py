@@ -4,7 +4,7 @@ For a day D and a sample of users, two paths build the model's inputs for a pred
 made on D+1:
 
 - online, as serving does it: the Feast online store (after ``materialize --date D``),
-  through the serving source and the serving encoder (serving/recommender.py);
+  through the serving source and the serving encoder (serving/encoding.py);
 - offline, as training does it: the feature tables, point in time (training_examples up
   to the end of D; user_features/item_features of D), through the training readers.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.recommender import encode_users, item_feature_table, user_columns
+from serving.encoding import encode_users, item_feature_table, user_columns
 from serving.sequences import FeastUserSource
 from training.data import Queries, day_number, query_histories, read_timelines
 from training.features import read_feature_history

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from serving.batcher import MicroBatcher, QueueFullError
 from serving.hotswap import SnapshotHolder
 from serving.metrics import ServingMetrics
-from serving.mips import Device, MipsOptions, ScreenMode
+from serving.mips import Device, MipsConfig, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
 from serving.sequences import ItemSource, UserSource
 
@@ -76,120 +76,143 @@ class RecommendResponse(BaseModel):
 
 
 def create_app(config: ServeConfig, source: UserSource, items: ItemSource | None = None) -> FastAPI:
-    """Build the app; the snapshot watcher and the batcher start with the app's lifespan."""
+    """Wire the parts; the snapshot watcher and the batcher start with the app's lifespan.
+
+    Handlers find what they need on ``app.state``: ``config``, ``source`` (the user
+    lookup), ``holder`` (the served snapshot), ``batcher`` and ``metrics``.
+    """
     metrics = ServingMetrics()
-    mips = MipsOptions(config.device, config.bf16_screen)
-    holder = SnapshotHolder(config.snapshots_dir, mips, metrics, config.poll_s, items)
-    metrics.screen_rescans.set_function(
-        lambda: (
-            float(served.mips.screen_rescans)
-            if (served := holder.current()) and served.mips
-            else 0.0
-        )
-    )
+    mips_config = MipsConfig(config.device, config.bf16_screen)
+    holder = SnapshotHolder(config.snapshots_dir, mips_config, metrics, config.poll_s, items)
+    metrics.screen_rescans.set_function(lambda: _screen_rescans(holder))
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
-
-    def process(requests: Sequence[RecRequest]) -> list[RecResult]:
-        return recommender.recommend_batch(requests)
-
     batcher: MicroBatcher[RecRequest, RecResult] = MicroBatcher(
-        process,
+        recommender.recommend_batch,
         max_batch=config.max_batch,
         max_wait_s=config.max_wait_ms / 1e3,
         max_queue=config.max_queue,
         on_batch=metrics.batch_size.observe,
     )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:  # the first online lookup loads the registry (~0.3 s): not on a user's request
-            await asyncio.to_thread(source.get, [0])
-        except Exception:
-            log.exception("feature store warm-up lookup failed; serving starts anyway")
-        holder.start()
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-            holder.stop()
-
-    app = FastAPI(title="GRank index-free retrieval", lifespan=lifespan)
+    app = FastAPI(title="GRank index-free retrieval", lifespan=_lifespan)
+    app.state.config = config
+    app.state.source = source
     app.state.holder = holder
+    app.state.batcher = batcher
     app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        # label by route template, never by raw path: unknown URLs must not add series
-        endpoint = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
-
-    def unavailable(detail: str) -> JSONResponse:
-        return JSONResponse(
-            {"detail": detail},
-            status_code=503,
-            headers={"Retry-After": str(config.retry_after_s)},
-        )
-
-    @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest) -> RecommendResponse | JSONResponse:
-        started = time.perf_counter()
-        if body.k > config.max_k:
-            return JSONResponse(
-                {"detail": f"k must be between 1 and {config.max_k}, got {body.k}"},
-                status_code=422,
-            )
-        if holder.current() is None:
-            return unavailable("no snapshot loaded yet")
-        try:
-            result = await batcher.submit(RecRequest(body.user_id, body.k))
-        except QueueFullError:
-            metrics.rejected.inc()
-            return unavailable("server busy: batch queue full")
-        except NotReadyError:
-            return unavailable("no snapshot loaded yet")
-        total_ms = (time.perf_counter() - started) * 1e3
-        timings = {**result.timings_ms, "total": total_ms}
-        for stage, value in timings.items():
-            metrics.stage_latency.labels(stage=stage).observe(value / 1e3)
-        if result.fallback is not None:
-            metrics.fallbacks.inc()
-        return RecommendResponse(
-            user_id=result.user_id,
-            items=[
-                RecommendItem(item_id=i, score=s)
-                for i, s in zip(result.items, result.scores, strict=True)
-            ],
-            snapshot_version=result.version,
-            fallback=result.fallback is not None,
-            fallback_reason=result.fallback,
-            batch_size=result.batch_size,
-            timings_ms=timings,
-        )
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        snap = holder.current()
-        if snap is None:
-            return unavailable("no verified snapshot loaded")
-        return JSONResponse({"status": "ready", "snapshot_version": snap.version})
-
-    @app.get("/version")
-    async def version() -> Response:
-        snap = holder.current()
-        if snap is None:
-            return unavailable("no verified snapshot loaded")
-        keys = ("version", "logical_date", "created_at", "checkpoint_id", "item_count", "dim")
-        return JSONResponse({key: snap.manifest.get(key) for key in keys})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.middleware("http")(_count_requests)
+    app.include_router(router)
     return app
+
+
+def _screen_rescans(holder: SnapshotHolder) -> float:
+    """Queries the served snapshot's bf16 screen rescanned in float32 (0 without one)."""
+    served = holder.current()
+    return float(served.mips.screen_rescans) if served is not None and served.mips else 0.0
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    try:  # the first online lookup loads the registry (~0.3 s): not on a user's request
+        await asyncio.to_thread(state.source.get, [0])
+    except Exception:
+        log.exception("feature store warm-up lookup failed; serving starts anyway")
+    state.holder.start()
+    await state.batcher.start()
+    try:
+        yield
+    finally:
+        await state.batcher.stop()
+        state.holder.stop()
+
+
+async def _count_requests(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    response = await call_next(request)
+    # label by route template, never by raw path: unknown URLs must not add series
+    endpoint = getattr(request.scope.get("route"), "path", "unmatched")
+    metrics: ServingMetrics = request.app.state.metrics
+    metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+    return response
+
+
+def _unavailable(request: Request, detail: str) -> JSONResponse:
+    """503 with the configured Retry-After: not ready, or too busy to queue the request."""
+    config: ServeConfig = request.app.state.config
+    return JSONResponse(
+        {"detail": detail},
+        status_code=503,
+        headers={"Retry-After": str(config.retry_after_s)},
+    )
+
+
+router = APIRouter()
+
+
+@router.post("/recommend", response_model=RecommendResponse)
+async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse | JSONResponse:
+    started = time.perf_counter()
+    state = request.app.state
+    config: ServeConfig = state.config
+    metrics: ServingMetrics = state.metrics
+    if body.k > config.max_k:
+        return JSONResponse(
+            {"detail": f"k must be between 1 and {config.max_k}, got {body.k}"},
+            status_code=422,
+        )
+    if state.holder.current() is None:
+        return _unavailable(request, "no snapshot loaded yet")
+    try:
+        result: RecResult = await state.batcher.submit(RecRequest(body.user_id, body.k))
+    except QueueFullError:
+        metrics.rejected.inc()
+        return _unavailable(request, "server busy: batch queue full")
+    except NotReadyError:
+        return _unavailable(request, "no snapshot loaded yet")
+    total_ms = (time.perf_counter() - started) * 1e3
+    timings = {**result.timings_ms, "total": total_ms}
+    for stage, value in timings.items():
+        metrics.stage_latency.labels(stage=stage).observe(value / 1e3)
+    if result.fallback is not None:
+        metrics.fallbacks.inc()
+    return RecommendResponse(
+        user_id=result.user_id,
+        items=[
+            RecommendItem(item_id=i, score=s)
+            for i, s in zip(result.items, result.scores, strict=True)
+        ],
+        snapshot_version=result.version,
+        fallback=result.fallback is not None,
+        fallback_reason=result.fallback,
+        batch_size=result.batch_size,
+        timings_ms=timings,
+    )
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    snap = request.app.state.holder.current()
+    if snap is None:
+        return _unavailable(request, "no verified snapshot loaded")
+    return JSONResponse({"status": "ready", "snapshot_version": snap.version})
+
+
+@router.get("/version")
+async def version(request: Request) -> Response:
+    snap = request.app.state.holder.current()
+    if snap is None:
+        return _unavailable(request, "no verified snapshot loaded")
+    keys = ("version", "logical_date", "created_at", "checkpoint_id", "item_count", "dim")
+    return JSONResponse({key: snap.manifest.get(key) for key in keys})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    metrics: ServingMetrics = request.app.state.metrics
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

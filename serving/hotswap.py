@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+from serving.bundle import LoadedSnapshot, load_snapshot
 from serving.metrics import ServingMetrics
-from serving.mips import MipsOptions
-from serving.recommender import LoadedSnapshot, load_snapshot
+from serving.mips import MipsConfig
 from serving.sequences import ItemSource
 from serving.snapshots import read_current, version_dir
 
@@ -29,13 +29,13 @@ class SnapshotHolder:
     def __init__(
         self,
         snapshots_dir: Path,
-        mips: MipsOptions,
+        mips_config: MipsConfig,
         metrics: ServingMetrics,
         poll_s: float,
         items: ItemSource | None = None,
     ) -> None:
         self._dir = snapshots_dir
-        self._mips = mips
+        self._mips_config = mips_config
         self._items = items
         self._metrics = metrics
         self._poll_s = poll_s
@@ -50,8 +50,8 @@ class SnapshotHolder:
         with self._lock:
             return self._snapshot
 
-    def refresh(self) -> bool:
-        """Load the version ``CURRENT`` names if it is new; True when a swap happened."""
+    def swap_to_current(self) -> bool:
+        """Load the version ``CURRENT`` names if it is new and swap to it; True if it did."""
         try:
             version = read_current(self._dir)
         except Exception as exc:
@@ -64,7 +64,7 @@ class SnapshotHolder:
             return False
         started = time.perf_counter()
         try:
-            loaded = load_snapshot(version_dir(self._dir, version), self._mips, self._items)
+            loaded = load_snapshot(version_dir(self._dir, version), self._mips_config, self._items)
         except Exception as exc:
             self._record_failure(version, exc)
             return False
@@ -91,7 +91,7 @@ class SnapshotHolder:
 
     def start(self) -> None:
         """Load what ``CURRENT`` names now, then keep polling it in a daemon thread."""
-        self.refresh()
+        self.swap_to_current()
         self._thread = threading.Thread(target=self._watch, name="snapshot-watcher", daemon=True)
         self._thread.start()
 
@@ -102,4 +102,4 @@ class SnapshotHolder:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_s):
-            self.refresh()
+            self.swap_to_current()

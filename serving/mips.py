@@ -38,7 +38,7 @@ ScreenMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
-class MipsOptions:
+class MipsConfig:
     """Where the scan runs, and whether the CPU scan screens in bf16 first (exact either way).
 
     ``auto`` screens where the CPU has bf16 dot-product instructions (AVX512-BF16, AMX);
@@ -296,14 +296,12 @@ class TorchMIPS:
         return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
 
 
-def build_mips(matrix: np.ndarray, options: MipsOptions | None = None) -> ExactMIPS:
+def build_mips(matrix: np.ndarray, config: MipsConfig | None = None) -> ExactMIPS:
     """The flat searcher for ``matrix``: CUDA when asked or available (``auto``), else CPU."""
-    options = options or MipsOptions()
-    if options.device != "cpu" and torch.cuda.is_available():
+    config = config or MipsConfig()
+    if config.device != "cpu" and torch.cuda.is_available():
         return TorchMIPS(matrix, "cuda")
-    if options.device == "cuda":
+    if config.device == "cuda":
         raise UserFacingError("serving device 'cuda' requested but torch sees no CUDA device")
-    screen = options.bf16_screen == "on" or (
-        options.bf16_screen == "auto" and cpu_multiplies_bf16()
-    )
+    screen = config.bf16_screen == "on" or (config.bf16_screen == "auto" and cpu_multiplies_bf16())
     return TiledFlatMIPS(matrix, bf16_screen=screen)

@@ -17,10 +17,10 @@ import uvicorn
 
 from common.atomic import atomic_write_text
 from serving.app import ServeConfig, create_app
+from serving.bundle import EMBEDDINGS_FILE
 from serving.sequences import StaticUserSource, UserHistory, UserSource
 from serving.snapshots import (
     CURRENT,
-    EMBEDDINGS_FILE,
     point_current,
     read_current,
     rollback_target,

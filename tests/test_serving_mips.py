@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from serving.batcher import MicroBatcher, QueueFullError
-from serving.mips import MipsOptions, TiledFlatMIPS, TorchMIPS, build_mips
+from serving.mips import MipsConfig, TiledFlatMIPS, TorchMIPS, build_mips
 
 # isort: split
 import faiss  # after serving.mips, which loads torch first (see there)
@@ -158,9 +158,9 @@ def test_the_screen_is_used_where_asked_and_where_it_pays(
     assert not TiledFlatMIPS(matrix, bf16_screen=True)._screens(100)  # 20k items: too few
     assert TiledFlatMIPS(matrix[:10_000], bf16_screen=True)._screen is None  # never usable
     assert not TiledFlatMIPS(matrix)._screens(100)  # off unless asked
-    forced = build_mips(matrix, MipsOptions("cpu", bf16_screen="on"))
+    forced = build_mips(matrix, MipsConfig("cpu", bf16_screen="on"))
     assert isinstance(forced, TiledFlatMIPS) and forced._screens(1)  # 20k > 500 x 34
-    off = build_mips(matrix, MipsOptions("cpu", bf16_screen="off"))
+    off = build_mips(matrix, MipsConfig("cpu", bf16_screen="off"))
     assert isinstance(off, TiledFlatMIPS) and not off._screens(1)
     assert screened.search(queries[:0], 10)[1].shape == (0, 10)
 
@@ -192,7 +192,7 @@ def test_torch_path_returns_the_same_results_as_faiss(
 
 def test_k_larger_than_the_catalogue_returns_every_item() -> None:
     matrix = np.eye(3, dtype=np.float32)
-    scores, rows = build_mips(matrix, MipsOptions("cpu")).search(
+    scores, rows = build_mips(matrix, MipsConfig("cpu")).search(
         np.array([[0, 2, 1]], np.float32), 10
     )
     assert rows.tolist() == [[1, 2, 0]] and scores.tolist() == [[2.0, 1.0, 0.0]]

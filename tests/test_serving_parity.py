@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from features.lake import US_PER_DAY
-from serving.embeddings import refresh_embeddings
-from serving.recommender import Recommender, RecRequest, load_snapshot
+from serving.bundle import load_snapshot, refresh_embeddings
+from serving.recommender import Recommender, RecRequest
 from serving.sequences import StaticUserSource, UserHistory
 from serving.snapshots import publish_snapshot
 from training.checkpoint import save_checkpoint

@@ -19,23 +19,25 @@ from safetensors.torch import load_file
 from common.errors import UserFacingError
 from grank.cli import cli
 from grank.config import REPO_ROOT
-from serving.embeddings import refresh_embeddings
-from serving.mips import MipsOptions
-from serving.recommender import NO_MODEL, Recommender, RecRequest, load_snapshot
-from serving.sequences import StaticUserSource, UserHistory
-from serving.snapshots import (
-    CURRENT,
+from serving.bundle import (
     EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
     NETWORK_FILE,
-    SnapshotError,
+    load_snapshot,
+    refresh_embeddings,
+)
+from serving.manifest import SnapshotError, verify_snapshot
+from serving.mips import MipsConfig
+from serving.recommender import NO_MODEL, Recommender, RecRequest
+from serving.sequences import StaticUserSource, UserHistory
+from serving.snapshots import (
+    CURRENT,
     list_snapshots,
     point_current,
     prune_snapshots,
     publish_snapshot,
     read_current,
     rollback_target,
-    verify_snapshot,
     version_dir,
 )
 from tests.conftest import make_settings
@@ -357,7 +359,7 @@ def test_items_outside_the_catalogue_are_never_recommended_but_still_embed_histo
     out = tmp_path / "embeddings" / "subset"
     catalogue = [i for i in range(1, N_ITEMS + 1) if i not in retired]
     refresh_embeddings(checkpoint, out, catalogue, catalogue[::-1], progress=False)
-    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsOptions("cpu"))
+    snapshot = load_snapshot(tmp_path / "snapshots" / publish(tmp_path, out), MipsConfig("cpu"))
     assert snapshot.n_servable == len(catalogue)
     history = UserHistory(short=(1, 3, 5), long=(1, 3, 5, 7))  # retired items only
     recommender = Recommender(lambda: snapshot, StaticUserSource({9: history}), 40, True)

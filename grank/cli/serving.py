@@ -77,7 +77,7 @@ def embeddings() -> None:
 @click.pass_obj
 def refresh(settings: Settings, day: date, checkpoint: str | None) -> None:
     """Compute every catalogue item's vector into embeddings/dt=D/ (float32 + ids + weights)."""
-    from serving.embeddings import refresh_embeddings, write_popularity_bundle
+    from serving.bundle import refresh_embeddings, write_popularity_bundle
     from training.registry import ModelRegistry
 
     catalogue, popular = _catalogue_and_popularity(settings, day)
@@ -146,12 +146,14 @@ def publish(settings: Settings, day: date, keep: int | None, force: bool) -> Non
 
 def _publish_skip_reason(current: dict[str, Any] | None, source: Path, day: date) -> str | None:
     """Why publishing ``source`` for ``day`` would be wrong or pointless (None: publish)."""
+    from serving.bundle import bundle_checkpoint_id
+
     if current is None:
         return None
     served_day = date.fromisoformat(current["logical_date"])
     if served_day > day:
         return f"CURRENT serves {current['version']}, of a later day than {day}"
-    checkpoint = json.loads((source / "source.json").read_text("utf-8")).get("checkpoint_id")
+    checkpoint = bundle_checkpoint_id(source)
     if checkpoint is not None and checkpoint == current.get("checkpoint_id"):
         return f"CURRENT ({current['version']}) already serves the model {checkpoint}"
     if checkpoint is None and current.get("checkpoint_id") is not None:
@@ -182,7 +184,8 @@ def list_command(settings: Settings) -> None:
 @click.pass_obj
 def verify(settings: Settings, version: str | None) -> None:
     """Check every checksum of VERSION (default: CURRENT)."""
-    from serving.snapshots import read_current, verify_snapshot, version_dir
+    from serving.manifest import verify_snapshot
+    from serving.snapshots import read_current, version_dir
 
     version = version or read_current(settings.snapshots_dir)
     if version is None:
