@@ -96,13 +96,21 @@ def materialize(
 @click.option("--port", type=int, default=None, help="Port (default: settings, 6566).")
 @click.pass_obj
 def serve(settings: Settings, host: str | None, port: int | None) -> None:
-    """Serve read-only online lookups over HTTP (POST /get-online-features)."""
+    """Serve read-only online lookups over HTTP (POST /get-online-features, docs at /docs).
+
+    Writes nothing, not even ``feature_store.yaml``: in production it runs with read-only
+    store credentials of its own (docs/deployment.md).
+    """
     import uvicorn
 
-    from features.feature_store import open_store
-    from features.lookup_server import create_app
+    from features.feature_store import connect
+    from features.lookup_server import LookupLimits, create_app
 
-    app = create_app(open_store(store_config(settings)))
+    limits = LookupLimits(
+        max_entities=settings.feast.server_max_entities,
+        max_body_bytes=settings.feast.server_max_body_bytes,
+    )
+    app = create_app(connect(store_config(settings)), limits)
     uvicorn.run(
         app,
         host=host or settings.feast.server_host,
