@@ -49,7 +49,7 @@ READ_ONLY_DETAIL = (
 class LookupLimits:
     """What one request may ask for (built by the CLI from ``FeastSettings``)."""
 
-    max_entities: int = 10_000
+    max_entities: int = 1_000
     max_body_bytes: int = 1 << 20
 
 
