@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from common.errors import UserFacingError
-from grank.cli.options import DATE
+from grank.cli.options import DATE, echo_published
 from grank.config import Settings
 
 
@@ -129,6 +129,9 @@ def publish(settings: Settings, day: date, keep: int | None) -> None:
         keep=keep or settings.serve.keep_snapshots,
     )
     click.echo(f"published snapshot {version}; CURRENT -> {version}")
+    echo_published(
+        {"logical_date": day, "version": version, "path": settings.snapshots_dir / version}
+    )
 
 
 @snapshot.command("list")
