@@ -3,11 +3,13 @@
 Writes contract-shaped feature tables (docs/architecture.md, Contract 2) for ``--users``
 users with ``--seq-len`` long sequences into a temporary data root, registers them,
 times ``materialize_window`` for one day, then times lookups of the ``grank_ranker_v1``
-service (item_seq + ts_seq) for 1 and 100 users per request, through the Python SDK and
-through the read-only HTTP server (``grank features serve`` in a subprocess).
+service (item_seq + ts_seq) for ``--sizes`` users per request (default 1 and 100), through
+the Python SDK and through the read-only HTTP server (``grank features serve`` in a
+subprocess, its entity limit raised to the largest size).
 
     .venv/bin/python benchmarks/feast_lookups.py --users 6040 --seq-len 200
     .venv/bin/python benchmarks/feast_lookups.py --users 1000000 --seq-len 20 --lookups 0
+    .venv/bin/python benchmarks/feast_lookups.py --users 10000 --sizes 1000,10000 --lookups 10
 """
 
 from __future__ import annotations
@@ -135,7 +137,12 @@ def _free_port() -> int:
 
 
 def bench_store(
-    root: Path, backend: str, users: int, lookups: int, rng: np.random.Generator
+    root: Path,
+    backend: str,
+    users: int,
+    lookups: int,
+    sizes: list[int],
+    rng: np.random.Generator,
 ) -> None:
     project = f"bench_{uuid.uuid4().hex[:8]}"
     config = StoreConfig(repo_dir=root / "feast", project=project, online_store=backend)  # type: ignore[arg-type]
@@ -158,20 +165,22 @@ def bench_store(
         def pick(k: int) -> list[int]:
             return [int(u) for u in rng.integers(1, users + 1, size=k)]
 
-        for k in (1, 100):
+        for k in sizes:
             result = percentiles(
                 lambda k=k: store.get_online_features(  # type: ignore[misc]
                     features=service, entity_rows=[{"user_id": u} for u in pick(k)]
                 ).to_dict(),
                 lookups,
             )
-            print(f"{backend:6s} SDK  {k:3d} users/request: {result}", flush=True)
+            print(f"{backend:6s} SDK  {k:6,d} users/request: {result}", flush=True)
         port = _free_port()
         env = {
             **os.environ,
             "GRANK_DATA_ROOT": str(root),
             "GRANK_FEAST__ONLINE_STORE": backend,
             "GRANK_FEAST__PROJECT": project,
+            "GRANK_FEAST__SERVER_MAX_ENTITIES": str(max(sizes)),
+            "GRANK_FEAST__SERVER_MAX_BODY_BYTES": str(max(1 << 20, 24 * max(sizes))),
         }
         server = subprocess.Popen(
             [sys.executable, "-m", "grank", "features", "serve", "--port", str(port)],
@@ -191,7 +200,7 @@ def bench_store(
                         time.sleep(0.3)
                     if time.monotonic() > deadline:
                         raise RuntimeError("lookup server did not start")
-                for k in (1, 100):
+                for k in sizes:
 
                     def lookup(k: int = k) -> None:
                         body = {
@@ -201,7 +210,7 @@ def bench_store(
                         client.post(f"{url}/get-online-features", json=body).raise_for_status()
 
                     print(
-                        f"{backend:6s} HTTP {k:3d} users/request: {percentiles(lookup, lookups)}",
+                        f"{backend:6s} HTTP {k:6,d} users/request: {percentiles(lookup, lookups)}",
                         flush=True,
                     )
         finally:
@@ -218,7 +227,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=200, help="max sequence length")
     parser.add_argument("--lookups", type=int, default=300, help="timed requests per case")
     parser.add_argument("--stores", default="sqlite,redis")
+    parser.add_argument("--sizes", default="1,100", help="users per request, comma-separated")
     args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
         root = Path(tmp)
@@ -230,7 +241,7 @@ def main() -> None:
             flush=True,
         )
         for backend in args.stores.split(","):
-            bench_store(root, backend, args.users, args.lookups, rng)
+            bench_store(root, backend, args.users, args.lookups, sizes, rng)
 
 
 if __name__ == "__main__":

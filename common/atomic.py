@@ -41,12 +41,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+def atomic_write_bytes(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    ``private`` keeps the file readable by its owner only (0600), from the first byte on:
+    for files that hold credentials.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _umask_mode(0o666))
+        os.fchmod(fd, 0o600 if private else _umask_mode(0o666))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -59,9 +63,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
     """Text flavour of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), private=private)
 
 
 @contextlib.contextmanager

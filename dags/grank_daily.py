@@ -17,23 +17,45 @@ Why this shape:
 * One run at a time (``max_active_runs=1``): training warm-starts from the model published
   by the previous day, so days must run in order. ``catchup=True`` replays every day from
   the start date once the DAG is unpaused; ``airflow backfill create`` replays a range.
+* Downstream teams schedule on the Assets. A publishing command ends its output with one
+  JSON line naming what it published (logical date, paths, snapshot version); BashOperator
+  keeps that last line as the task's result and :func:`attach_published` hands it to the
+  task's Asset events as ``extra``, so a consumer DAG learns the day and the paths from the
+  triggering event.
+* A failed task is announced (``on_failure_callback``) by e-mail through Airflow's SMTP
+  provider and/or to a webhook, whichever the environment configures.
 
 Deployment knobs, read from the environment of the DAG processor and workers:
 ``GRANK_BIN`` (the grank executable, default ``grank`` on PATH), ``GRANK_DATA_ROOT`` (data
 root the sensor watches, default ``data/`` of the checkout, the same as the CLI's default),
 ``GRANK_SERVE_URL`` (a running serving API to verify the swap against; unset = skip the
 check), ``GRANK_DAG_START_DATE`` (first logical date, default the first day of ML-1M),
-``GRANK_DAG_RETRIES`` (retries of transient steps, default 3; tests set 0).
+``GRANK_DAG_RETRIES`` (retries of transient steps, default 3; tests set 0),
+``GRANK_ALERT_EMAILS`` (comma-separated recipients of failure e-mails, sent through the
+Airflow connection ``GRANK_ALERT_SMTP_CONN_ID``, default ``smtp_default``, from
+``GRANK_ALERT_EMAIL_FROM`` or the connection's ``from_email``), ``GRANK_ALERT_WEBHOOK_URL``
+(receives a JSON POST per failed task). Neither set: failures show in the UI only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import Asset, CronDataIntervalTimetable, PokeReturnValue, chain, dag, task
+from airflow.sdk import (
+    Asset,
+    BaseNotifier,
+    CronDataIntervalTimetable,
+    PokeReturnValue,
+    chain,
+    dag,
+    task,
+)
 
 FEATURE_TABLES = ("user_behavior_sequences", "item_features", "user_features", "training_examples")
 # Assets other teams' DAGs can schedule on (schedule=[...]); URIs name the contract, not a host.
@@ -51,6 +73,68 @@ RAW_POKE_INTERVAL = timedelta(minutes=5)
 RAW_WAIT_TIMEOUT = timedelta(hours=6)
 GRANK = '"${GRANK_BIN:-grank}"'
 EXIT_REFUSED = 99  # `grank evaluate`: the gate refused the candidate (docs/model.md)
+WEBHOOK_TIMEOUT_S = 10
+
+
+class WebhookNotifier(BaseNotifier):
+    """POSTs one JSON document per failed task: a ``text`` line (what Slack-style incoming
+    webhooks display) and the fields a receiver can route on."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def notify(self, context: Any) -> None:
+        ti = context["ti"]
+        exception = context.get("exception")
+        payload = {
+            "text": f"grank: task {ti.task_id} of {ti.dag_id} failed for {context['ds']}",
+            "dag_id": ti.dag_id,
+            "task_id": ti.task_id,
+            "run_id": ti.run_id,
+            "logical_date": context["ds"],
+            "try_number": ti.try_number,
+            "exception": None if exception is None else str(exception),
+            "log_url": getattr(ti, "log_url", None),
+        }
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_S) as answer:
+            answer.read()
+
+
+def failure_notifiers() -> list[BaseNotifier]:
+    """The notifiers the environment configures (none: failures show in the UI only)."""
+    notifiers: list[BaseNotifier] = []
+    if emails := os.environ.get("GRANK_ALERT_EMAILS", "").strip():
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        notifiers.append(
+            SmtpNotifier(
+                to=[address.strip() for address in emails.split(",") if address.strip()],
+                from_email=os.environ.get("GRANK_ALERT_EMAIL_FROM") or None,
+                smtp_conn_id=os.environ.get("GRANK_ALERT_SMTP_CONN_ID", "smtp_default"),
+            )
+        )
+    if url := os.environ.get("GRANK_ALERT_WEBHOOK_URL", "").strip():
+        notifiers.append(WebhookNotifier(url))
+    return notifiers
+
+
+def attach_published(context: Any, result: str | None) -> None:
+    """The command's last output line (JSON: what it published) becomes its Asset events'
+    ``extra``. Anything else fails the task: the contract with consumers broke."""
+    try:
+        extra = json.loads(result or "")
+    except json.JSONDecodeError:
+        raise ValueError(f"expected the command's last line to be JSON, got {result!r}") from None
+    for asset in context["task"].outlets:
+        context["outlet_events"][asset].extra = extra
+
 
 default_args = {
     "owner": "grank",
@@ -59,13 +143,19 @@ default_args = {
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=20),
     "execution_timeout": timedelta(hours=3),
+    "on_failure_callback": failure_notifiers(),
 }
 
 
 def grank_step(task_id: str, command: str, *, gate: bool = False, **kwargs: object) -> BashOperator:
-    """One task = one ``grank`` command; a gate never retries (its verdict will not change)."""
+    """One task = one ``grank`` command; a gate never retries (its verdict will not change).
+
+    A task with outlets publishes: its command's JSON last line goes to the Asset events.
+    """
     if gate:
         kwargs["retries"] = 0
+    if kwargs.get("outlets"):
+        kwargs["post_execute"] = attach_published
     return BashOperator(task_id=task_id, bash_command=f"{GRANK} {command}", **kwargs)
 
 

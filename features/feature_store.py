@@ -75,16 +75,33 @@ def store_yaml(config: StoreConfig) -> dict[str, Any]:
 
 
 def open_store(config: StoreConfig) -> FeatureStore:
-    """Write ``repo_dir/feature_store.yaml`` (atomically) and open the store it describes."""
+    """Write ``repo_dir/feature_store.yaml`` (atomically) and open the store it describes.
+
+    The file holds the store credentials (Redis password, registry URL), so it is readable
+    by its owner only; serving and SDK users of the same account open it by path.
+    """
     import yaml
-    from feast import FeatureStore
 
     config.repo_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(store_yaml(config), sort_keys=False)
     yaml_path = config.repo_dir / "feature_store.yaml"
-    if not yaml_path.exists() or yaml_path.read_text() != text:
-        atomic_write_text(yaml_path, text)
-    return FeatureStore(repo_path=str(config.repo_dir))
+    if not yaml_path.exists() or yaml_path.stat().st_mode & 0o077 or yaml_path.read_text() != text:
+        atomic_write_text(yaml_path, text, private=True)
+    return connect(config)
+
+
+def connect(config: StoreConfig) -> FeatureStore:
+    """Open the store ``config`` describes without writing anything.
+
+    For the lookup server: it runs with read-only credentials of its own, beside a repo
+    folder whose ``feature_store.yaml`` is the pipeline's (other credentials, other owner).
+    """
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    repo_config = RepoConfig(**store_yaml(config))
+    repo_config.repo_path = config.repo_dir
+    return FeatureStore(repo_path=str(config.repo_dir), config=repo_config)
 
 
 def register(store: FeatureStore, features_dir: Path) -> dict[str, list[str]]:

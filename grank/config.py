@@ -59,6 +59,10 @@ class FeastSettings(BaseModel):
     registry_cache_ttl_seconds: int = 60
     server_host: str = "127.0.0.1"
     server_port: int = 6566
+    # per-request limits of the lookup server (413 beyond): 10,000 users of
+    # grank_ranker_v1 in one request held a worker for 3-5 s (docs/feature-lookups.md)
+    server_max_entities: int = Field(default=1_000, ge=1)
+    server_max_body_bytes: int = Field(default=1 << 20, ge=1024)
     write_batch_rows: int = 1000
 
 

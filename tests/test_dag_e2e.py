@@ -1,10 +1,12 @@
 """The real DAG, run by the real Airflow 3.3 on ML-100K days, end to end.
 
 One data root ("A") runs two consecutive days one by one with ``airflow dags test``, a
-real ``grank serve`` following its snapshots (so the last task verifies a real swap);
-then an injected bad raw partition must stop at the gate; then a re-run of a day must
-reproduce its outputs. A second root ("B") runs the same days as one ``airflow backfill
-create`` through a real scheduler (``airflow standalone``) and must equal root A.
+real ``grank serve`` following its snapshots (so the last task verifies a real swap), and
+its Asset events must carry the day and the published paths; then an injected bad raw
+partition must stop at the gate and be announced (webhook and e-mail, to receivers run by
+the test); then a re-run of a day must reproduce its outputs. A second root ("B") runs the
+same days as one ``airflow backfill create`` through a real scheduler (``airflow
+standalone``) and must equal root A.
 
 Airflow is driven as a subprocess of its own environment (scripts/airflow.sh); state is
 read back from its sqlite metadata database.
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +72,8 @@ full_e2e = pytest.mark.skipif(
     reason="three more DAG runs and a scheduler (~10 min): set GRANK_E2E_FULL=1",
 )
 AFTER_RAW_GATE = CHAIN[CHAIN.index("validate_raw") + 1 :]
+FEATURE_TABLES = ("user_behavior_sequences", "item_features", "user_features", "training_examples")
+ALERT_EMAIL = "data-team@example.org"
 
 
 def _free_port() -> int:
@@ -218,6 +225,74 @@ def api_up(url: str) -> bool:
 
 
 @dataclass
+class Alerts:
+    """Receivers of the DAG's failure notifiers: a webhook endpoint and an SMTP sink."""
+
+    env: dict[str, str]
+    posts: list[dict[str, Any]]
+    mails: list[bytes]
+
+
+class _SmtpSink(socketserver.StreamRequestHandler):
+    """Just enough SMTP for smtplib: every command accepted, each message body kept."""
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 sink\r\n")
+        body: list[bytes] | None = None
+        while line := self.rfile.readline():
+            if body is not None:
+                if line == b".\r\n":
+                    self.server.mails.append(b"".join(body))  # type: ignore[attr-defined]
+                    body = None
+                    self.wfile.write(b"250 kept\r\n")
+                else:
+                    body.append(line)
+            elif line[:4].upper() == b"DATA":
+                body = []
+                self.wfile.write(b"354 go on\r\n")
+            elif line[:4].upper() == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
+class _Webhook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        self.server.posts.append(json.loads(self.rfile.read(length)))  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def alerts() -> Iterator[Alerts]:
+    webhook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    smtp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SmtpSink)
+    webhook.posts = []  # type: ignore[attr-defined]
+    smtp.mails = []  # type: ignore[attr-defined]
+    for server in (webhook, smtp):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    connection = {
+        "conn_type": "smtp",
+        "host": "127.0.0.1",
+        "port": smtp.server_address[1],
+        "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "grank@example.org"},
+    }
+    env = {
+        "GRANK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{webhook.server_address[1]}/hook",
+        "GRANK_ALERT_EMAILS": ALERT_EMAIL,
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(connection),
+    }
+    try:
+        yield Alerts(env, webhook.posts, smtp.mails)  # type: ignore[attr-defined]
+    finally:
+        for server in (webhook, smtp):
+            server.shutdown()
+            server.server_close()
+
+
+@dataclass
 class OneByOne:
     rig: Rig
     serve_url: str
@@ -227,12 +302,15 @@ class OneByOne:
 
 @pytest.fixture(scope="module")
 def one_by_one(
-    tmp_path_factory: pytest.TempPathFactory, ml100k_settings: Settings
+    tmp_path_factory: pytest.TempPathFactory, ml100k_settings: Settings, alerts: Alerts
 ) -> Iterator[OneByOne]:
-    """Root A: DAY_1 then DAY_2 with ``airflow dags test``; a real server follows CURRENT."""
+    """Root A: DAY_1 then DAY_2 with ``airflow dags test``; a real server follows CURRENT.
+
+    Failure notifications go to the test's receivers from the start.
+    """
     port = _free_port()
     serve_url = f"http://127.0.0.1:{port}"
-    rig = make_rig(tmp_path_factory.mktemp("dag-a"), ml100k_settings)
+    rig = make_rig(tmp_path_factory.mktemp("dag-a"), ml100k_settings, **alerts.env)
     first = rig.dags_test(DAY_1)
     assert first.returncode == 0, explain(first)
     serve_log = rig.home.parent / "serve.log"
@@ -270,7 +348,42 @@ def test_two_days_succeed_and_serving_swaps_to_the_new_snapshot(one_by_one: OneB
         assert list(report.rglob("*.html")), report
 
 
-def test_bad_raw_partition_fails_at_the_gate_and_keeps_serving(one_by_one: OneByOne) -> None:
+def test_asset_events_carry_the_day_and_what_was_published(one_by_one: OneByOne) -> None:
+    rig = one_by_one.rig
+    run_id = rig.runs("manual")[DAY_2.isoformat()][0]
+    rows = rig.query(
+        "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+        " WHERE e.source_dag_id = ? AND e.source_run_id = ?",
+        DAG_ID,
+        run_id,
+    )
+    events = {name: json.loads(extra) for name, extra in rows}
+    assert sorted(events) == sorted(
+        [*(f"grank_{t}" for t in FEATURE_TABLES), "grank_online_features", "grank_snapshot"]
+    )
+    day = DAY_2.isoformat()
+    for table in FEATURE_TABLES:
+        extra = events[f"grank_{table}"]
+        assert extra["logical_date"] == day
+        partition = rig.settings.features_dir / table / f"dt={day}"
+        assert extra["paths"][table] == str(partition) and partition.is_dir()
+        assert Path(extra["report"]).is_file()
+    online = events["grank_online_features"]
+    assert online["logical_date"] == day
+    assert online["window_start"] == f"{day}T00:00:00+00:00"
+    assert online["rows"]["user_features"] > 0
+    version, _ = one_by_one.snapshot
+    assert events["grank_snapshot"] == {
+        "logical_date": day,
+        "changed": True,
+        "version": version,
+        "path": str(rig.settings.snapshots_dir / version),
+    }
+
+
+def test_bad_raw_partition_fails_at_the_gate_and_keeps_serving(
+    one_by_one: OneByOne, alerts: Alerts
+) -> None:
     rig = one_by_one.rig
     partition = rig.settings.lake_dir / "raw" / "events" / f"dt={BAD_DAY.isoformat()}"
     events = pq.read_table(partition)
@@ -297,6 +410,15 @@ def test_bad_raw_partition_fails_at_the_gate_and_keeps_serving(one_by_one: OneBy
     assert serve_version(one_by_one.serve_url) == one_by_one.snapshot[0]
     assert not partition.exists(), "a failed raw partition is moved to quarantine"
     assert list((rig.settings.quarantine_dir).rglob(f"dt={BAD_DAY.isoformat()}"))
+    # the failure was announced, once, by both notifiers; the good days announced nothing
+    assert [(p["task_id"], p["logical_date"], p["run_id"]) for p in alerts.posts] == [
+        ("validate_raw", BAD_DAY.isoformat(), run_id)
+    ]
+    assert "non-zero exit code 1" in alerts.posts[0]["exception"]
+    assert alerts.posts[0]["text"].startswith("grank: task validate_raw of grank_daily failed")
+    assert len(alerts.mails) == 1
+    assert f"To: {ALERT_EMAIL}".encode() in alerts.mails[0]
+    assert b"validate_raw" in alerts.mails[0]
 
 
 @full_e2e

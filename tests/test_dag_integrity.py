@@ -38,6 +38,8 @@ tasks = {
         "outlets": sorted(o.name for o in t.outlets),
         "trigger_rule": str(getattr(t.trigger_rule, "value", t.trigger_rule)),
         "skip_on_exit_code": sorted(getattr(t, "skip_on_exit_code", None) or []),
+        "post_execute": getattr(t._post_execute_hook, "__name__", None),
+        "on_failure": [type(c).__name__ for c in (t.on_failure_callback or [])],
     }
     for t in dag.tasks
 } if dag else {}
@@ -71,16 +73,15 @@ CHAIN = [
 GATES = {"validate_raw", "validate_features", "evaluate_gate"}
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The DagBag as the Airflow environment sees it (deployment env vars unset)."""
+def run_probe(home: Path, code: str, folder: Path, **extra_env: str) -> dict[str, Any]:
+    """Run ``code`` on a DAG folder in the Airflow environment; its last line is JSON."""
     assert AIRFLOW_PYTHON.exists(), "the Airflow environment is missing: run `make setup`"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "GRANK_"))}
-    env["AIRFLOW_HOME"] = str(tmp_path_factory.mktemp("airflow-home"))
+    env["AIRFLOW_HOME"] = str(home)
     env["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
     done = subprocess.run(
-        [str(AIRFLOW_PYTHON), "-c", PROBE, str(DAG_FILE.parent)],
-        env=env,
+        [str(AIRFLOW_PYTHON), "-c", code, str(folder)],
+        env={**env, **extra_env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,6 +89,12 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The DagBag as the Airflow environment sees it (deployment env vars unset)."""
+    return run_probe(tmp_path_factory.mktemp("airflow-home"), PROBE, DAG_FILE.parent)
 
 
 def test_dagbag_imports_without_errors_or_warnings_of_ours(probe: dict[str, Any]) -> None:
@@ -167,3 +174,56 @@ def test_nothing_reads_the_clock() -> None:
     source = Path(DAG_FILE).read_text()
     for clock in ("now(", "today(", "utcnow", "time.time"):
         assert clock not in source, clock
+
+
+def test_publishing_tasks_hand_their_output_to_the_asset_events(probe: dict[str, Any]) -> None:
+    tasks = probe["tasks"]
+    publishing = {task_id for task_id, task in tasks.items() if task["outlets"]}
+    assert publishing == {"validate_features", "materialize_features", "publish_snapshot"}
+    for task_id, task in tasks.items():
+        assert task["post_execute"] == ("attach_published" if task_id in publishing else None)
+
+
+def test_failure_notifiers_follow_the_environment(probe: dict[str, Any], tmp_path: Path) -> None:
+    assert {str(t["on_failure"]) for t in probe["tasks"].values()} == {"[]"}
+    configured = run_probe(
+        tmp_path,
+        PROBE,
+        DAG_FILE.parent,
+        GRANK_ALERT_EMAILS="a@example.org, b@example.org",
+        GRANK_ALERT_WEBHOOK_URL="http://127.0.0.1:9/hook",
+    )
+    for task in configured["tasks"].values():
+        assert task["on_failure"] == ["SmtpNotifier", "WebhookNotifier"]
+
+
+CONSUMER_PROBE = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+
+bag = DagBag(dag_folder=sys.argv[1])
+print(json.dumps({
+    "import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
+    "schedules": {
+        dag_id: [[a.name, a.uri] for a in dag.timetable.asset_condition.objects]
+        for dag_id, dag in bag.dags.items()
+    },
+}))
+"""
+
+
+def test_the_documented_consumer_dag_is_scheduled_on_a_grank_asset(
+    probe: dict[str, Any], tmp_path: Path
+) -> None:
+    """docs/airflow.md's downstream example parses and listens to an Asset this DAG updates."""
+    docs = (REPO_ROOT / "docs" / "airflow.md").read_text()
+    blocks = [b for b in docs.split("```python\n")[1:] if "triggering_asset_events" in b]
+    assert len(blocks) == 1
+    folder = tmp_path / "consumer"
+    folder.mkdir()
+    (folder / "consumer.py").write_text(blocks[0].split("```")[0])
+    loaded = run_probe(tmp_path / "home", CONSUMER_PROBE, folder)
+    assert loaded["import_errors"] == {}
+    ((name, uri),) = next(iter(loaded["schedules"].values()))
+    assert name in {o for t in probe["tasks"].values() for o in t["outlets"]}
+    assert uri == f"grank://features/{name.removeprefix('grank_')}"

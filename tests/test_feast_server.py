@@ -7,6 +7,8 @@ a new day while lookups run against it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +31,10 @@ from tests.test_feast_store import DAY1, DAY2, sequence_of, write_feature_tables
 
 USERS = 3000  # enough rows that materializing a day takes a few seconds
 WATCHED = [1, USERS // 2, USERS]
+MAX_ENTITIES = 50  # the server's limits in this module (settings, through the environment)
+MAX_BODY_BYTES = 4096
+# `import feast` alone takes ~6 s; far more when the machine's cores are shared
+STARTUP_TIMEOUT_S = 180
 
 
 @dataclass
@@ -52,7 +58,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("feast_server")
     for day in (DAY1, DAY2):
         write_feature_tables(root / "features", day, list(range(1, USERS + 1)))
-    env = {"GRANK_DATA_ROOT": str(root)}
+    env = {
+        "GRANK_DATA_ROOT": str(root),
+        "GRANK_FEAST__SERVER_MAX_ENTITIES": str(MAX_ENTITIES),
+        "GRANK_FEAST__SERVER_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+    }
     runner = CliRunner()
     for args in (["register"], ["materialize", "--date", DAY1.isoformat()]):
         result = runner.invoke(cli, ["features", *args], env=env, catch_exceptions=False)
@@ -61,8 +71,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f"example lookup user_id=1: seq_len=2, last items {sequence_of(1, DAY1)}" in result.output
     )
 
+    with lookup_server(env, root / "server.log") as url, httpx.Client(timeout=10) as client:
+        yield Server(url=url, root=root, client=client)
+
+
+@contextlib.contextmanager
+def lookup_server(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`grank features serve` on a free port in a subprocess; yields its URL once healthy."""
     port = _free_port()
-    log = root / "server.log"
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "grank", "features", "serve", "--port", str(port)],
@@ -71,21 +87,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(timeout=10)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             try:
-                if client.get(f"{url}/health").status_code == 200:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server did not start within 60 s"
+            assert time.monotonic() < deadline, f"server not up within {STARTUP_TIMEOUT_S} s"
             time.sleep(0.2)
-        yield Server(url=url, root=root, client=client)
+        yield url
     finally:
-        client.close()
         process.terminate()
         process.wait(timeout=10)
 
@@ -133,6 +147,96 @@ def test_write_endpoints_are_refused(server: Server, path: str) -> None:
     assert "read-only" in response.json()["detail"]
 
 
+def test_a_body_without_content_type_is_read_as_json_like_feast_serve(server: Server) -> None:
+    body = {"feature_service": "grank_ranker_v1", "entities": {"user_id": [1, 99999]}}
+    bare = server.client.post(
+        f"{server.url}/get-online-features", content=json.dumps(body).encode()
+    )
+    assert "content-type" not in bare.request.headers
+    assert bare.status_code == 200, bare.text
+    assert bare.json() == server.lookup(body).json()
+
+
+def test_fields_of_newer_clients_are_ignored_and_version_metadata_is_served(
+    server: Server,
+) -> None:
+    """Feast's own remote client sends include_feature_view_version_metadata; later ones more."""
+    body = {
+        "features": ["user_features:age"],
+        "entities": {"user_id": [1]},
+        "include_feature_view_version_metadata": True,
+        "a_field_from_a_future_client": {"anything": [1, 2]},
+    }
+    response = server.lookup(body)
+    assert response.status_code == 200, response.text
+    metadata = response.json()["metadata"]
+    assert [view["name"] for view in metadata["feature_view_metadata"]] == ["user_features"]
+    plain = server.lookup({"features": ["user_features:age"], "entities": {"user_id": [1]}})
+    assert "feature_view_metadata" not in plain.json()["metadata"]
+    assert plain.json()["results"] == response.json()["results"]
+
+
+def test_entities_per_request_are_capped_with_413(server: Server) -> None:
+    at_limit = {
+        "features": ["user_features:age"],
+        "entities": {"user_id": list(range(1, MAX_ENTITIES + 1))},
+    }
+    assert server.lookup(at_limit).status_code == 200
+    over = {
+        "features": ["user_features:age"],
+        "entities": {"user_id": list(range(1, MAX_ENTITIES + 2))},
+    }
+    response = server.lookup(over)
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        f"too many entities: {MAX_ENTITIES + 1} in one request, the limit is {MAX_ENTITIES};"
+        " split the ids over several requests"
+    )
+
+
+def test_request_bodies_are_capped_with_413_declared_or_streamed(server: Server) -> None:
+    padding = " " * MAX_BODY_BYTES  # valid JSON, one byte of whitespace at a time
+    body = f'{{"features": ["user_features:age"], "entities": {{"user_id": [1]}}{padding}}}'
+    declared = server.client.post(
+        f"{server.url}/get-online-features",
+        content=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert declared.status_code == 413
+    assert (
+        declared.json()["detail"]
+        == f"request body over {MAX_BODY_BYTES:,} bytes: split the request"
+    )
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for start in range(0, len(body), 512):
+            yield body[start : start + 512].encode()
+
+    streamed = server.client.post(
+        f"{server.url}/get-online-features",
+        content=chunks(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert "content-length" not in streamed.request.headers
+    assert streamed.status_code == 413
+    assert server.client.get(f"{server.url}/health").status_code == 200
+
+
+def test_openapi_docs_describe_the_lookup_body(server: Server) -> None:
+    assert server.client.get(f"{server.url}/docs").status_code == 200
+    schema = server.client.get(f"{server.url}/openapi.json").json()
+    body = schema["paths"]["/get-online-features"]["post"]["requestBody"]
+    properties = body["content"]["application/json"]["schema"]["properties"]
+    assert set(properties) == {
+        "entities",
+        "feature_service",
+        "features",
+        "full_feature_names",
+        "include_feature_view_version_metadata",
+    }
+    assert str(MAX_ENTITIES) in schema["info"]["description"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "detail"),
     [
@@ -161,9 +265,27 @@ def test_write_endpoints_are_refused(server: Server, path: str) -> None:
         ({"json": {"features": ["nope:age"], "entities": {"user_id": [1]}}}, 404, "nope"),
         ({"json": {"entities": {"user_id": [1]}}}, 422, "exactly one of"),
         (
-            {"content": b'{"features": ["user_features:age"], "entities": {"user_id": [1]}}'},
+            {"json": {"features": ["user_features:age"], "entities": {"user_id": [True]}}},
+            422,
+            "entities.user_id.0",
+        ),
+        (
+            {
+                "json": {
+                    "features": ["user_features:age"],
+                    "entities": {"user_id": [1, 2], "item_id": [1]},
+                }
+            },
+            400,
+            "different lengths",
+        ),
+        (
+            {
+                "content": b'{"features": ["user_features:age"], "entities": {"user_id": [1]}}',
+                "headers": {"Content-Type": "text/plain"},
+            },
             415,
-            "Content-Type",
+            "Content-Type: application/json",
         ),
         (
             {"content": b"{not json", "headers": {"Content-Type": "application/json"}},

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from grank.cli.options import DATE, date_window, each_day
+from grank.cli.options import DATE, date_window, each_day, echo_published
 from grank.config import Settings
 
 if TYPE_CHECKING:
@@ -111,6 +111,14 @@ def validate(settings: Settings, day: date, stage: str) -> None:
             f" quarantined under {settings.quarantine_dir}; {where}"
         )
     click.echo(f"{stage} quality gate passed for {day}; {where}")
+    if stage == "features":  # the day's partitions are now published
+        from features.feature_tables import PUBLISHED_TABLES, partition_path, table_dir
+
+        partitions = {
+            table: partition_path(table_dir(settings.features_dir, table), day)
+            for table in PUBLISHED_TABLES
+        }
+        echo_published({"logical_date": day, "paths": partitions, "report": outcome.report})
 
 
 @click.command()

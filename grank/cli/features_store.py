@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from grank.cli.options import DATE, date_window
+from grank.cli.options import DATE, date_window, echo_published
 from grank.config import Settings
 
 if TYPE_CHECKING:
@@ -62,10 +62,12 @@ def materialize(
     """Load the feature tables of a day (or a range) into the online store; show one lookup.
 
     The window of day D is [D 00:00, D+1 00:00) UTC, never derived from the clock, so a
-    re-run of D writes the same values (idempotent). Lookups keep working meanwhile.
+    re-run of D writes the same values (idempotent). Lookups keep working meanwhile. The
+    last line (JSON) says what the online store now holds (for the DAG's Asset event).
     """
     from features.feast_repo.definitions import USER_SEQUENCES
     from features.feature_store import (
+        day_window,
         materialize_window,
         online_sequences,
         open_store,
@@ -89,6 +91,15 @@ def materialize(
                 f"example lookup user_id={user_id}: seq_len={found['seq_len']},"
                 f" last items {found['item_seq'][-10:]}"
             )
+    echo_published(
+        {
+            "logical_date": last,
+            "window_start": day_window(first)[0].isoformat(),
+            "window_end": day_window(last)[1].isoformat(),
+            "feast_project": settings.feast.project,
+            "rows": written,
+        }
+    )
 
 
 @click.command()
@@ -96,13 +107,21 @@ def materialize(
 @click.option("--port", type=int, default=None, help="Port (default: settings, 6566).")
 @click.pass_obj
 def serve(settings: Settings, host: str | None, port: int | None) -> None:
-    """Serve read-only online lookups over HTTP (POST /get-online-features)."""
+    """Serve read-only online lookups over HTTP (POST /get-online-features, docs at /docs).
+
+    Writes nothing, not even ``feature_store.yaml``: in production it runs with read-only
+    store credentials of its own (docs/deployment.md).
+    """
     import uvicorn
 
-    from features.feature_store import open_store
-    from features.lookup_server import create_app
+    from features.feature_store import connect
+    from features.lookup_server import LookupLimits, create_app
 
-    app = create_app(open_store(store_config(settings)))
+    limits = LookupLimits(
+        max_entities=settings.feast.server_max_entities,
+        max_body_bytes=settings.feast.server_max_body_bytes,
+    )
+    app = create_app(connect(store_config(settings)), limits)
     uvicorn.run(
         app,
         host=host or settings.feast.server_host,

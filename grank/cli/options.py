@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
@@ -47,3 +48,13 @@ def each_day(first: date, last: date) -> Iterator[date]:
     while day <= last:
         yield day
         day += timedelta(days=1)
+
+
+def echo_published(record: dict[str, Any]) -> None:
+    """Print what a command published as its last output line: one JSON object.
+
+    The daily DAG attaches that line to the task's Asset events as ``extra``
+    (docs/airflow.md), so other teams' DAGs learn the day and the paths from the event.
+    Dates are ISO strings, paths absolute.
+    """
+    click.echo(json.dumps(record, sort_keys=True, default=str))

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from common.errors import UserFacingError
-from grank.cli.options import DATE
+from grank.cli.options import DATE, echo_published
 from grank.config import Settings
 
 
@@ -126,13 +126,20 @@ def publish(settings: Settings, day: date, keep: int | None, force: bool) -> Non
         raise UserFacingError(
             f"no embeddings for {day} at {source}: run `grank embeddings refresh`"
         )
-    skip = (
-        None
-        if force
-        else _publish_skip_reason(current_manifest(settings.snapshots_dir), source, day)
-    )
-    if skip is not None:
+    current = current_manifest(settings.snapshots_dir)
+    skip = None if force else _publish_skip_reason(current, source, day)
+    if skip is not None and current is not None:
         click.echo(f"not published: {skip}")
+        # the DAG's asset event still says what serves: consumers see ``changed`` false
+        echo_published(
+            {
+                "logical_date": day,
+                "changed": False,
+                "reason": skip,
+                "version": current["version"],
+                "path": settings.snapshots_dir / current["version"],
+            }
+        )
         return
     version = publish_snapshot(
         settings.snapshots_dir,
@@ -142,6 +149,14 @@ def publish(settings: Settings, day: date, keep: int | None, force: bool) -> Non
         keep=keep or settings.serve.keep_snapshots,
     )
     click.echo(f"published snapshot {version}; CURRENT -> {version}")
+    echo_published(
+        {
+            "logical_date": day,
+            "changed": True,
+            "version": version,
+            "path": settings.snapshots_dir / version,
+        }
+    )
 
 
 def _publish_skip_reason(current: dict[str, Any] | None, source: Path, day: date) -> str | None:
