@@ -86,7 +86,9 @@ class TrainSettings(BaseModel):
     ntp_negatives: Literal["full", "in_batch"] = "full"  # in_batch: logQ-corrected, cheaper
     logq_correction: bool = True
     candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
-    ranker_hard_negatives: int = 0  # L_CA negatives drawn from the Generator's top k1
+    # L_CA negatives drawn from the Generator's top k1: the Ranker learns to reorder what
+    # it will be shown (with item features it then beats the Generator's own order)
+    ranker_hard_negatives: int = 16
     # optimisation (AdamW, as in the paper)
     # windows per step: more, smaller steps learn faster per second (docs/model.md)
     batch_size: int = 64
@@ -113,7 +115,7 @@ class TrainSettings(BaseModel):
     # day's start, T_val = this quantile of the training events (training/temporal.py)
     val_quantile: float = 0.9
     catchup_epochs: int = 1  # epochs over the events between T_val and the test day
-    # what the model reads besides the item sequences (training/inputs.py, docs/model.md)
+    # every feature group the model could read besides the item sequences...
     inputs: InputSpec = Field(
         default_factory=lambda: InputSpec(
             behaviors=(BehaviorRule("liked", ("rating",), min_value=4.0),),
@@ -121,6 +123,11 @@ class TrainSettings(BaseModel):
             user_categorical=("age", "gender", "occupation"),
             item_numeric=("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
         )
+    )
+    # ...and the ones it does read: those that won on the global temporal split
+    # (the ablation in docs/benchmarks.md, "Model")
+    feature_groups: tuple[Literal["behaviors", "user_profile", "item_features"], ...] = (
+        "item_features",
     )
     # evaluation and the publish gate (training/gate.py)
     k1: int = 200

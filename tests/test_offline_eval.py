@@ -53,7 +53,7 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(
         cli,
-        ["offline-eval", "--variants", "grank,generator_only"],
+        ["offline-eval", "--variants", "grank,generator_only,all_features"],
         env=env,
         catch_exceptions=False,
     )
@@ -61,7 +61,13 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
     assert "test users" in result.output
     out = root / "offline" / "gts"
     names = {p.stem for p in out.glob("*.json")}
-    assert names == {"grank", "generator_only", "popularity_all_time", "popularity_7d"}
+    assert names == {
+        "grank",
+        "generator_only",
+        "all_features",
+        "popularity_all_time",
+        "popularity_7d",
+    }
     grank = json.loads((out / "grank.json").read_text())
     assert set(grank["results"]) == {"last", "successive"}
     assert set(grank["results"]["last"]) == {"generator/filtered", "rank/filtered"}

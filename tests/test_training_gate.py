@@ -246,6 +246,22 @@ def test_item_features_are_standardized_per_day_and_profiles_clipped_to_training
     assert torch.equal(vector(5.0), vector(50.0)) and not torch.equal(vector(4.0), vector(5.0))
 
 
+def test_feature_groups_select_what_the_model_reads():
+    from training.inputs import select_groups
+
+    full = InputSpec(
+        behaviors=(BehaviorRule("liked", ("rating",), min_value=4.0),),
+        user_numeric=("events_7d",),
+        user_categorical=("gender",),
+        item_numeric=("pop_7d",),
+    )
+    assert select_groups(full, ()) == InputSpec()
+    assert select_groups(full, ("item_features",)) == InputSpec(item_numeric=("pop_7d",))
+    assert select_groups(full, ("behaviors", "user_profile", "item_features")) == full
+    with pytest.raises(ValueError, match="unknown feature groups"):
+        select_groups(full, ("clicks",))
+
+
 def test_the_model_config_round_trips_its_inputs(tmp_path: Path):
     spec = InputSpec(user_categorical=("gender",), item_numeric=("pop_1d", "age_days"))
     config = GRankConfig(n_item_rows=5, dim=8, n_heads=1, inputs=spec)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,17 +85,26 @@ class InputSpec:
         )
 
 
-@dataclass(frozen=True)
-class UserInputs:
-    """One batch of user-side inputs besides the short sequence (numpy, batch-first).
+FEATURE_GROUPS = ("behaviors", "user_profile", "item_features")
 
-    ``long_flags[b, t]`` has bit ``r`` set when event ``t`` of the long history matches
-    behaviour rule ``r`` (aligned with the long sequence, left-padded with 0).
+
+def select_groups(spec: InputSpec, groups: Sequence[str]) -> InputSpec:
+    """``spec`` restricted to the feature ``groups`` a model uses (the others emptied).
+
+    The settings define every group once (which events count as which behaviour, which
+    profile and item columns); which groups a model reads is a separate choice, so an
+    ablation switches groups without redefining them.
     """
-
-    long_flags: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
-    numeric: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    categorical: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    unknown = sorted(set(groups) - set(FEATURE_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown feature groups {unknown}; known: {', '.join(FEATURE_GROUPS)}")
+    return InputSpec(
+        behaviors=spec.behaviors if "behaviors" in groups else (),
+        user_numeric=spec.user_numeric if "user_profile" in groups else (),
+        user_categorical=spec.user_categorical if "user_profile" in groups else (),
+        categorical_buckets=spec.categorical_buckets,
+        item_numeric=spec.item_numeric if "item_features" in groups else (),
+    )
 
 
 def behavior_flags(

@@ -7,9 +7,9 @@ it on the events after T_test, next to the popularity baselines. The model is fr
 T_test; features are read as of the day before each prediction, as serving reads them.
 
 Variants: ``grank`` (the configured model), ``generator_only`` (no auxiliary path, no
-Ranker), ``dssm`` (the two-tower baseline), and the feature ablations
-``sequence_only``, ``without_behaviors``, ``without_user_profile``,
-``without_item_features``.
+Ranker), ``dssm`` (the two-tower baseline), and the feature ablation: ``sequence_only``,
+each group alone on top of it (``behaviors``, ``user_profile``, ``item_features``) and
+``all_features``.
 """
 
 from __future__ import annotations
@@ -30,22 +30,16 @@ from training.baselines import Popularity, RecentPopularity, TwoTower
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
 from training.evaluate import EvalInputs, EvalSpec, Scorer, evaluate
 from training.features import read_feature_history
-from training.inputs import InputSpec, behavior_flags
+from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_groups
 from training.losses import LossWeights, grank_batch_loss, log_q, two_tower_batch_loss
 from training.model import GRank, GRankConfig
 from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
 from training.train import FitConfig, fit, fit_to_cutoff, seed_everything
 
 PROTOCOLS = ("gts", "loo")
-VARIANTS = (
-    "grank",
-    "generator_only",
-    "dssm",
-    "sequence_only",
-    "without_behaviors",
-    "without_user_profile",
-    "without_item_features",
-)
+# the feature ablation: the sequence alone, each group alone on top of it, all of them
+ABLATION = ("sequence_only", "behaviors", "user_profile", "item_features", "all_features")
+VARIANTS = ("grank", "generator_only", "dssm", *ABLATION)
 
 
 @dataclass(frozen=True)
@@ -55,6 +49,7 @@ class OfflineJob:
     features_dir: Path
     landed_days: frozenset[date]
     model: GRankConfig  # the configured GRank; variants switch parts of it off
+    feature_groups: InputSpec  # every group's definition (the ablation picks among them)
     weights: LossWeights
     fit: FitConfig
     catchup: FitConfig
@@ -77,18 +72,18 @@ class OfflineData:
     features_of: Callable[[InputSpec], EvalInputs]
 
 
-def variant_config(base: GRankConfig, variant: str) -> GRankConfig:
-    """The GRank configuration of a variant (``dssm`` has none: it is not a GRank)."""
-    spec = base.inputs
-    changes: dict[str, dict[str, Any]] = {
-        "grank": {},
-        "generator_only": {"use_aux": False, "use_ranker": False},
-        "sequence_only": {"inputs": InputSpec()},
-        "without_behaviors": {"inputs": replace(spec, behaviors=())},
-        "without_user_profile": {"inputs": replace(spec, user_numeric=(), user_categorical=())},
-        "without_item_features": {"inputs": replace(spec, item_numeric=())},
-    }
-    return replace(base, **changes[variant])
+def variant_config(base: GRankConfig, groups: InputSpec, variant: str) -> GRankConfig:
+    """The GRank configuration of a variant (``dssm`` has none: it is not a GRank).
+
+    ``base`` is the configured model; ``groups`` defines every feature group, of which
+    the ablation variants pick theirs (training/inputs.py ``select_groups``).
+    """
+    if variant == "grank":
+        return base
+    if variant == "generator_only":
+        return replace(base, use_aux=False, use_ranker=False)
+    chosen = {"sequence_only": (), "all_features": FEATURE_GROUPS}.get(variant, (variant,))
+    return replace(base, inputs=select_groups(groups, chosen))
 
 
 def load(job: OfflineJob, device: torch.device) -> OfflineData:
@@ -176,7 +171,9 @@ def run_gts(
             def make_loss(counts: np.ndarray) -> Any:
                 return two_tower_batch_loss(job.weights, log_q(counts, device))
         else:
-            grank_config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
+            grank_config = replace(
+                variant_config(job.model, job.feature_groups, variant), n_item_rows=n_rows
+            )
             model = GRank(grank_config)
             inputs = data.features_of(grank_config.inputs)
             _fit_ranges(model, inputs, split.t_test)
@@ -229,7 +226,7 @@ def run_loo(
             raise UserFacingError("the leave-one-out table covers GRank variants only")
         started = time.perf_counter()
         seed_everything(job.fit.seed)
-        config = replace(variant_config(job.model, variant), n_item_rows=n_rows)
+        config = replace(variant_config(job.model, job.feature_groups, variant), n_item_rows=n_rows)
         model = GRank(config)
         inputs = data.features_of(config.inputs)
         _fit_ranges(model, inputs, int(timelines.times.max()))

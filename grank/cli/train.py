@@ -61,6 +61,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
 
     from features.lake import landed_days
     from training.daily import Baselines, DailyJob
+    from training.inputs import select_groups
     from training.losses import LossWeights
     from training.model import GRankConfig
     from training.train import FitConfig
@@ -103,7 +104,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
             use_aux=t.use_aux,
             use_ranker=t.use_ranker,
             ranker_residual=t.ranker_residual,
-            inputs=t.inputs,
+            inputs=select_groups(t.inputs, t.feature_groups),
         ),
         weights=LossWeights(
             ntp=t.lambda_ntp,
@@ -291,8 +292,8 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
     "--variants",
     default="grank,generator_only,dssm",
     show_default=True,
-    help="Comma list of: grank, generator_only, dssm, sequence_only,"
-    " without_behaviors, without_user_profile, without_item_features.",
+    help="Comma list of: grank, generator_only, dssm, and the feature ablation"
+    " sequence_only, behaviors, user_profile, item_features, all_features.",
 )
 @click.option(
     "--quantile",
@@ -329,6 +330,7 @@ def offline_eval(
         features_dir=settings.features_dir,
         landed_days=job.landed_days,
         model=job.model,
+        feature_groups=settings.train.inputs,
         weights=job.weights,
         fit=fit,
         catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
