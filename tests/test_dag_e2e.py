@@ -54,8 +54,9 @@ DAY_1, DAY_2, BAD_DAY = date(1998, 3, 30), date(1998, 3, 31), date(1998, 4, 1)
 # History starts here: a month of history is plenty for the DAG's mechanics and keeps the
 # bootstrap build short.
 FIRST_DAY = date(1998, 3, 1)
-# A tiny, deterministic model (no wall-clock budget) that the gate always lets through:
-# the DAG's mechanics are under test here, not the model's quality (tests/test_training_*).
+# A tiny, deterministic model (no wall-clock budget) that the gate lets through whatever
+# popularity does (a margin of -1 on N@10, one query is evidence enough): the DAG's
+# mechanics are under test here, not the model's quality (tests/test_training_gate.py).
 TINY_PIPELINE = {
     "GRANK_TRAIN__DIM": "16",
     "GRANK_TRAIN__N_LAYERS": "1",
@@ -64,7 +65,8 @@ TINY_PIPELINE = {
     "GRANK_TRAIN__FINETUNE_MAX_EPOCHS": "1",
     "GRANK_TRAIN__CANDIDATES_PER_ROW": "16",
     "GRANK_TRAIN__K1": "50",
-    "GRANK_TRAIN__GATE_TOLERANCE": "1.0",
+    "GRANK_TRAIN__GATE__BASELINE_MARGIN": "-1.0",
+    "GRANK_TRAIN__GATE__MIN_QUERIES": "1",
     "GRANK_SPARK__SHUFFLE_PARTITIONS": "2",
 }
 full_e2e = pytest.mark.skipif(
