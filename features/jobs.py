@@ -181,7 +181,8 @@ def build_day(
     events = read_raw(spark, spec.lake_dir, batch_days).cache()
     try:
         result = BuildResult(day=day, mode=mode, events=total)
-        result.example_days = _publish(spark, spec, day, previous, events)
+        history = [d for d in batch_days if d != day] if previous is None else []
+        result.example_days = _publish(spark, spec, day, previous, events, history)
     finally:
         events.unpersist()
     _prune_state(spec.features_dir, day, previous)
@@ -195,9 +196,19 @@ def read_raw(spark: SparkSession, lake_dir: Path, days: list[date]) -> DataFrame
 
 
 def _publish(
-    spark: SparkSession, spec: BuildSpec, day: date, previous: date | None, events: DataFrame
+    spark: SparkSession,
+    spec: BuildSpec,
+    day: date,
+    previous: date | None,
+    events: DataFrame,
+    history: list[date],
 ) -> list[date]:
-    """Write training examples, the new state, then the day's feature tables (read from state)."""
+    """Write training examples, the new state, then the day's feature tables (read from state).
+
+    A rebuild also writes the user and item features of every earlier day of its batch
+    (``history``): training reads each example's features as of the day before it, so
+    a bootstrap needs every day's snapshot, exactly as the daily runs would have built it.
+    """
     from pyspark.sql import functions as F
 
     features_dir = spec.features_dir
@@ -257,6 +268,33 @@ def _publish(
         ft.write_partitions(
             frame.withColumn("dt", F.lit(day)), ft.table_dir(features_dir, table), [key]
         )
+    if history:
+        days = spark.createDataFrame([(d,) for d in history], "dt DATE NOT NULL")
+        for table, key, frame in (
+            (
+                ft.USER_FEATURES,
+                "user_id",
+                user_feature_rows(
+                    user_history(events, days, spec.windows_days),
+                    _read_dimension(spark, raw / "users", USERS_DDL),
+                    spec.windows_days,
+                ),
+            ),
+            (
+                ft.ITEM_FEATURES,
+                "item_id",
+                item_feature_rows(
+                    item_history(
+                        events,
+                        _read_dimension(spark, raw / "items", ITEMS_DDL),
+                        days,
+                        spec.windows_days,
+                    ),
+                    spec.windows_days,
+                ),
+            ),
+        ):
+            ft.write_partitions(frame, ft.table_dir(features_dir, table), [key], many_days=True)
     return example_days
 
 
@@ -515,27 +553,39 @@ def user_features(
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "user_id", day, windows, "events")
+    dated = users.join(counts, "user_id", "left").withColumn("dt", F.lit(day))
+    return user_feature_rows(dated, dimension, windows).drop("dt")
+
+
+def user_feature_rows(
+    users: DataFrame, dimension: DataFrame, windows: tuple[int, ...]
+) -> DataFrame:
+    """The user_features columns of each user's state as of its row's ``dt``.
+
+    Shared by the daily snapshot and a rebuild's history, so both write the same bytes.
+    """
+    from pyspark.sql import functions as F
+
     window_cols = [
         F.coalesce(f"events_{w}d", F.lit(0)).cast("bigint").alias(f"events_{w}d") for w in windows
     ]
-    return (
-        users.join(counts, "user_id", "left")
-        .join(dimension.select("user_id", "age", "gender", "occupation"), "user_id", "left")
-        .select(
-            "user_id",
-            *window_cols,
-            "events_total",
-            (F.col("value_sum") / F.col("value_count")).cast("float").alias("mean_value"),
-            "first_seen_ts",
-            F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
-            .cast("bigint")
-            .alias("tenure_days"),
-            "age",
-            "gender",
-            "occupation",
-            _end_of_day(day).alias("event_timestamp"),
-            _end_of_day(day).alias("created"),
-        )
+    return users.join(
+        dimension.select("user_id", "age", "gender", "occupation"), "user_id", "left"
+    ).select(
+        "user_id",
+        *window_cols,
+        "events_total",
+        (F.col("value_sum") / F.col("value_count")).cast("float").alias("mean_value"),
+        "first_seen_ts",
+        F.datediff(F.col("dt"), F.col("first_seen_ts").cast("date"))
+        .cast("bigint")
+        .alias("tenure_days"),
+        "age",
+        "gender",
+        "occupation",
+        _end_of(F.col("dt")).alias("event_timestamp"),
+        _end_of(F.col("dt")).alias("created"),
+        "dt",
     )
 
 
@@ -546,24 +596,136 @@ def item_features(
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "item_id", day, windows, "pop")
+    dated = (
+        items.join(dimension.select("item_id", "title", "year", "genres"), "item_id", "full_outer")
+        .join(counts, "item_id", "left")
+        .withColumn("dt", F.lit(day))
+    )
+    return item_feature_rows(dated, windows).drop("dt")
+
+
+def item_feature_rows(items: DataFrame, windows: tuple[int, ...]) -> DataFrame:
+    """The item_features columns of each item's state as of its row's ``dt`` (see users)."""
+    from pyspark.sql import functions as F
+
     window_cols = [
         F.coalesce(f"pop_{w}d", F.lit(0)).cast("bigint").alias(f"pop_{w}d") for w in windows
     ]
-    return (
-        items.join(dimension.select("item_id", "title", "year", "genres"), "item_id", "full_outer")
-        .join(counts, "item_id", "left")
-        .select(
-            "item_id",
-            *window_cols,
-            F.coalesce("pop_total", F.lit(0)).cast("bigint").alias("pop_total"),
-            "first_seen_ts",
-            F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
-            .cast("bigint")
-            .alias("age_days"),
-            "title",
-            "year",
-            "genres",
-            _end_of_day(day).alias("event_timestamp"),
-            _end_of_day(day).alias("created"),
-        )
+    return items.select(
+        "item_id",
+        *window_cols,
+        F.coalesce("pop_total", F.lit(0)).cast("bigint").alias("pop_total"),
+        "first_seen_ts",
+        F.datediff(F.col("dt"), F.col("first_seen_ts").cast("date"))
+        .cast("bigint")
+        .alias("age_days"),
+        "title",
+        "year",
+        "genres",
+        _end_of(F.col("dt")).alias("event_timestamp"),
+        _end_of(F.col("dt")).alias("created"),
+        "dt",
     )
+
+
+def _end_of(day: Column) -> Column:
+    """The last microsecond of the date ``day`` (the column form of ``_end_of_day``)."""
+    from pyspark.sql import functions as F
+
+    return F.timestamp_micros((F.unix_date(day).cast("bigint") + 1) * US_PER_DAY - 1)
+
+
+def _as_of_days(daily: DataFrame, key: str, days: DataFrame) -> DataFrame:
+    """Each ``key``'s running totals (``daily`` rows: key, day, n, ...) on every day of ``days``.
+
+    A key's row of day ``x`` holds for the days from ``x`` up to its next active day;
+    ``n`` is the key's events on exactly that day (0 on the days it was idle).
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    last = days.agg(F.max("dt")).first()[0]  # type: ignore[index]
+    spans = (
+        daily.withColumn("next_day", F.lead("day").over(Window.partitionBy(key).orderBy("day")))
+        .where(F.col("day") <= F.lit(last))
+        .withColumn(
+            "dt",
+            F.explode(F.sequence("day", F.coalesce(F.date_sub("next_day", 1), F.lit(last)))),
+        )
+        .drop("next_day")
+    )
+    return spans.join(F.broadcast(days), "dt").withColumn(
+        "n", F.when(F.col("dt") == F.col("day"), F.col("n")).otherwise(F.lit(0))
+    )
+
+
+def _running_windows(
+    frame: DataFrame, key: str, windows: tuple[int, ...], prefix: str
+) -> DataFrame:
+    """``<prefix>_<w>d`` = the ``n`` of the ``w`` days ending with each row's ``dt``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    by_day = Window.partitionBy(key).orderBy(F.unix_date("dt"))
+    return frame.select(
+        "*",
+        *(
+            F.sum("n").over(by_day.rangeBetween(-(w - 1), 0)).alias(f"{prefix}_{w}d")
+            for w in windows
+        ),
+    )
+
+
+def user_history(events: DataFrame, days: DataFrame, windows: tuple[int, ...]) -> DataFrame:
+    """The user state (totals, first seen, window counts) as of the end of each of ``days``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    daily = events.groupBy("user_id", F.col("event_timestamp").cast("date").alias("day")).agg(
+        F.count(F.lit(1)).alias("n"),
+        F.coalesce(F.sum(F.col("value").cast("double")), F.lit(0.0)).alias("vsum"),
+        F.count("value").alias("vcnt"),
+        F.min("event_timestamp").alias("first_ts"),
+    )
+    upto = Window.partitionBy("user_id").orderBy("day").rowsBetween(Window.unboundedPreceding, 0)
+    running = daily.select(
+        "user_id",
+        "day",
+        "n",
+        F.sum("n").over(upto).alias("events_total"),
+        F.sum("vsum").over(upto).alias("value_sum"),
+        F.sum("vcnt").over(upto).alias("value_count"),
+        F.min("first_ts").over(upto).alias("first_seen_ts"),
+    )
+    return _running_windows(_as_of_days(running, "user_id", days), "user_id", windows, "events")
+
+
+def item_history(
+    events: DataFrame, dimension: DataFrame, days: DataFrame, windows: tuple[int, ...]
+) -> DataFrame:
+    """Every catalogue or seen item's totals and popularity windows as of each of ``days``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    daily = events.groupBy("item_id", F.col("event_timestamp").cast("date").alias("day")).agg(
+        F.count(F.lit(1)).alias("n"), F.min("event_timestamp").alias("first_ts")
+    )
+    upto = Window.partitionBy("item_id").orderBy("day").rowsBetween(Window.unboundedPreceding, 0)
+    running = daily.select(
+        "item_id",
+        "day",
+        "n",
+        F.sum("n").over(upto).alias("pop_total"),
+        F.min("first_ts").over(upto).alias("first_seen_ts"),
+    )
+    seen = _running_windows(_as_of_days(running, "item_id", days), "item_id", windows, "pop")
+    catalogue = dimension.select("item_id", "title", "year", "genres")
+    # every catalogue item every day, and each seen item from its first day (no outer join:
+    # it would make ``dt`` nullable, and the files' schema differ from the daily ones)
+    keys = (
+        catalogue.select("item_id")
+        .crossJoin(F.broadcast(days))
+        .unionByName(seen.select("item_id", "dt"))
+        .distinct()
+    )
+    return keys.join(seen, ["item_id", "dt"], "left").join(catalogue, "item_id", "left")
