@@ -7,9 +7,10 @@ so the gate always judges it on data it never saw.
 - **Bootstrap** (no published model, or ``--from-scratch``): the global temporal split at
   the start of D (training/temporal.py) gives a validation inside the training period.
   The model trains on events up to T_val with early stopping on that validation (under
-  the time budget), is backtested next-day on each day between T_val and D (evidence for
-  the gate), then catches up on the events between T_val and D, so what it serves
-  tomorrow has seen yesterday.
+  the time budget), then walks forward day by day to D as the daily runs would have:
+  each day between T_val and D is scored next-day by the model trained through the day
+  before (evidence for the gate), then trained on; what it serves tomorrow has seen
+  yesterday.
 - **Warm start**: fine-tune the published model on the days after its last training day.
 
 Evaluation pools per-query evidence over a trailing window of days (training/gate.py)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -34,7 +36,14 @@ from common.errors import UserFacingError
 from features.lake import EPOCH, US_PER_DAY
 from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
-from training.data import Timelines, day_number, item_counts, next_day, read_timelines
+from training.data import (
+    Timelines,
+    day_number,
+    events_before,
+    item_counts,
+    next_day,
+    read_timelines,
+)
 from training.evaluate import EvalInputs, EvalSpec, Scorer, query_records, summarize, write_chart
 from training.features import FeatureHistory, read_feature_history
 from training.gate import (
@@ -47,10 +56,10 @@ from training.gate import (
     write_evidence,
 )
 from training.inputs import InputSpec, behavior_flags
-from training.losses import LossWeights, grank_batch_loss, log_q
+from training.losses import BatchLoss, LossWeights, grank_batch_loss, log_q
 from training.model import GRank, GRankConfig
 from training.registry import ModelRegistry
-from training.temporal import global_temporal_split
+from training.temporal import TemporalSplit, global_temporal_split
 from training.train import FitConfig, FitResult, fit, fit_to_cutoff, seed_everything
 
 
@@ -193,7 +202,7 @@ def _n_rows(job: DailyJob, timelines_max: int) -> int:
 
 
 def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
-    """From scratch: fit up to T_val (early stopping), backtest, catch up to D, commit."""
+    """From scratch: fit up to T_val (early stopping), walk forward to D, commit."""
     day = job.test_day
     first = date.min if job.train_window_days <= 0 else day - timedelta(job.train_window_days)
     spec = job.model.inputs
@@ -211,24 +220,15 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
     if spec.user_numeric:
         assert data.model_inputs.features is not None
         model.fit_feature_ranges(*data.model_inputs.features.user_ranges(day_number(day)))
-    backtest: dict[str, list[Any]] = {}
 
-    def run_backtest() -> None:
-        t_val_day = EPOCH + timedelta(days=split.t_val // US_PER_DAY)
-        backtest.update(_backtest(job, data, model, t_val_day, device))
+    def make_loss(counts: np.ndarray) -> BatchLoss:
+        return grank_batch_loss(job.weights, log_q(counts, device))
 
+    no_catchup = replace(job.finetune, max_epochs=0)
     result = fit_to_cutoff(
-        model,
-        lambda counts: grank_batch_loss(job.weights, log_q(counts, device)),
-        timelines,
-        split,
-        job.spec,
-        job.fit,
-        replace(job.finetune, max_epochs=job.catchup_epochs),
-        device,
-        data.model_inputs,
-        before_catchup=run_backtest,
+        model, make_loss, timelines, split, job.spec, job.fit, no_catchup, device, data.model_inputs
     )
+    backtest = _walk_forward(job, data, model, split, make_loss, device)
     manifest = _manifest(job, timelines.first_day, None, result, job.fit)
     manifest.update(
         bootstrap={
@@ -242,15 +242,53 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
     return _commit(job, model, manifest, result)
 
 
-def _backtest(
-    job: DailyJob, data: DayData, model: GRank, t_val_day: date, device: torch.device
+def _walk_forward(
+    job: DailyJob,
+    data: DayData,
+    model: GRank,
+    split: TemporalSplit,
+    make_loss: Callable[[np.ndarray], BatchLoss],
+    device: torch.device,
 ) -> dict[str, list[Any]]:
-    """Next-day evidence of the model fitted up to T_val on each later day before D."""
+    """Walk the days between T_val and D as the daily runs would have; return the evidence.
+
+    Each day is scored next-day by the model trained through the day before (the gate's
+    evidence, against popularity as fresh as the day's), then the model trains on that
+    day for ``catchup_epochs``. A model frozen at T_val would be scored days after its
+    training ended against a popularity refreshed daily: evidence against a model no
+    daily run serves. The model that comes out has seen every event before D.
+    """
+    timelines = data.timelines
+    n_rows = int(model.item_vectors().shape[0])
+    config = replace(
+        job.finetune,
+        max_epochs=job.catchup_epochs,
+        keep_best=False,
+        patience=job.catchup_epochs + 1,
+        max_seconds=None,
+    )
+    trained = np.minimum(split.fit_end, split.train_end)  # per user: events trained on
     tables = []
-    day = t_val_day + timedelta(days=1)
-    while day < job.test_day:
-        with contextlib.suppress(UserFacingError):  # a day without queries: no evidence
-            tables.append(_records(job, data, day, model, None, device))
+    day = EPOCH + timedelta(days=split.t_val // US_PER_DAY + 1)
+    while day <= job.test_day:
+        before = events_before(timelines, day)
+        if job.catchup_epochs and (before > trained).any():
+            recent = replace(timelines, first_target=np.maximum(timelines.first_target, trained))
+            fit(
+                model,
+                make_loss(item_counts(recent, before, n_rows)),
+                recent,
+                before,
+                split.validation,
+                job.spec,
+                config,
+                device,
+                data.model_inputs,
+            )
+            trained = np.maximum(trained, before)
+        if day < job.test_day:
+            with contextlib.suppress(UserFacingError):  # a day without queries: no evidence
+                tables.append(_records(job, data, day, model, None, device))
         day += timedelta(days=1)
     if not tables:
         return {}

@@ -323,6 +323,19 @@ def leave_last_out(timelines: Timelines) -> tuple[np.ndarray, Queries, Queries]:
     )
 
 
+def events_before(timelines: Timelines, day: date) -> np.ndarray:
+    """Per user: how many of their events lie before ``day`` starts (a ``train_end``)."""
+    first = day_number(day)
+    starts = timelines.offsets[:-1]
+    return np.array(
+        [
+            int(np.searchsorted(timelines.days[starts[u] : timelines.offsets[u + 1]], first))
+            for u in range(timelines.n_users)
+        ],
+        dtype=np.int64,
+    )
+
+
 def next_day(timelines: Timelines, test_day: date) -> tuple[np.ndarray, Queries, Queries]:
     """(train_end per user, validation, test) for training before ``test_day``, testing on it.
 
