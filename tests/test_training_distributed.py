@@ -19,25 +19,21 @@ nothing is registered.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.errors import UserFacingError
-from features import lake
-from features.jobs import BuildSpec, build_day
-from tests.conftest import make_settings
+from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
 from training.distributed import DataParallel, rank_batches
 from training.registry import ModelRegistry
 
-FIRST, LAST = date(1998, 3, 25), date(1998, 4, 4)
+LAST = TRAINING_LAST
 TOLERANCE = 0.02  # absolute validation NDCG@10; see the module docstring
 SMALL_ENV = {
     "GRANK_DATASET": "ml-100k",
@@ -91,17 +87,9 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused():
 
 # ------------------------------------------------------------ one process against two
 @pytest.fixture(scope="module")
-def built_root(spark, ml100k_settings, tmp_path_factory) -> Path:
+def built_root(ml100k_training_root) -> Path:
     """ML-100K 1998-03-25..04-04 landed and its features built (read-only)."""
-    settings = make_settings(tmp_path_factory.mktemp("distributed_root"))
-    source = ml100k_settings.lake_dir
-    for day in (d for d in lake.landed_days(source) if FIRST <= d <= LAST):
-        shutil.copytree(lake.partition_dir(source, day), lake.partition_dir(settings.lake_dir, day))
-    for name in ("items", "users"):
-        shutil.copytree(source / "raw" / name, settings.lake_dir / "raw" / name)
-    spec = BuildSpec(settings.lake_dir, settings.features_dir, settings.quarantine_dir)
-    build_day(spark, spec, LAST, rebuild=True)
-    return settings.data_root
+    return ml100k_training_root
 
 
 def _root(built_root: Path, folder: Path) -> Path:

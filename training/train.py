@@ -85,7 +85,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class _StepLoss(nn.Module):
+class StepLoss(nn.Module):
     """The model and its per-batch loss as one module, so one forward call computes the loss.
 
     DistributedDataParallel averages gradients of what runs inside its wrapper's forward:
@@ -127,7 +127,7 @@ def train_batch(
     return TrainBatch(short, long, labels, targets, user, lambda c: features.item_features(days, c))
 
 
-def _train_epoch(
+def train_epoch(
     step_loss: nn.Module,
     optimizer: torch.optim.Optimizer,
     timelines: Timelines,
@@ -141,7 +141,7 @@ def _train_epoch(
 ) -> tuple[float, int, str]:
     """One pass over ``windows``: (mean loss, steps, why it stopped early or "").
 
-    ``step_loss`` is a :class:`_StepLoss` (under DistributedDataParallel when several
+    ``step_loss`` is a :class:`StepLoss` (under DistributedDataParallel when several
     processes train). A non-finite loss raises (the caller restores the best weights);
     the deadline ends the epoch early, keeping what it trained. The loss reported is the
     mean over the ranks, and both decisions are taken by all ranks at the same step.
@@ -209,7 +209,7 @@ def fit(
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)  # the same windows and batches on every rank
     model.to(device)
-    step_loss = wrap(_StepLoss(model, batch_loss), parallel)
+    step_loss = wrap(StepLoss(model, batch_loss), parallel)
     if parallel.active:  # own dropout masks and hard-negative draws per rank; rank 0 = one process
         torch.manual_seed(config.seed + parallel.rank)
     optimizer = torch.optim.AdamW(
@@ -226,7 +226,7 @@ def fit(
         )
         epoch_start = time.perf_counter()
         try:
-            loss, steps, result.stop_reason = _train_epoch(
+            loss, steps, result.stop_reason = train_epoch(
                 step_loss,
                 optimizer,
                 timelines,
