@@ -2,18 +2,21 @@
 
 The end-to-end test runs the real ``grank train`` twice from scratch on the same ML-100K
 features (built by the real Spark job), once in one process and once in two torchrun
-workers on gloo, at the same global batch and seed, and compares the best validation
-NDCG@10 each registered.
+workers on gloo, at the same global batch (64) and seed, and compares the best
+validation recall@50 each registered, and their training losses epoch by epoch.
 
-Why a tolerance and why 0.02: the two runs cannot be bit-identical. Each rank's half of
-the batch supplies the in-batch negatives of its rows (32 candidates of 32 rows instead
-of 32 of 64), rank 1 draws its own dropout masks and hard negatives, and the gradient
-average sums in another order. What must hold is that these differences are noise,
-not a different model: on this fixture the validation NDCG@10 of one process moves by
-up to ~0.015 between seeds (measured 0.1096 / 0.1174 / 0.1035 for seeds 1, 2, 3, three
-epochs), so 0.02 is the spread one process shows against itself. A run whose ranks did
-not average their gradients fails earlier: the ranks end with different weights and
-nothing is registered.
+Why tolerances at all: the two runs cannot be bit-identical. Each rank's half of the
+batch supplies the in-batch negatives of its rows, rank 1 draws its own dropout masks and
+hard negatives, and the gradient average sums in another order. What must hold is that
+these differences are noise, not a different model. Measured on this fixture (five
+epochs, one thread per process): one process reaches a best recall@50 of 0.1867 /
+0.1467 / 0.1600 with seeds 1 / 2 / 3, two processes 0.1733 with seed 1. The metric moves
+in steps of 1/75 (75 validation users), and one process spans 0.04 (three users) between
+seeds, so the validation tolerance is 0.04: two processes must land within the spread
+one process shows against itself. The epoch losses are a finer signal (thousands of
+targets): between seeds they differ by up to 0.03, two processes differed from one by at
+most 0.036, so they must stay within 0.1. A run whose ranks did not average their
+gradients fails earlier: the ranks end with different weights and nothing is registered.
 """
 
 from __future__ import annotations
@@ -34,21 +37,29 @@ from training.distributed import DataParallel, rank_batches
 from training.registry import ModelRegistry
 
 LAST = TRAINING_LAST
-TOLERANCE = 0.02  # absolute validation NDCG@10; see the module docstring
+METRIC_TOLERANCE = 0.04  # best validation recall@50, absolute; see the module docstring
+LOSS_TOLERANCE = 0.1  # mean training loss of each epoch, absolute
 SMALL_ENV = {
     "GRANK_DATASET": "ml-100k",
     "GRANK_TRAIN__SEED": "1",
     "GRANK_TRAIN__DIM": "16",
     "GRANK_TRAIN__N_LAYERS": "1",
     "GRANK_TRAIN__BATCH_SIZE": "64",
-    "GRANK_TRAIN__MAX_EPOCHS": "3",
-    "GRANK_TRAIN__PATIENCE": "3",
+    "GRANK_TRAIN__LR": "0.005",
+    "GRANK_TRAIN__MAX_EPOCHS": "5",
+    "GRANK_TRAIN__PATIENCE": "5",
     "GRANK_TRAIN__MAX_MINUTES": "0",  # no time budget: the weights must not depend on speed
-    "GRANK_TRAIN__CATCHUP_EPOCHS": "1",
+    "GRANK_TRAIN__CATCHUP_EPOCHS": "0",
     "GRANK_TRAIN__CANDIDATES_PER_ROW": "32",
     "GRANK_TRAIN__K1": "50",
+    # half the days validate: 75 validation users instead of 29 at the default 0.9
+    "GRANK_TRAIN__VAL_QUANTILE": "0.5",
+    "GRANK_TRAIN__VAL_METRIC": "recall@50",
     "GRANK_FEATURES__SHORT_SEQ_LEN": "16",
     "GRANK_FEATURES__LONG_SEQ_LEN": "32",
+    # one thread per process in both runs: the same arithmetic per process, and no
+    # OpenMP spinning when the machine's cores are shared with other jobs
+    "OMP_NUM_THREADS": "1",
 }
 
 
@@ -140,9 +151,11 @@ def test_two_processes_reach_the_validation_metric_of_one(built_root, tmp_path):
     assert (one_m["processes"], two_m["processes"]) == (1, 2)
     assert set(one_m) == set(two_m)  # the same format
     assert one_m["fit"] == two_m["fit"]  # the same global batch, seed and schedule
-    assert len(one_m["history"]) == len(two_m["history"]) == 3
-    assert one_m["val_score"] > 0.05  # a trained model (popularity is ~0.06 here)
-    assert abs(two_m["val_score"] - one_m["val_score"]) <= TOLERANCE, (
+    assert len(one_m["history"]) == len(two_m["history"]) == 5
+    for one_epoch, two_epoch in zip(one_m["history"], two_m["history"], strict=True):
+        assert abs(two_epoch["loss"] - one_epoch["loss"]) <= LOSS_TOLERANCE, (one_epoch, two_epoch)
+    assert two_m["history"][-1]["loss"] < two_m["history"][0]["loss"] - 0.5  # it learned
+    assert abs(two_m["val_score"] - one_m["val_score"]) <= METRIC_TOLERANCE, (
         one_m["val_score"],
         two_m["val_score"],
     )
