@@ -3,7 +3,7 @@
 Usage (results go to docs/benchmarks.md, "Training throughput: one and two processes")::
 
     .venv/bin/python benchmarks/training_throughput.py --data-root data \
-        --date 2000-12-08 --days 60 --seconds 120 --processes 1,2
+        --date 2000-12-08 --days 60 --seconds 120 --processes 1,1x1,2
 
 For each process count, in turn: ``torchrun --standalone`` starts that many workers of
 this script; each reads the same features (``--days`` days before ``--date`` of the
@@ -13,8 +13,11 @@ batch, and trains for ``--seconds`` of wall-clock time through the same code pat
 ``grank train`` (``training.train.train_epoch`` under DistributedDataParallel). Only the
 training steps are timed, not reading the data or cutting the windows. Rank 0 reports
 global examples (steps x global batch) per second; the table shows the counts side by
-side with their ratio to one process. Each run gets ``cores / processes`` intra-op
-threads, as ``grank train --processes`` gives its workers.
+side with their ratio to the first run. Each run gets ``cores / processes`` intra-op
+threads, as ``grank train --processes`` gives its workers; ``NxT`` in ``--processes``
+runs N processes with T threads each (``1x1``: one process, one thread: on a machine
+whose cores other jobs keep busy, two OpenMP threads spin waiting for each other and
+the default one-process run measures that, not training).
 """
 
 from __future__ import annotations
@@ -119,9 +122,13 @@ def _worker(args: argparse.Namespace) -> None:
     leave(parallel)
 
 
-def _run(args: argparse.Namespace, processes: int) -> dict[str, object]:
-    """Start ``processes`` workers under torchrun and return rank 0's record."""
+def _run(args: argparse.Namespace, spec: str) -> dict[str, object]:
+    """Start the workers ``spec`` (``N`` or ``NxT``) asks for; returns rank 0's record."""
     from training.distributed import default_threads
+
+    processes_text, _, threads_text = spec.partition("x")
+    processes = int(processes_text)
+    threads = int(threads_text) if threads_text else default_threads(processes)
 
     command = [
         sys.executable,
@@ -134,7 +141,7 @@ def _run(args: argparse.Namespace, processes: int) -> dict[str, object]:
         *("--data-root", args.data_root, "--date", args.date),
         *("--days", str(args.days), "--seconds", str(args.seconds)),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(default_threads(processes))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if out.returncode != 0 or not lines:
@@ -148,13 +155,15 @@ def main() -> None:
     parser.add_argument("--date", default="2000-12-08", help="test day: trains on days before")
     parser.add_argument("--days", type=int, default=60, help="training days before --date")
     parser.add_argument("--seconds", type=float, default=120.0, help="training time per run")
-    parser.add_argument("--processes", default="1,2", help="process counts, in turn")
+    parser.add_argument(
+        "--processes", default="1,2", help="runs, in turn: N processes, or NxT with T threads"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
         return
-    rows = [_run(args, int(n)) for n in args.processes.split(",")]
+    rows = [_run(args, spec) for spec in args.processes.split(",")]
     base = float(rows[0]["examples_per_s"])  # type: ignore[arg-type]
     print(f"{rows[0]['events']:,} training events, global batch {rows[0]['global_batch']}")
     print(f"{'processes':>9} {'threads':>7} {'steps':>6} {'seconds':>7} {'examples/s':>10} ratio")
