@@ -105,6 +105,9 @@ class TrainSettings(BaseModel):
     # depend on the machine's speed: a re-run of that day may not reproduce its model.
     max_minutes: float = 30.0
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
+    # data-parallel training processes `grank train` starts on this machine (torchrun);
+    # the global batch stays batch_size, each process trains on batch_size / processes
+    processes: int = Field(default=1, ge=1)
     # daily warm start from the published model
     finetune_lr: float = 5e-4
     finetune_max_epochs: int = 3

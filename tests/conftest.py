@@ -7,7 +7,9 @@ test command runs ``grank data fetch`` first); every test writes into its own tm
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,3 +83,29 @@ def spark() -> Iterator[SparkSession]:
     session = get_session(master="local[2]", shuffle_partitions=4, driver_memory="2g")
     yield session
     session.stop()
+
+
+# the ML-100K days the training tests train on (11 days, ~12k events)
+TRAINING_FIRST, TRAINING_LAST = date(1998, 3, 25), date(1998, 4, 4)
+
+
+@pytest.fixture(scope="session")
+def ml100k_training_root(
+    spark: SparkSession, ml100k_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A data root with ML-100K 1998-03-25..04-04 landed and its features built by the real
+    Spark job (read-only: link its folders into a test's own root)."""
+    from features.jobs import BuildSpec, build_day
+
+    settings = make_settings(tmp_path_factory.mktemp("training_root"))
+    source = ml100k_settings.lake_dir
+    for day in lake.landed_days(source):
+        if TRAINING_FIRST <= day <= TRAINING_LAST:
+            shutil.copytree(
+                lake.partition_dir(source, day), lake.partition_dir(settings.lake_dir, day)
+            )
+    for name in ("items", "users"):
+        shutil.copytree(source / "raw" / name, settings.lake_dir / "raw" / name)
+    spec = BuildSpec(settings.lake_dir, settings.features_dir, settings.quarantine_dir)
+    build_day(spark, spec, TRAINING_LAST, rebuild=True)
+    return settings.data_root

@@ -8,7 +8,6 @@ own data root whose features/ and lake/ link to it, so models/ never leaks betwe
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -18,10 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from common.errors import UserFacingError
-from features import lake
-from features.jobs import BuildSpec, build_day
 from grank.cli import cli
-from tests.conftest import make_settings
+from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
 from training.data import leave_last_out, read_timelines
 from training.evaluate import EvalSpec
@@ -30,7 +27,7 @@ from training.model import GRank, GRankConfig
 from training.registry import ModelRegistry
 from training.train import FitConfig, fit
 
-FIRST, LAST = date(1998, 3, 25), date(1998, 4, 4)
+LAST = TRAINING_LAST
 TINY_ENV = {
     "GRANK_TRAIN__DIM": "16",
     "GRANK_TRAIN__N_LAYERS": "1",
@@ -49,17 +46,9 @@ TINY_ENV = {
 
 
 @pytest.fixture(scope="module")
-def built_root(spark, ml100k_settings, tmp_path_factory) -> Path:
+def built_root(ml100k_training_root) -> Path:
     """A data root with ML-100K 1998-03-25..04-04 landed and its features built (read-only)."""
-    settings = make_settings(tmp_path_factory.mktemp("training_root"))
-    source = ml100k_settings.lake_dir
-    for day in (d for d in lake.landed_days(source) if FIRST <= d <= LAST):
-        shutil.copytree(lake.partition_dir(source, day), lake.partition_dir(settings.lake_dir, day))
-    for name in ("items", "users"):
-        shutil.copytree(source / "raw" / name, settings.lake_dir / "raw" / name)
-    spec = BuildSpec(settings.lake_dir, settings.features_dir, settings.quarantine_dir)
-    build_day(spark, spec, LAST, rebuild=True)
-    return settings.data_root
+    return ml100k_training_root
 
 
 def models_root(built_root: Path, tmp_path: Path) -> Path:

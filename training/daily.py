@@ -13,6 +13,10 @@ so the gate always judges it on data it never saw.
   yesterday.
 - **Warm start**: fine-tune the published model on the days after its last training day.
 
+Data parallel (``training/distributed.py``): with several processes every rank reads the
+run's data and trains; rank 0 alone backtests, writes the checkpoint and returns the
+manifest, the same checkpoint format as one process writes.
+
 Evaluation pools per-query evidence over a trailing window of days (training/gate.py)
 and moves PUBLISHED only when the candidate clears the gate (training/registry.py).
 """
@@ -44,6 +48,7 @@ from training.data import (
     next_day,
     read_timelines,
 )
+from training.distributed import SINGLE, DataParallel
 from training.evaluate import EvalInputs, EvalSpec, Scorer, query_records, summarize, write_chart
 from training.features import FeatureHistory, read_feature_history
 from training.gate import (
@@ -97,6 +102,7 @@ class DailyJob:
     train_window_days: int = 0
     from_scratch: bool = False
     git_commit: str = "unknown"
+    parallel: DataParallel = SINGLE  # this process' place among the training processes
 
 
 @dataclass(frozen=True)
@@ -184,8 +190,11 @@ def _records(
 
 
 # ---------------------------------------------------------------------------- train
-def train_day(job: DailyJob, device: torch.device) -> dict[str, Any]:
-    """Train the candidate of ``test_day`` and commit it; returns its manifest (+ id)."""
+def train_day(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
+    """Train the candidate of ``test_day`` and commit it; returns its manifest (+ id).
+
+    Under data parallelism only rank 0 commits and returns it; the other ranks get None.
+    """
     day = job.test_day
     if not (job.features_dir / "training_examples" / f"dt={day.isoformat()}").is_dir():
         raise UserFacingError(
@@ -201,7 +210,7 @@ def _n_rows(job: DailyJob, timelines_max: int) -> int:
     return max(timelines_max, int(job.catalogue.max(initial=0))) + 1
 
 
-def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
+def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
     """From scratch: fit up to T_val (early stopping), walk forward to D, commit."""
     day = job.test_day
     first = date.min if job.train_window_days <= 0 else day - timedelta(job.train_window_days)
@@ -226,7 +235,16 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any]:
 
     no_catchup = replace(job.finetune, max_epochs=0)
     result = fit_to_cutoff(
-        model, make_loss, timelines, split, job.spec, job.fit, no_catchup, device, data.model_inputs
+        model,
+        make_loss,
+        timelines,
+        split,
+        job.spec,
+        job.fit,
+        no_catchup,
+        device,
+        data.model_inputs,
+        parallel=job.parallel,
     )
     backtest = _walk_forward(job, data, model, split, make_loss, device)
     manifest = _manifest(job, timelines.first_day, None, result, job.fit)
@@ -284,9 +302,10 @@ def _walk_forward(
                 config,
                 device,
                 data.model_inputs,
+                job.parallel,
             )
             trained = np.maximum(trained, before)
-        if day < job.test_day:
+        if day < job.test_day and job.parallel.is_main:  # evidence is rank 0's to write
             with contextlib.suppress(UserFacingError):  # a day without queries: no evidence
                 tables.append(_records(job, data, day, model, None, device))
         day += timedelta(days=1)
@@ -295,7 +314,7 @@ def _walk_forward(
     return pa.concat_tables(tables).to_pydict()
 
 
-def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any]:
+def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any] | None:
     """Fine-tune the published lineage's model on the days after its last training day."""
     day = job.test_day
     model, base_manifest = load_checkpoint(job.registry.checkpoint_path(base), str(device))
@@ -325,6 +344,7 @@ def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any
         job.finetune,
         device,
         data.model_inputs,
+        job.parallel,
     )
     manifest = _manifest(
         job, date.fromisoformat(base_manifest["data_first_day"]), base, result, job.finetune
@@ -344,6 +364,7 @@ def _manifest(
         "warm_start_from": base,
         "git_commit": job.git_commit,
         "seed": config.seed,
+        "processes": job.parallel.world_size,
         "loss_weights": asdict(job.weights),
         "fit": {k: v for k, v in asdict(config).items() if k != "progress"},
         "best_epoch": result.best_epoch,
@@ -355,7 +376,9 @@ def _manifest(
 
 def _commit(
     job: DailyJob, model: GRank, manifest: dict[str, Any], result: FitResult
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    if not job.parallel.is_main:
+        return None
     checkpoint_id = job.registry.commit(model, manifest, job.test_day)
     return {**manifest, "checkpoint_id": checkpoint_id, "train_seconds": round(result.seconds, 1)}
 

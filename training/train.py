@@ -5,6 +5,10 @@ per-batch loss. Each epoch re-cuts the windows (new random phase), trains, evalu
 the validation queries and keeps the best weights in memory; ``on_improve`` lets the
 caller persist a checkpoint at each improvement, so a later failure (NaN loss) leaves
 the last good checkpoint on disk.
+
+Data parallel (``training/distributed.py``): with several processes each trains on its
+share of every global batch under DistributedDataParallel; rank 0 alone scores the
+validation and every rank follows its early-stopping decision.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ from tqdm import tqdm
 
 from common.errors import UserFacingError
 from training.data import Queries, Timelines, Windows, item_counts, make_windows
+from training.distributed import (
+    SINGLE,
+    DataParallel,
+    any_rank,
+    from_main,
+    mean_over_ranks,
+    rank_batches,
+    require_same_weights,
+    wrap,
+)
 from training.evaluate import NO_INPUTS, EvalInputs, EvalSpec, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
 from training.temporal import TemporalSplit
@@ -71,9 +85,20 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _batches(windows: Windows, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    order = rng.permutation(len(windows))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+class StepLoss(nn.Module):
+    """The model and its per-batch loss as one module, so one forward call computes the loss.
+
+    DistributedDataParallel averages gradients of what runs inside its wrapper's forward:
+    the loss calls several methods of the model, so the wrapper must wrap the loss.
+    """
+
+    def __init__(self, model: nn.Module, batch_loss: BatchLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
+
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.batch_loss(self.model, batch)
 
 
 def train_batch(
@@ -102,10 +127,9 @@ def train_batch(
     return TrainBatch(short, long, labels, targets, user, lambda c: features.item_features(days, c))
 
 
-def _train_epoch(
-    model: nn.Module,
+def train_epoch(
+    step_loss: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch_loss: BatchLoss,
     timelines: Timelines,
     windows: Windows,
     inputs: EvalInputs,
@@ -113,37 +137,43 @@ def _train_epoch(
     rng: np.random.Generator,
     deadline: float | None,
     label: str,
+    parallel: DataParallel,
 ) -> tuple[float, int, str]:
     """One pass over ``windows``: (mean loss, steps, why it stopped early or "").
 
-    A non-finite loss raises (the caller restores the best weights); the deadline ends
-    the epoch early, keeping what it trained.
+    ``step_loss`` is a :class:`StepLoss` (under DistributedDataParallel when several
+    processes train). A non-finite loss raises (the caller restores the best weights);
+    the deadline ends the epoch early, keeping what it trained. The loss reported is the
+    mean over the ranks, and both decisions are taken by all ranks at the same step.
     """
-    model.train()
+    step_loss.train()
+    parameters = list(step_loss.parameters())
     total, steps, examples = 0.0, 0, 0
     started = time.perf_counter()
-    device = next(model.parameters()).device
+    device = parameters[0].device
     bar = tqdm(
-        _batches(windows, config.batch_size, rng),
+        rank_batches(len(windows), config.batch_size, rng, parallel),
         desc=label,
         disable=not config.progress,
         leave=False,
     )
     for rows in bar:
-        if deadline is not None and time.perf_counter() > deadline:
+        late = deadline is not None and time.perf_counter() > deadline
+        if any_rank(late, parallel):
             return total / max(steps, 1), steps, f"time budget of {config.max_seconds:.0f}s reached"
         batch = train_batch(timelines, windows, rows, inputs, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss, parts = batch_loss(model, batch)
-        if not math.isfinite(float(loss.detach())):
+            loss, parts = step_loss(batch)
+        value = mean_over_ranks(float(loss.detach()), parallel)
+        if not math.isfinite(value):
             raise _NonFinite(f"non-finite loss at {label} step {steps + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
-        total += float(loss.detach())
+        total += value
         steps += 1
-        examples += len(rows)
+        examples += len(rows) * parallel.world_size
         rate = examples / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(
             loss=f"{total / steps:.4f}",
@@ -167,16 +197,21 @@ def fit(
     config: FitConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
+    parallel: DataParallel = SINGLE,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best validation weights.
 
     Each epoch re-cuts the windows, trains, and scores the validation queries; the best
     weights are kept in memory. A non-finite loss restores them and raises a
-    UserFacingError naming the epoch and step.
+    UserFacingError naming the epoch and step. With ``parallel`` active, this runs on
+    every rank; the result's scores are rank 0's, broadcast.
     """
     seed_everything(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed)  # the same windows and batches on every rank
     model.to(device)
+    step_loss = wrap(StepLoss(model, batch_loss), parallel)
+    if parallel.active:  # own dropout masks and hard-negative draws per rank; rank 0 = one process
+        torch.manual_seed(config.seed + parallel.rank)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -191,10 +226,9 @@ def fit(
         )
         epoch_start = time.perf_counter()
         try:
-            loss, steps, result.stop_reason = _train_epoch(
-                model,
+            loss, steps, result.stop_reason = train_epoch(
+                step_loss,
                 optimizer,
-                batch_loss,
                 timelines,
                 windows,
                 inputs,
@@ -202,6 +236,7 @@ def fit(
                 rng,
                 deadline,
                 f"epoch {epoch}",
+                parallel,
             )
         except _NonFinite as exc:
             model.load_state_dict(best_state)
@@ -212,7 +247,12 @@ def fit(
             ) from exc
         if steps == 0:  # the budget ran out before this epoch trained: nothing to evaluate
             break
-        score = validation_score(model, timelines, validation, spec, config.val_metric, inputs)
+        score = (
+            validation_score(model, timelines, validation, spec, config.val_metric, inputs)
+            if parallel.is_main
+            else 0.0
+        )
+        score = from_main(score, parallel)
         result.history.append(
             {
                 "epoch": epoch,
@@ -222,7 +262,7 @@ def fit(
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
-        if config.progress:
+        if config.progress and parallel.is_main:
             tqdm.write(
                 f"epoch {epoch}: loss {loss:.4f} val {config.val_metric} {score:.4f}"
                 f" ({time.perf_counter() - epoch_start:.0f}s)"
@@ -242,6 +282,7 @@ def fit(
         result.stop_reason = f"reached max_epochs {config.max_epochs}"
     if config.keep_best:
         model.load_state_dict(best_state)
+    require_same_weights(model, parallel)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -256,7 +297,7 @@ def fit_to_cutoff(
     catchup: FitConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
-    before_catchup: Callable[[], None] | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> FitResult:
     """Train from scratch as the global temporal split prescribes, ending at T_test.
 
@@ -264,8 +305,8 @@ def fit_to_cutoff(
     catch up on the events between T_val and T_test for ``catchup.max_epochs`` epochs
     (no early stopping there: the validation targets are training data by then), so the
     model serves having seen the freshest history. ``make_loss(item_counts)`` builds each
-    phase's loss (its logQ correction follows that phase's targets);
-    ``before_catchup`` runs between the two (the daily bootstrap backtests there).
+    phase's loss (its logQ correction follows that phase's targets). The daily bootstrap
+    skips the catch-up and walks forward day by day instead (training/daily.py).
     """
     n_rows = int(model.item_vectors().shape[0])  # type: ignore[operator]
     counts = item_counts(timelines, split.fit_end, n_rows)
@@ -279,9 +320,8 @@ def fit_to_cutoff(
         config,
         device,
         inputs,
+        parallel,
     )
-    if before_catchup is not None:
-        before_catchup()
     recent = replace(timelines, first_target=np.minimum(split.fit_end, split.train_end))
     if catchup.max_epochs and (split.train_end > split.fit_end).any():
         fit(
@@ -294,6 +334,7 @@ def fit_to_cutoff(
             replace(catchup, keep_best=False, patience=catchup.max_epochs + 1, max_seconds=None),
             device,
             inputs,
+            parallel,
         )
     return result
 

@@ -6,6 +6,7 @@ tested on D (next-day protocol), so the gate always judges it on data it never s
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import date
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING
 
 import click
 
+from common.errors import UserFacingError
 from grank.cli.options import DATE
 from grank.config import REPO_ROOT, Settings
 
 if TYPE_CHECKING:
     from training.daily import DailyJob
+    from training.distributed import DataParallel
     from training.evaluate import EvalSpec
     from training.registry import ModelRegistry
 
@@ -54,13 +57,16 @@ def registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry(settings.models_dir)
 
 
-def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> DailyJob:
+def daily_job(
+    settings: Settings, day: date, from_scratch: bool = False, parallel: DataParallel | None = None
+) -> DailyJob:
     """Turn Settings into the plain values the training layer takes."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from features.lake import landed_days
     from training.daily import Baselines, DailyJob
+    from training.distributed import SINGLE
     from training.inputs import select_groups
     from training.losses import LossWeights
     from training.model import GRankConfig
@@ -140,6 +146,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
         train_window_days=t.train_window_days,
         from_scratch=from_scratch,
         git_commit=_git_commit(),
+        parallel=parallel or SINGLE,
     )
 
 
@@ -166,14 +173,38 @@ def print_summary(summary: dict[str, dict[str, float]]) -> None:
 @click.command()
 @click.option("--date", "day", type=DATE, required=True, help="Test day D: trains on days < D.")
 @click.option("--from-scratch", is_flag=True, help="Ignore the published model (no warm start).")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Data-parallel training processes on this machine (default: train.processes).",
+)
 @click.pass_obj
-def train(settings: Settings, day: date, from_scratch: bool) -> None:
-    """Train the candidate model of day D (warm start from the published one) and register it."""
+def train(settings: Settings, day: date, from_scratch: bool, processes: int | None) -> None:
+    """Train the candidate model of day D (warm start from the published one) and register it.
+
+    With more than one process, starts them with torchrun on this machine; started by
+    torchrun (here or across machines, docs/model.md), joins its process group.
+    """
     from training.daily import train_day
+    from training.distributed import device_for, join_from_env, launched_by_torchrun, leave
     from training.train import pick_device
 
-    job = daily_job(settings, day, from_scratch)
-    manifest = train_day(job, pick_device())
+    if launched_by_torchrun():
+        parallel = join_from_env()
+        try:
+            manifest = train_day(
+                daily_job(settings, day, from_scratch, parallel), device_for(parallel)
+            )
+        finally:
+            leave(parallel)
+    elif (processes or settings.train.processes) > 1:
+        _launch_workers(settings, processes or settings.train.processes, day, from_scratch)
+        return
+    else:
+        manifest = train_day(daily_job(settings, day, from_scratch), pick_device())
+    if manifest is None:  # a rank other than 0: rank 0 reports
+        return
     origin = (
         f"warm start from {manifest['warm_start_from']}"
         if manifest["warm_start_from"]
@@ -185,7 +216,42 @@ def train(settings: Settings, day: date, from_scratch: bool) -> None:
         f"{manifest['stop_reason']}; best validation {manifest['val_score']:.4f}"
         f" at epoch {manifest['best_epoch']})"
     )
-    click.echo(f"candidate of {day}: {job.registry.checkpoint_path(manifest['checkpoint_id'])}")
+    click.echo(
+        f"candidate of {day}: {registry(settings).checkpoint_path(manifest['checkpoint_id'])}"
+    )
+
+
+def _launch_workers(settings: Settings, processes: int, day: date, from_scratch: bool) -> None:
+    """Run ``grank train`` in ``processes`` workers on this machine under torchrun.
+
+    ``--standalone`` rendezvous on a free local port (concurrent runs do not collide); the
+    workers read the same settings from the inherited environment, rank 0 prints the
+    summary. Each worker gets an equal share of the cores unless OMP_NUM_THREADS is set.
+    """
+    from training.distributed import DataParallel, default_threads, per_rank_batch
+
+    per_rank_batch(settings.train.batch_size, DataParallel(world_size=processes))  # fail early
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "grank",
+        "train",
+        "--date",
+        day.isoformat(),
+        *(["--from-scratch"] if from_scratch else []),
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
+    code = subprocess.run(command, env=env, check=False).returncode
+    if code != 0:
+        raise UserFacingError(
+            f"data-parallel training failed: a worker exited with status {code}"
+            " (its error is printed above); nothing was registered"
+        )
 
 
 @click.command()
