@@ -151,7 +151,12 @@ class DimensionSpec(_Strict):
     @field_validator("attributes")
     @classmethod
     def _free_names(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = {"user_id", "item_id", "event_timestamp", "created", "dt"}
+        # the feature tables' own columns (docs/architecture.md, Contract 2)
+        reserved = {
+            *("user_id", "item_id", "event_timestamp", "created", "dt", "first_seen_ts"),
+            *("events_1d", "events_7d", "events_30d", "events_total", "mean_value"),
+            *("tenure_days", "pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+        }
         clash = sorted(set(value) & reserved)
         if clash:
             raise ValueError(f"attribute names {clash} are reserved by the feature tables")

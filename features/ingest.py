@@ -122,7 +122,7 @@ def read_files(
                     table = pjson.read_json(
                         handle,
                         parse_options=pjson.ParseOptions(
-                            explicit_schema=schema, unexpected_field_behavior="ignore"
+                            explicit_schema=schema, unexpected_field_behavior="infer"
                         ),
                     )
         except (pa.ArrowException, OSError, ValueError) as exc:

@@ -47,8 +47,18 @@ USER_STATE_DDL = (
     " value_count BIGINT, first_seen_ts TIMESTAMP"
 )
 ITEM_STATE_DDL = "item_id BIGINT, pop_total BIGINT, first_seen_ts TIMESTAMP"
-ITEMS_DDL = "item_id BIGINT, title STRING, year INT, genres STRING"
-USERS_DDL = "user_id BIGINT, age INT, gender STRING, occupation STRING"
+# Dimension attributes (name, Spark type) in feature-table order; the dataset config
+# declares them (features/dataset_config.py), these are MovieLens'.
+ITEM_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("title", "STRING"),
+    ("year", "INT"),
+    ("genres", "STRING"),
+)
+USER_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("age", "INT"),
+    ("gender", "STRING"),
+    ("occupation", "STRING"),
+)
 RAW_COLUMNS = {
     "event_id": pa.int64(),
     "user_id": pa.int64(),
@@ -70,6 +80,13 @@ class BuildSpec:
     long_seq_len: int = 200
     short_seq_len: int = 64
     windows_days: tuple[int, ...] = (1, 7, 30)
+    item_attributes: tuple[tuple[str, str], ...] = ITEM_ATTRIBUTES
+    user_attributes: tuple[tuple[str, str], ...] = USER_ATTRIBUTES
+
+
+def dimension_ddl(key: str, attributes: tuple[tuple[str, str], ...]) -> str:
+    """Spark DDL of a dimension table: the id, then the attribute columns."""
+    return ", ".join([f"{key} BIGINT", *(f"`{name}` {kind}" for name, kind in attributes)])
 
 
 @dataclass
@@ -237,9 +254,12 @@ def _publish(
             user_features(
                 users,
                 user_daily,
-                _read_dimension(spark, raw / "users", USERS_DDL),
+                _read_dimension(
+                    spark, raw / "users", dimension_ddl("user_id", spec.user_attributes)
+                ),
                 day,
                 spec.windows_days,
+                tuple(name for name, _ in spec.user_attributes),
             ),
         ),
         (
@@ -248,9 +268,12 @@ def _publish(
             item_features(
                 items,
                 item_daily,
-                _read_dimension(spark, raw / "items", ITEMS_DDL),
+                _read_dimension(
+                    spark, raw / "items", dimension_ddl("item_id", spec.item_attributes)
+                ),
                 day,
                 spec.windows_days,
+                tuple(name for name, _ in spec.item_attributes),
             ),
         ),
     ):
@@ -509,9 +532,15 @@ def behavior_sequences(
 
 
 def user_features(
-    users: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+    users: DataFrame,
+    daily: DataFrame,
+    dimension: DataFrame,
+    day: date,
+    windows: tuple[int, ...],
+    attributes: tuple[str, ...] = ("age", "gender", "occupation"),
 ) -> DataFrame:
-    """Activity counts, mean value and tenure of every user seen up to ``day`` (full snapshot)."""
+    """Activity counts, mean value and tenure of every user seen up to ``day`` (full snapshot),
+    with the user dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "user_id", day, windows, "events")
@@ -520,7 +549,7 @@ def user_features(
     ]
     return (
         users.join(counts, "user_id", "left")
-        .join(dimension.select("user_id", "age", "gender", "occupation"), "user_id", "left")
+        .join(dimension.select("user_id", *attributes), "user_id", "left")
         .select(
             "user_id",
             *window_cols,
@@ -530,9 +559,7 @@ def user_features(
             F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
             .cast("bigint")
             .alias("tenure_days"),
-            "age",
-            "gender",
-            "occupation",
+            *attributes,
             _end_of_day(day).alias("event_timestamp"),
             _end_of_day(day).alias("created"),
         )
@@ -540,9 +567,15 @@ def user_features(
 
 
 def item_features(
-    items: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+    items: DataFrame,
+    daily: DataFrame,
+    dimension: DataFrame,
+    day: date,
+    windows: tuple[int, ...],
+    attributes: tuple[str, ...] = ("title", "year", "genres"),
 ) -> DataFrame:
-    """Windowed popularity and first-seen time of every catalogue or seen item (full snapshot)."""
+    """Windowed popularity and first-seen time of every catalogue or seen item (full snapshot),
+    with the item dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "item_id", day, windows, "pop")
@@ -550,7 +583,7 @@ def item_features(
         F.coalesce(f"pop_{w}d", F.lit(0)).cast("bigint").alias(f"pop_{w}d") for w in windows
     ]
     return (
-        items.join(dimension.select("item_id", "title", "year", "genres"), "item_id", "full_outer")
+        items.join(dimension.select("item_id", *attributes), "item_id", "full_outer")
         .join(counts, "item_id", "left")
         .select(
             "item_id",
@@ -560,9 +593,7 @@ def item_features(
             F.datediff(F.lit(day), F.col("first_seen_ts").cast("date"))
             .cast("bigint")
             .alias("age_days"),
-            "title",
-            "year",
-            "genres",
+            *attributes,
             _end_of_day(day).alias("event_timestamp"),
             _end_of_day(day).alias("created"),
         )

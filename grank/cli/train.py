@@ -60,6 +60,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
     import pyarrow.parquet as pq
 
     from features.lake import landed_days
+    from grank.dataset import lake_config, model_inputs
     from training.daily import Baselines, DailyJob
     from training.inputs import select_groups
     from training.losses import LossWeights
@@ -104,7 +105,7 @@ def daily_job(settings: Settings, day: date, from_scratch: bool = False) -> Dail
             use_aux=t.use_aux,
             use_ranker=t.use_ranker,
             ranker_residual=t.ranker_residual,
-            inputs=select_groups(t.inputs, t.feature_groups),
+            inputs=select_groups(model_inputs(settings, lake_config(settings)), t.feature_groups),
         ),
         weights=LossWeights(
             ntp=t.lambda_ntp,
