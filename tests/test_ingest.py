@@ -1,4 +1,4 @@
-"""`grank data ingest`: dataset configs, id maps, readers, and the MovieLens replays on that path."""
+"""`grank data ingest`: dataset configs, id maps, readers, the MovieLens replays on that path."""
 
 from __future__ import annotations
 
