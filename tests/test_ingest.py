@@ -249,3 +249,25 @@ def test_ml100k_replay_through_the_config_equals_the_previous_replay(
     for table in ft.PUBLISHED_TABLES:
         assert any(name.startswith(table) for name in built), table
     assert built == files(after.features_dir)
+
+
+def test_raw_gate_takes_event_types_and_value_range_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "shop.yaml"
+    config.write_text(CSV_CONFIG)
+    root = tmp_path / "root"
+    rows = [
+        ("u-ann", "sku-2", "2024-03-05 10:00:00", "view", ""),
+        ("u-bob", "sku-2", "2024-03-05 11:00:00", "buy", "2"),  # "purchase": not a MovieLens type
+        ("u-bob", "sku-3", "2024-03-06 11:00:00", "buy", "500"),  # above values.max = 100
+    ]
+    code, output = ingest(root, str(write_csv(tmp_path / "e.csv", rows)), "--config", str(config),
+                          "--all")  # fmt: skip
+    assert code == 0, output
+    env = {"GRANK_DATA_ROOT": str(root)}
+    runner = CliRunner()
+    passed = runner.invoke(cli, ["features", "validate", "--date", "2024-03-05"], env=env)
+    assert passed.exit_code == 0, (passed.output, passed.exception)
+    failed = runner.invoke(cli, ["features", "validate", "--date", "2024-03-06"], env=env)
+    assert failed.exit_code != 0
+    assert "value" in str(failed.exception)
+    assert not lake.partition_dir(root / "lake", date(2024, 3, 6)).exists()  # quarantined

@@ -318,6 +318,7 @@ def offline_eval(
 
     from common.atomic import atomic_write_text
     from common.errors import UserFacingError
+    from grank.dataset import lake_config, model_inputs
     from training.offline import VARIANTS, OfflineJob, load, run_gts, run_loo
     from training.train import pick_device
 
@@ -331,7 +332,7 @@ def offline_eval(
         features_dir=settings.features_dir,
         landed_days=job.landed_days,
         model=job.model,
-        feature_groups=settings.train.inputs,
+        feature_groups=model_inputs(settings, lake_config(settings)),
         weights=job.weights,
         fit=fit,
         catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
