@@ -354,7 +354,12 @@ def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
         published.grow_items(n_rows)  # rows for items newer than it score ~0, as served
     today = _records(job, data, day, candidate, published, device)
     backtest = manifest.get("backtest") or {}
-    evidence = pa.concat_tables([pa.table(backtest), today]) if backtest else today
+    # the manifest stores the backtest as JSON with sorted keys: match columns by name
+    evidence = (
+        pa.concat_tables([pa.table(backtest), today], promote_options="permissive")
+        if backtest
+        else today
+    )
     folder = registry.evaluation_dir(day)
     window_first = day - timedelta(days=job.gate.window_days - 1)
     pooled_folders = [
