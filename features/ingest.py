@@ -462,8 +462,10 @@ def ingest(
     ts_probe = timestamps_us(source[cols.timestamp], config)  # fail on bad times before any write
     if not len(ts_probe):
         raise UserFacingError("the input holds no events")
-    first = window.first or lake.day_of_us(int(ts_probe.min()))
-    last = window.last or lake.day_of_us(int(ts_probe.max()))
+    lo, hi = lake.day_of_us(int(ts_probe.min())), lake.day_of_us(int(ts_probe.max()))
+    first, last = window.first or lo, window.last or hi
+    if last < lo or first > hi:
+        raise UserFacingError(f"date range {first}..{last} is outside the input's days {lo}..{hi}")
     dims = {}
     for entity, files in (("item", item_files), ("user", user_files)):
         dims[entity] = read_dimension(config, entity, files, lake_dir) if files else None
