@@ -104,7 +104,12 @@ def connect(config: StoreConfig) -> FeatureStore:
     return FeatureStore(repo_path=str(config.repo_dir), config=repo_config)
 
 
-def register(store: FeatureStore, features_dir: Path) -> dict[str, list[str]]:
+def register(
+    store: FeatureStore,
+    features_dir: Path,
+    user_attributes: dict[str, str] | None = None,
+    item_attributes: dict[str, str] | None = None,
+) -> dict[str, list[str]]:
     """``feast apply`` of the project's definitions; repeatable (apply is an upsert).
 
     Returns the registered names by kind (entities, feature views, feature services).
@@ -117,7 +122,12 @@ def register(store: FeatureStore, features_dir: Path) -> dict[str, list[str]]:
             f"feature tables missing under {features_dir}: {', '.join(missing)}"
             " (run `grank features build` first)"
         )
-    objects = build_definitions(features_dir)
+    attributes = {
+        k: v
+        for k, v in (("user_attributes", user_attributes), ("item_attributes", item_attributes))
+        if v is not None
+    }
+    objects = build_definitions(features_dir, **attributes)
     store.apply(objects)
     kinds = {"entities": Entity, "feature views": FeatureView, "feature services": FeatureService}
     return {

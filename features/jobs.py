@@ -47,8 +47,18 @@ USER_STATE_DDL = (
     " value_count BIGINT, first_seen_ts TIMESTAMP"
 )
 ITEM_STATE_DDL = "item_id BIGINT, pop_total BIGINT, first_seen_ts TIMESTAMP"
-ITEMS_DDL = "item_id BIGINT, title STRING, year INT, genres STRING"
-USERS_DDL = "user_id BIGINT, age INT, gender STRING, occupation STRING"
+# Dimension attributes (name, Spark type) in feature-table order; the dataset config
+# declares them (features/dataset_config.py), these are MovieLens'.
+ITEM_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("title", "STRING"),
+    ("year", "INT"),
+    ("genres", "STRING"),
+)
+USER_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("age", "INT"),
+    ("gender", "STRING"),
+    ("occupation", "STRING"),
+)
 RAW_COLUMNS = {
     "event_id": pa.int64(),
     "user_id": pa.int64(),
@@ -70,6 +80,13 @@ class BuildSpec:
     long_seq_len: int = 200
     short_seq_len: int = 64
     windows_days: tuple[int, ...] = (1, 7, 30)
+    item_attributes: tuple[tuple[str, str], ...] = ITEM_ATTRIBUTES
+    user_attributes: tuple[tuple[str, str], ...] = USER_ATTRIBUTES
+
+
+def dimension_ddl(key: str, attributes: tuple[tuple[str, str], ...]) -> str:
+    """Spark DDL of a dimension table: the id, then the attribute columns."""
+    return ", ".join([f"{key} BIGINT", *(f"`{name}` {kind}" for name, kind in attributes)])
 
 
 @dataclass
@@ -236,6 +253,14 @@ def _publish(
     user_daily = _read_daily(spark, features_dir, ft.USER_DAILY, "user_id", day, longest)
     item_daily = _read_daily(spark, features_dir, ft.ITEM_DAILY, "item_id", day, longest)
     raw = spec.lake_dir / "raw"
+    user_dimension = _read_dimension(
+        spark, raw / "users", dimension_ddl("user_id", spec.user_attributes)
+    )
+    item_dimension = _read_dimension(
+        spark, raw / "items", dimension_ddl("item_id", spec.item_attributes)
+    )
+    user_attributes = tuple(name for name, _ in spec.user_attributes)
+    item_attributes = tuple(name for name, _ in spec.item_attributes)
     for table, key, frame in (
         (
             ft.USER_BEHAVIOR_SEQUENCES,
@@ -248,9 +273,10 @@ def _publish(
             user_features(
                 users,
                 user_daily,
-                _read_dimension(spark, raw / "users", USERS_DDL),
+                user_dimension,
                 day,
                 spec.windows_days,
+                user_attributes,
             ),
         ),
         (
@@ -259,9 +285,10 @@ def _publish(
             item_features(
                 items,
                 item_daily,
-                _read_dimension(spark, raw / "items", ITEMS_DDL),
+                item_dimension,
                 day,
                 spec.windows_days,
+                item_attributes,
             ),
         ),
     ):
@@ -276,21 +303,18 @@ def _publish(
                 "user_id",
                 user_feature_rows(
                     user_history(events, days, spec.windows_days),
-                    _read_dimension(spark, raw / "users", USERS_DDL),
+                    user_dimension,
                     spec.windows_days,
+                    user_attributes,
                 ),
             ),
             (
                 ft.ITEM_FEATURES,
                 "item_id",
                 item_feature_rows(
-                    item_history(
-                        events,
-                        _read_dimension(spark, raw / "items", ITEMS_DDL),
-                        days,
-                        spec.windows_days,
-                    ),
+                    item_history(events, item_dimension, days, spec.windows_days, item_attributes),
                     spec.windows_days,
+                    item_attributes,
                 ),
             ),
         ):
@@ -547,18 +571,24 @@ def behavior_sequences(
 
 
 def user_features(
-    users: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+    users: DataFrame,
+    daily: DataFrame,
+    dimension: DataFrame,
+    day: date,
+    windows: tuple[int, ...],
+    attributes: tuple[str, ...] = ("age", "gender", "occupation"),
 ) -> DataFrame:
-    """Activity counts, mean value and tenure of every user seen up to ``day`` (full snapshot)."""
+    """Activity counts, mean value and tenure of every user seen up to ``day`` (full snapshot),
+    with the user dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "user_id", day, windows, "events")
     dated = users.join(counts, "user_id", "left").withColumn("dt", F.lit(day))
-    return user_feature_rows(dated, dimension, windows).drop("dt")
+    return user_feature_rows(dated, dimension, windows, attributes).drop("dt")
 
 
 def user_feature_rows(
-    users: DataFrame, dimension: DataFrame, windows: tuple[int, ...]
+    users: DataFrame, dimension: DataFrame, windows: tuple[int, ...], attributes: tuple[str, ...]
 ) -> DataFrame:
     """The user_features columns of each user's state as of its row's ``dt``.
 
@@ -569,9 +599,7 @@ def user_feature_rows(
     window_cols = [
         F.coalesce(f"events_{w}d", F.lit(0)).cast("bigint").alias(f"events_{w}d") for w in windows
     ]
-    return users.join(
-        dimension.select("user_id", "age", "gender", "occupation"), "user_id", "left"
-    ).select(
+    return users.join(dimension.select("user_id", *attributes), "user_id", "left").select(
         "user_id",
         *window_cols,
         "events_total",
@@ -580,9 +608,7 @@ def user_feature_rows(
         F.datediff(F.col("dt"), F.col("first_seen_ts").cast("date"))
         .cast("bigint")
         .alias("tenure_days"),
-        "age",
-        "gender",
-        "occupation",
+        *attributes,
         _end_of(F.col("dt")).alias("event_timestamp"),
         _end_of(F.col("dt")).alias("created"),
         "dt",
@@ -590,21 +616,29 @@ def user_feature_rows(
 
 
 def item_features(
-    items: DataFrame, daily: DataFrame, dimension: DataFrame, day: date, windows: tuple[int, ...]
+    items: DataFrame,
+    daily: DataFrame,
+    dimension: DataFrame,
+    day: date,
+    windows: tuple[int, ...],
+    attributes: tuple[str, ...] = ("title", "year", "genres"),
 ) -> DataFrame:
-    """Windowed popularity and first-seen time of every catalogue or seen item (full snapshot)."""
+    """Windowed popularity and first-seen time of every catalogue or seen item (full snapshot),
+    with the item dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
     counts = _windowed(daily, "item_id", day, windows, "pop")
     dated = (
-        items.join(dimension.select("item_id", "title", "year", "genres"), "item_id", "full_outer")
+        items.join(dimension.select("item_id", *attributes), "item_id", "full_outer")
         .join(counts, "item_id", "left")
         .withColumn("dt", F.lit(day))
     )
-    return item_feature_rows(dated, windows).drop("dt")
+    return item_feature_rows(dated, windows, attributes).drop("dt")
 
 
-def item_feature_rows(items: DataFrame, windows: tuple[int, ...]) -> DataFrame:
+def item_feature_rows(
+    items: DataFrame, windows: tuple[int, ...], attributes: tuple[str, ...]
+) -> DataFrame:
     """The item_features columns of each item's state as of its row's ``dt`` (see users)."""
     from pyspark.sql import functions as F
 
@@ -619,9 +653,7 @@ def item_feature_rows(items: DataFrame, windows: tuple[int, ...]) -> DataFrame:
         F.datediff(F.col("dt"), F.col("first_seen_ts").cast("date"))
         .cast("bigint")
         .alias("age_days"),
-        "title",
-        "year",
-        "genres",
+        *attributes,
         _end_of(F.col("dt")).alias("event_timestamp"),
         _end_of(F.col("dt")).alias("created"),
         "dt",
@@ -701,7 +733,11 @@ def user_history(events: DataFrame, days: DataFrame, windows: tuple[int, ...]) -
 
 
 def item_history(
-    events: DataFrame, dimension: DataFrame, days: DataFrame, windows: tuple[int, ...]
+    events: DataFrame,
+    dimension: DataFrame,
+    days: DataFrame,
+    windows: tuple[int, ...],
+    attributes: tuple[str, ...],
 ) -> DataFrame:
     """Every catalogue or seen item's totals and popularity windows as of each of ``days``."""
     from pyspark.sql import Window
@@ -719,7 +755,7 @@ def item_history(
         F.min("first_ts").over(upto).alias("first_seen_ts"),
     )
     seen = _running_windows(_as_of_days(running, "item_id", days), "item_id", windows, "pop")
-    catalogue = dimension.select("item_id", "title", "year", "genres")
+    catalogue = dimension.select("item_id", *attributes)
     # every catalogue item every day, and each seen item from its first day (no outer join:
     # it would make ``dt`` nullable, and the files' schema differ from the daily ones)
     keys = (

@@ -64,6 +64,10 @@ class QualitySpec:
     volume_trailing_days: int = 7
     volume_low_ratio: float = 0.2
     volume_high_ratio: float = 5.0
+    # what the dataset config allows (features/dataset_config.py)
+    event_types: tuple[str, ...] = ("click", "rating")
+    value_min: float = 0.0
+    value_max: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "known_item_ids": _known_item_ids(spec.lake_dir),
         "volume_low": low,
         "volume_high": high,
+        "event_types": list(spec.event_types),
+        "value_min": spec.value_min,
+        "value_max": spec.value_max,
     }
     outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
     outcome.volume = volume

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.gate import GatePolicy
-from training.inputs import BehaviorRule, InputSpec
+from training.inputs import InputSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,12 +118,12 @@ class TrainSettings(BaseModel):
     # day's start, T_val = this quantile of the training events (training/temporal.py)
     val_quantile: float = 0.9
     catchup_epochs: int = 1  # epochs over the events between T_val and the test day
-    # every feature group the model could read besides the item sequences...
+    # every feature group the model could read besides the item sequences; the behaviour
+    # types and the categorical user attributes come from the dataset config
+    # (grank/dataset.py), these are the feature job's own columns...
     inputs: InputSpec = Field(
         default_factory=lambda: InputSpec(
-            behaviors=(BehaviorRule("liked", ("rating",), min_value=4.0),),
             user_numeric=("events_7d", "events_30d", "events_total", "mean_value", "tenure_days"),
-            user_categorical=("age", "gender", "occupation"),
             item_numeric=("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
         )
     )

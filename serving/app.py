@@ -15,14 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from serving.batcher import MicroBatcher, QueueFullError
 from serving.hotswap import SnapshotHolder
+from serving.ids import ExternalIds, UnknownIdKindError
 from serving.metrics import ServingMetrics
 from serving.mips import Device, MipsConfig, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
@@ -47,6 +49,8 @@ class ServeConfig:
     max_queue: int = 256
     poll_s: float = 0.1
     retry_after_s: int = 1
+    # the lake's id maps (common/idmap.py): clients use their own ids; None: ids are dense
+    idmaps_dir: Path | None = None
 
 
 class RecommendRequest(BaseModel):
@@ -56,17 +60,21 @@ class RecommendRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    user_id: StrictInt = Field(ge=0, le=INT64_MAX)
+    # the dataset's own id: an integer, or a string where it was ingested with string ids
+    user_id: (
+        Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+        | Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+    )
     k: StrictInt = Field(default=10, ge=1)
 
 
 class RecommendItem(BaseModel):
-    item_id: int
+    item_id: int | str
     score: float | None
 
 
 class RecommendResponse(BaseModel):
-    user_id: int
+    user_id: int | str
     items: list[RecommendItem]
     snapshot_version: str
     fallback: bool
@@ -99,6 +107,7 @@ def create_app(config: ServeConfig, source: UserSource, items: ItemSource | None
     app.state.holder = holder
     app.state.batcher = batcher
     app.state.metrics = metrics
+    app.state.ids = ExternalIds(config.idmaps_dir)
     app.middleware("http")(_count_requests)
     app.include_router(router)
     return app
@@ -163,8 +172,13 @@ async def recommend(body: RecommendRequest, request: Request) -> RecommendRespon
         )
     if state.holder.current() is None:
         return _unavailable(request, "no snapshot loaded yet")
+    ids: ExternalIds = state.ids
     try:
-        result: RecResult = await state.batcher.submit(RecRequest(body.user_id, body.k))
+        user = ids.user_dense(body.user_id)
+    except UnknownIdKindError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    try:
+        result: RecResult = await state.batcher.submit(RecRequest(user, body.k))
     except QueueFullError:
         metrics.rejected.inc()
         return _unavailable(request, "server busy: batch queue full")
@@ -177,10 +191,10 @@ async def recommend(body: RecommendRequest, request: Request) -> RecommendRespon
     if result.fallback is not None:
         metrics.fallbacks.inc()
     return RecommendResponse(
-        user_id=result.user_id,
+        user_id=body.user_id,
         items=[
             RecommendItem(item_id=i, score=s)
-            for i, s in zip(result.items, result.scores, strict=True)
+            for i, s in zip(ids.items_external(result.items), result.scores, strict=True)
         ],
         snapshot_version=result.version,
         fallback=result.fallback is not None,

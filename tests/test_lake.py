@@ -123,7 +123,7 @@ def test_cli_bad_dates_get_one_error_line(tmp_path: Path, datasets_dir: Path) ->
     result = _grank(settings, "data", "land", "--date", "1999-01-01")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: date range 1999-01-01..1999-01-01 is outside the dataset's days"
+        "error: date range 1999-01-01..1999-01-01 is outside the input's days"
         " 1997-09-20..1998-04-22"
     ]
     result = _grank(settings, "data", "land", "--date", "1998-13-01")

@@ -18,7 +18,7 @@ import uvicorn
 from common.atomic import atomic_write_text
 from serving.app import ServeConfig, create_app
 from serving.bundle import EMBEDDINGS_FILE
-from serving.sequences import StaticUserSource, UserHistory, UserSource
+from serving.sequences import ItemSource, StaticUserSource, UserHistory, UserSource
 from serving.snapshots import (
     CURRENT,
     point_current,
@@ -49,12 +49,17 @@ class SlowSource(StaticUserSource):
 
 
 @contextmanager
-def running_server(root: Path, source: UserSource | None = None, **knobs: object) -> Iterator[str]:
+def running_server(
+    root: Path,
+    source: UserSource | None = None,
+    items: ItemSource | None = None,
+    **knobs: object,
+) -> Iterator[str]:
     """A uvicorn server on a free loopback port in a thread; yields its base URL."""
     config = ServeConfig(
         snapshots_dir=root / "snapshots", device="cpu", k1=50, poll_s=0.05, **knobs
     )  # type: ignore[arg-type]
-    app = create_app(config, source or StaticUserSource(HISTORIES))
+    app = create_app(config, source or StaticUserSource(HISTORIES), items)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

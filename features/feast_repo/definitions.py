@@ -22,42 +22,42 @@ ITEM_FEATURES = "item_features"
 # The views written to the online store by `grank features materialize`, in write order.
 ONLINE_VIEWS: tuple[str, ...] = (USER_SEQUENCES, USER_FEATURES, ITEM_FEATURES)
 
-# Feature service name -> {feature view: fields}. The names are the consumers' contracts:
-# a breaking change gets a new version (``_v2``) next to the old one, never an edit.
-FEATURE_SERVICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "grank_generator_v1": {USER_SEQUENCES: ("short_item_seq", "seq_len")},
-    "grank_ranker_v1": {USER_SEQUENCES: ("item_seq", "ts_seq")},
-    # what a model trained with features reads besides the sequences (docs/model.md)
-    "grank_user_context_v1": {
-        USER_SEQUENCES: ("item_seq", "event_type_seq", "value_seq"),
-        USER_FEATURES: (
-            "events_7d",
-            "events_30d",
-            "events_total",
-            "mean_value",
-            "tenure_days",
-            "age",
-            "gender",
-            "occupation",
-        ),
-    },
-    "grank_item_context_v1": {
-        ITEM_FEATURES: ("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
-    },
-    "user_profile_v1": {
-        USER_FEATURES: (
-            "events_7d",
-            "events_30d",
-            "events_total",
-            "mean_value",
-            "tenure_days",
-            "age",
-            "gender",
-            "occupation",
-        ),
-        USER_SEQUENCES: ("seq_len", "last_event_ts", "short_item_seq"),
-    },
-}
+# Attribute columns of the dimensions (name -> type of the dataset config), in table order;
+# the dataset config declares them (features/dataset_config.py), these are MovieLens'.
+Attributes = dict[str, str]
+USER_ATTRIBUTES: Attributes = {"age": "int32", "gender": "string", "occupation": "string"}
+ITEM_ATTRIBUTES: Attributes = {"title": "string", "year": "int32", "genres": "string"}
+USER_ACTIVITY = ("events_7d", "events_30d", "events_total", "mean_value", "tenure_days")
+
+
+def feature_services(
+    user_attributes: Attributes = USER_ATTRIBUTES,
+) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Feature service name -> {feature view: fields}, with the dataset's user attributes.
+
+    The names are the consumers' contracts: a breaking change gets a new version
+    (``_v2``) next to the old one, never an edit.
+    """
+    profile = (*USER_ACTIVITY, *user_attributes)
+    return {
+        "grank_generator_v1": {USER_SEQUENCES: ("short_item_seq", "seq_len")},
+        "grank_ranker_v1": {USER_SEQUENCES: ("item_seq", "ts_seq")},
+        # what a model trained with features reads besides the sequences (docs/model.md)
+        "grank_user_context_v1": {
+            USER_SEQUENCES: ("item_seq", "event_type_seq", "value_seq"),
+            USER_FEATURES: profile,
+        },
+        "grank_item_context_v1": {
+            ITEM_FEATURES: ("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+        },
+        "user_profile_v1": {
+            USER_FEATURES: profile,
+            USER_SEQUENCES: ("seq_len", "last_event_ts", "short_item_seq"),
+        },
+    }
+
+
+FEATURE_SERVICES = feature_services()
 
 # Sequences are the user's whole state, true until the next event however old it is:
 # timedelta(0) means "never expires" to Feast. Daily aggregates (1d/7d/30d counts) are
@@ -80,10 +80,24 @@ def _source(features_dir: Path, table: str) -> FileSource:
     )
 
 
-def build_definitions(features_dir: Path) -> list[FeastObject]:
-    """All Feast objects of the project, reading the tables under ``features_dir``."""
+def build_definitions(
+    features_dir: Path,
+    user_attributes: Attributes = USER_ATTRIBUTES,
+    item_attributes: Attributes = ITEM_ATTRIBUTES,
+) -> list[FeastObject]:
+    """All Feast objects of the project, reading the tables under ``features_dir``; the
+    dimension attribute columns are the dataset's."""
     from feast import Entity, FeatureService, FeatureView, Field, ValueType
-    from feast.types import Array, Float32, Int32, Int64, String, UnixTimestamp
+    from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String, UnixTimestamp
+
+    dtypes = {
+        "string": String,
+        "int32": Int32,
+        "int64": Int64,
+        "float32": Float32,
+        "float64": Float64,
+        "bool": Bool,
+    }
 
     user = Entity(
         name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A user"
@@ -125,9 +139,7 @@ def build_definitions(features_dir: Path) -> list[FeastObject]:
                 Field(name="mean_value", dtype=Float32),
                 Field(name="first_seen_ts", dtype=UnixTimestamp),
                 Field(name="tenure_days", dtype=Int64),
-                Field(name="age", dtype=Int32),
-                Field(name="gender", dtype=String),
-                Field(name="occupation", dtype=String),
+                *(Field(name=n, dtype=dtypes[t]) for n, t in user_attributes.items()),
             ],
             online=True,
             description="Daily activity counts and demographics of each user",
@@ -145,9 +157,7 @@ def build_definitions(features_dir: Path) -> list[FeastObject]:
                 Field(name="pop_total", dtype=Int64),
                 Field(name="first_seen_ts", dtype=UnixTimestamp),
                 Field(name="age_days", dtype=Int64, description="days since first seen"),
-                Field(name="title", dtype=String),
-                Field(name="year", dtype=Int32),
-                Field(name="genres", dtype=String),
+                *(Field(name=n, dtype=dtypes[t]) for n, t in item_attributes.items()),
             ],
             online=True,
             description="Daily popularity and metadata of each item",
@@ -159,6 +169,6 @@ def build_definitions(features_dir: Path) -> list[FeastObject]:
             features=[views[view][list(fields)] for view, fields in members.items()],
             description=f"Versioned feature contract {name}",
         )
-        for name, members in FEATURE_SERVICES.items()
+        for name, members in feature_services(user_attributes).items()
     ]
     return [user, item, *sources.values(), *views.values(), *services]

@@ -29,7 +29,9 @@ def _session(settings: Settings) -> SparkSession:
 def build_spec(settings: Settings) -> BuildSpec:
     """The job's plain arguments from Settings (layers never read grank.config)."""
     from features.jobs import BuildSpec
+    from grank.dataset import lake_config, spark_attributes
 
+    dataset = lake_config(settings)
     return BuildSpec(
         lake_dir=settings.lake_dir,
         features_dir=settings.features_dir,
@@ -37,6 +39,8 @@ def build_spec(settings: Settings) -> BuildSpec:
         long_seq_len=settings.features.long_seq_len,
         short_seq_len=settings.features.short_seq_len,
         windows_days=settings.features.popularity_windows_days,
+        item_attributes=spark_attributes(dataset.item_attributes),
+        user_attributes=spark_attributes(dataset.user_attributes),
     )
 
 
@@ -90,7 +94,9 @@ def validate(settings: Settings, day: date, stage: str) -> None:
     """
     from common.errors import UserFacingError
     from features.quality import QualitySpec, validate_features, validate_raw
+    from grank.dataset import lake_config
 
+    dataset = lake_config(settings)
     spec = QualitySpec(
         lake_dir=settings.lake_dir,
         features_dir=settings.features_dir,
@@ -100,6 +106,9 @@ def validate(settings: Settings, day: date, stage: str) -> None:
         volume_trailing_days=settings.quality.volume_trailing_days,
         volume_low_ratio=settings.quality.volume_low_ratio,
         volume_high_ratio=settings.quality.volume_high_ratio,
+        event_types=dataset.events.lake_types,
+        value_min=dataset.values.min,
+        value_max=dataset.values.max,
     )
     outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
     for warning in outcome.warnings:

@@ -40,9 +40,16 @@ def register(settings: Settings) -> None:
     """Register entities, feature views and services in Feast (feast apply; repeatable)."""
     from features.feature_store import open_store
     from features.feature_store import register as apply_definitions
+    from grank.dataset import lake_config
 
     config = store_config(settings)
-    registered = apply_definitions(open_store(config), settings.features_dir)
+    dataset = lake_config(settings)
+    registered = apply_definitions(
+        open_store(config),
+        settings.features_dir,
+        user_attributes=dataset.user_attributes,
+        item_attributes=dataset.item_attributes,
+    )
     click.echo(
         f"registered project {config.project} ({config.registry} registry,"
         f" {config.online_store} online store)"

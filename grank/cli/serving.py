@@ -270,18 +270,24 @@ def await_serving(settings: Settings, url: str | None, version: str | None, time
 
 
 @click.command()
-@click.option("--user-id", type=int, required=True)
+@click.option(
+    "--user-id",
+    required=True,
+    help="The user's id: sent as an integer when it is one, unless --string-id.",
+)
+@click.option("--string-id", is_flag=True, help="Send the id as a string even if it is digits.")
 @click.option("-k", "k", type=int, default=10, show_default=True)
 @click.option("--url", default=None, help="Server base URL (default: http://serve.host:port).")
 @click.pass_obj
-def recommend(settings: Settings, user_id: int, k: int, url: str | None) -> None:
+def recommend(settings: Settings, user_id: str, string_id: bool, k: int, url: str | None) -> None:
     """Ask a running server for USER's top k and print them with titles from the catalogue."""
     import httpx
     import pyarrow.parquet as pq
 
     base = url or f"http://{settings.serve.host}:{settings.serve.port}"
     try:
-        answer = httpx.post(f"{base}/recommend", json={"user_id": user_id, "k": k}, timeout=30)
+        user: int | str = user_id if string_id or not user_id.isdigit() else int(user_id)
+        answer = httpx.post(f"{base}/recommend", json={"user_id": user, "k": k}, timeout=30)
     except httpx.HTTPError as exc:
         raise UserFacingError(
             f"no server at {base} ({type(exc).__name__}): start `grank serve`"
@@ -290,10 +296,15 @@ def recommend(settings: Settings, user_id: int, k: int, url: str | None) -> None
         raise UserFacingError(f"{base} answered {answer.status_code}: {answer.text}")
     body = answer.json()
     items_path = settings.lake_dir / "raw" / "items" / "items.parquet"
-    titles: dict[int, str] = {}
-    if items_path.is_file():
+    titles: dict[int | str, str] = {}
+    if items_path.is_file() and "title" in pq.read_schema(items_path).names:
+        from common import idmap
+        from features.ingest import idmaps_dir
+
         table = pq.read_table(items_path, columns=["item_id", "title"]).to_pydict()
-        titles = dict(zip(table["item_id"], table["title"], strict=True))
+        items = idmap.load(idmaps_dir(settings.lake_dir), "item")
+        keys = items.to_external(table["item_id"]) if items else table["item_id"]
+        titles = dict(zip(keys, table["title"], strict=True))
     kind = body.get("fallback_reason") or "personalised"
     click.echo(f"user {user_id}: {kind}, snapshot {body['snapshot_version']}")
     for rank, item in enumerate(body["items"], start=1):
@@ -311,6 +322,7 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
     """Run the recommendation API; it follows snapshots/CURRENT and swaps without downtime."""
     import uvicorn
 
+    from features.ingest import idmaps_dir
     from serving.app import ServeConfig, create_app
     from serving.sequences import FeastUserSource
 
@@ -330,6 +342,7 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
         max_wait_ms=cfg.max_wait_ms,
         max_queue=cfg.max_queue,
         poll_s=cfg.poll_s,
+        idmaps_dir=idmaps_dir(settings.lake_dir),
     )
     source = FeastUserSource(settings.feast_dir)
     app = create_app(config, source, source)

@@ -65,6 +65,7 @@ def daily_job(
     import pyarrow.parquet as pq
 
     from features.lake import landed_days
+    from grank.dataset import lake_config, model_inputs
     from training.daily import Baselines, DailyJob
     from training.distributed import SINGLE
     from training.inputs import select_groups
@@ -110,7 +111,7 @@ def daily_job(
             use_aux=t.use_aux,
             use_ranker=t.use_ranker,
             ranker_residual=t.ranker_residual,
-            inputs=select_groups(t.inputs, t.feature_groups),
+            inputs=select_groups(model_inputs(settings, lake_config(settings)), t.feature_groups),
         ),
         weights=LossWeights(
             ntp=t.lambda_ntp,
@@ -383,6 +384,7 @@ def offline_eval(
 
     from common.atomic import atomic_write_text
     from common.errors import UserFacingError
+    from grank.dataset import lake_config, model_inputs
     from training.offline import VARIANTS, OfflineJob, load, run_gts, run_loo
     from training.train import pick_device
 
@@ -396,7 +398,7 @@ def offline_eval(
         features_dir=settings.features_dir,
         landed_days=job.landed_days,
         model=job.model,
-        feature_groups=settings.train.inputs,
+        feature_groups=model_inputs(settings, lake_config(settings)),
         weights=job.weights,
         fit=fit,
         catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
