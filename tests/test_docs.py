@@ -282,7 +282,8 @@ def _stale_commands_and_settings(doc: str) -> list[str]:
     stale = []
     for code in _code(_text(doc)):
         for start, word in enumerate(code.words):
-            if word == "grank" or word.endswith("/grank"):
+            after_option = start > 0 and code.words[start - 1].startswith("-")
+            if (word == "grank" or word.endswith("/grank")) and not after_option:
                 why = _stale_command(code.words[start + 1 :])
                 if why:
                     stale.append(f"{doc}:{code.line}: {why}")
