@@ -57,11 +57,29 @@ def land(
         pq.read_table(folder / "items.parquet"),
         pq.read_table(folder / "users.parquet"),
     )
+    unchanged = len(report.unchanged_days)
     click.echo(
         f"landed {report.total_events:,} events in {len(report.events_per_day)} partitions"
-        f" ({first}..{last}, {len(report.empty_days)} days without events) under"
-        f" {lake.events_dir(settings.lake_dir)}"
+        f" ({first}..{last}, {len(report.empty_days)} days without events, {unchanged}"
+        f" already landed with the same content) under {lake.events_dir(settings.lake_dir)}"
     )
+
+
+@data.command()
+@click.option("--date", "day", type=DATE, required=True, help="Logical day to check.")
+@click.pass_obj
+def landed(settings: Settings, day: date) -> None:
+    """Exit 0 when the day's raw partition is complete: its _SUCCESS marker verifies.
+
+    What the scheduler's sensor calls: it knows nothing of the lake's layout.
+    """
+    from common.errors import UserFacingError
+    from features import lake
+
+    problem = lake.verify_marker(settings.lake_dir, day)
+    if problem:
+        raise UserFacingError(problem)
+    click.echo(f"raw events of {day} have landed: {lake.partition_dir(settings.lake_dir, day)}")
 
 
 @data.command()

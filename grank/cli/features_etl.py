@@ -37,6 +37,7 @@ def build_spec(settings: Settings) -> BuildSpec:
         long_seq_len=settings.features.long_seq_len,
         short_seq_len=settings.features.short_seq_len,
         windows_days=settings.features.popularity_windows_days,
+        keep_state_days=settings.features.keep_state_days,
     )
 
 
@@ -51,8 +52,12 @@ def build_spec(settings: Settings) -> BuildSpec:
 def build(
     settings: Settings, day: date | None, first: date | None, last: date | None, rebuild: bool
 ) -> None:
-    """Build the feature tables of a day (or of each landed day of a backfill, in order)."""
-    from features.jobs import build_day, quarantined_raw_days
+    """Build the feature tables of a day (or of each landed day of a backfill, in order).
+
+    A raw day that landed late or was corrected after later days were built makes this
+    cascade first: every built day from that raw day on is rebuilt, in order, one line each.
+    """
+    from features.jobs import BuildResult, build, quarantined_raw_days
     from features.lake import landed_days
 
     first, last = date_window(day, first, last)
@@ -65,12 +70,18 @@ def build(
         click.echo(f"backfill {first}..{last}: {len(days)} landed days to build")
     spec = build_spec(settings)
     spark = _session(settings)
-    for index, target in enumerate(days):
-        result = build_day(spark, spec, target, rebuild=rebuild and index == 0)
+
+    def report(result: BuildResult) -> None:
+        if result.reason:
+            click.echo(result.reason)
+        cascade = " (cascade)" if result.cascade else ""
         click.echo(
-            f"{result.day}: {result.mode}, {result.events:,} events, training examples for"
-            f" {len(result.example_days)} day(s) under {settings.features_dir}"
+            f"{result.day}: {result.mode}{cascade}, {result.events:,} events, training examples"
+            f" for {len(result.example_days)} day(s) under {settings.features_dir}"
         )
+
+    for index, target in enumerate(days):
+        build(spark, spec, target, rebuild=rebuild and index == 0, on_built=report)
 
 
 @click.command()
@@ -100,6 +111,7 @@ def validate(settings: Settings, day: date, stage: str) -> None:
         volume_trailing_days=settings.quality.volume_trailing_days,
         volume_low_ratio=settings.quality.volume_low_ratio,
         volume_high_ratio=settings.quality.volume_high_ratio,
+        max_user_events=settings.quality.max_user_events,
     )
     outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
     for warning in outcome.warnings:
