@@ -295,11 +295,16 @@ def build_one(
     else:
         batch_days, total, mode = [day], events_today, "incremental"
     consumed = {d: partition_fingerprint(spec.lake_dir, d) for d in batch_days}
+    was_built = lineage.read_lineage(spec.features_dir, day) is not None
     lineage.remove_lineage(spec.features_dir, day)
     events = drop_redeliveries(read_raw(spark, spec.lake_dir, batch_days)).cache()
     try:
         result = BuildResult(day=day, mode=mode, events=total, reason=reason)
         result.example_days = _publish(spark, spec, day, previous, events)
+    except BaseException:
+        if not was_built:  # a new day that failed leaves nothing of itself behind
+            _discard_day(spec.features_dir, day)
+        raise
     finally:
         events.unpersist()
     lineage.write_lineage(
@@ -416,6 +421,14 @@ def _read_dimension(spark: SparkSession, folder: Path, ddl: str) -> DataFrame:
     if not folder.exists():
         raise UserFacingError(f"dimension table missing: {folder} (run grank data land)")
     return spark.read.schema(ddl).parquet(str(folder))
+
+
+def _discard_day(features_dir: Path, day: date) -> None:
+    """Remove every partition of ``day`` (tables and state) that a failed build wrote."""
+    folders = [ft.table_dir(features_dir, t) for t in ft.PUBLISHED_TABLES]
+    folders += [ft.state_dir(features_dir, t) for t in ft.STATE_TABLES]
+    for folder in folders:
+        shutil.rmtree(ft.partition_path(folder, day), ignore_errors=True)
 
 
 def _prune_state(features_dir: Path, day: date, previous: date | None, keep_days: int) -> None:

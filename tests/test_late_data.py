@@ -21,12 +21,23 @@ import pytest
 from click.testing import CliRunner
 
 from common.atomic import sha256_file
+from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lake, lineage
 from features.jobs import BuildSpec, build, build_one
 from grank.cli import cli
 from grank.config import Settings
 from tests.conftest import make_settings
+from tests.test_features_jobs import (
+    D1,
+    D2,
+    HAND_MADE,
+    at,
+    hand_made_lake,
+    raw_table,
+    read_rows,
+    write_raw,
+)
 
 pytestmark = pytest.mark.spark
 
@@ -241,3 +252,30 @@ def test_exact_redeliveries_are_dropped_by_the_lowest_event_id(
             )
         land_and_build(spark, spec, day, events)
     assert_matches(spec, references)
+
+
+def test_null_values_and_a_failed_build_leave_the_previous_complete_day(
+    spark, tmp_path: Path
+) -> None:
+    """A user whose values are all null gets a null mean (no ANSI division error); a build
+    that fails half-way leaves its day not built and nothing of it on disk."""
+    spec = hand_made_lake(tmp_path)
+    nulls = raw_table([(10, 3, 1, at(D2, 5))]).set_column(
+        5, "value", pa.array([None], pa.float32())
+    )
+    write_raw(spec.lake_dir, D2, pa.concat_tables([raw_table(HAND_MADE[D2]), nulls]))
+    build_one(spark, spec, D1)
+    users = spec.lake_dir / "raw" / "users"
+    shutil.move(users, tmp_path / "users")  # read after the state and examples are written
+    with pytest.raises(UserFacingError, match="dimension table missing"):
+        build_one(spark, spec, D2)
+    assert lineage.built_days(spec.features_dir) == [D1]
+    for folder in [
+        *(ft.table_dir(spec.features_dir, t) for t in ft.PUBLISHED_TABLES),
+        *(ft.state_dir(spec.features_dir, t) for t in ft.STATE_TABLES),
+    ]:
+        assert D2 not in ft.partition_days(folder), folder
+    shutil.move(tmp_path / "users", users)
+    assert build_one(spark, spec, D2).mode == "incremental"
+    rows = read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
+    assert [(r["user_id"], r["mean_value"]) for r in rows] == [(1, 4.0), (2, 4.0), (3, None)]
