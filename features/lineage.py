@@ -101,43 +101,46 @@ def built_days(features_dir: Path) -> list[date]:
     )
 
 
-def consumed(features_dir: Path) -> dict[date, dict[date, str] | None]:
-    """Per built day, every raw day its tables depend on (None: the chain is broken)."""
-    result: dict[date, dict[date, str] | None] = {}
-    for day in built_days(features_dir):
-        lineage = read_lineage(features_dir, day)
-        if lineage is None:
-            continue
-        if lineage.previous is None:
-            result[day] = dict(lineage.raw)
-            continue
-        before = result.get(lineage.previous)
-        result[day] = None if before is None else {**before, **lineage.raw}
-    return result
-
-
 def first_stale_day(
     features_dir: Path, current: dict[date, str], quarantined: set[date]
 ) -> Staleness | None:
     """The earliest raw day that a built day consumed differently from what is landed now.
 
-    A quarantined day is pending a fix, not a change: it stays as consumed until the fix
-    is re-landed (then its new fingerprint shows up here).
+    Walks the built days in order, each checked against its own record (what it read,
+    and the landed days it should have read but did not) plus what its predecessor's
+    check found: linear in the records, with no per-day copy of the history. A
+    quarantined day is pending a fix, not a change: it stays as consumed until the fix
+    is re-landed (then its new fingerprint shows up here). A day that continued from a
+    day without a committed record is stale from that day on.
     """
-    found: Staleness | None = None
-    for day, seen in consumed(features_dir).items():
-        if seen is None:
+    found: dict[date, Staleness | None] = {}
+    earliest: Staleness | None = None
+    landed = sorted(current)
+    for day in built_days(features_dir):
+        record = read_lineage(features_dir, day)
+        if record is None:
             continue
-        for raw_day in sorted({*seen, *(d for d in current if d <= day)}):
-            if raw_day in quarantined or seen.get(raw_day) == current.get(raw_day):
+        candidates: list[Staleness] = []
+        if record.previous is not None:
+            if record.previous not in found:
+                candidates.append(Staleness(record.previous, "uncommitted", day))
+            elif (inherited := found[record.previous]) is not None:
+                candidates.append(inherited)
+        start = record.previous
+        for raw_day in landed:
+            if raw_day > day:
+                break
+            unread = (start is None or raw_day > start) and raw_day not in record.raw
+            if unread and raw_day not in quarantined:
+                candidates.append(Staleness(raw_day, "late", day))
+                break
+        for raw_day, sha in record.raw.items():
+            if raw_day in quarantined or current.get(raw_day) == sha:
                 continue
-            if raw_day not in seen:
-                reason = "late"
-            elif raw_day in current:
-                reason = "corrected"
-            else:
-                reason = "removed"
-            if found is None or raw_day < found.raw_day:
-                found = Staleness(raw_day=raw_day, reason=reason, built_day=day)
-            break
-    return found
+            reason = "corrected" if raw_day in current else "removed"
+            candidates.append(Staleness(raw_day, reason, day))
+        stale = min(candidates, key=lambda s: s.raw_day) if candidates else None
+        found[day] = stale
+        if stale is not None and (earliest is None or stale.raw_day < earliest.raw_day):
+            earliest = stale
+    return earliest

@@ -144,7 +144,7 @@ def test_late_day_cascades_through_the_later_days(
     spark, tmp_path: Path, ml100k_settings: Settings, references: tuple[Hashes, Hashes]
 ) -> None:
     settings, spec = new_root(tmp_path, ml100k_settings)
-    late = DAYS[2]
+    late = DAYS[3]
     for day in DAYS:
         if day != late:
             land_and_build(spark, spec, day, final_events(ml100k_settings, day))
@@ -157,11 +157,11 @@ def test_late_day_cascades_through_the_later_days(
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == (
-        f"raw events of {late} are late since {DAYS[3]} was built: cascading"
-        f" {late}..{DAYS[-1]} (3 day(s))"
+        f"raw events of {late} are late since {DAYS[4]} was built: cascading"
+        f" {late}..{DAYS[-1]} (2 day(s))"
     )
     # one line per day, in order, each incremental: never a silent rebuild
-    assert [line.split(":")[0] for line in lines[1:]] == [d.isoformat() for d in DAYS[2:]]
+    assert [line.split(":")[0] for line in lines[1:]] == [d.isoformat() for d in DAYS[3:]]
     assert all(": incremental (cascade)," in line for line in lines[1:]), lines
     assert_matches(spec, references)
 
@@ -172,10 +172,10 @@ def test_corrected_day_cascades_and_reaches_every_later_day(
     _, spec = new_root(tmp_path, ml100k_settings)
     for day in DAYS:
         events = final_events(ml100k_settings, day)
-        land_and_build(spark, spec, day, wrong_events(events) if day == DAYS[1] else events)
-    lines = land_and_build(spark, spec, DAYS[1], final_events(ml100k_settings, DAYS[1]))
+        land_and_build(spark, spec, day, wrong_events(events) if day == DAYS[3] else events)
+    lines = land_and_build(spark, spec, DAYS[3], final_events(ml100k_settings, DAYS[3]))
     assert [line.split()[:2] for line in lines] == [
-        [d.isoformat(), "incremental"] for d in DAYS[1:]
+        [d.isoformat(), "incremental"] for d in DAYS[3:]
     ]
     assert "are corrected since" in lines[0]
     assert_matches(spec, references)
@@ -194,8 +194,43 @@ def test_cascade_without_the_state_it_needs_restarts_from_a_rebuild_and_says_so(
     assert lines[0].startswith(f"{DAYS[2]} rebuild raw events of {DAYS[2]} are corrected")
     assert f"the state of {DAYS[1]} is no longer kept" in lines[0]
     assert [line.split()[1] for line in lines] == ["rebuild", "incremental", "incremental"]
+    # the original content back: the cascade needs the state of DAYS[1] again
     land_and_build(spark, spec, DAYS[2], events)
     assert partition_hashes(spec, REBUILD_TABLES, DAYS) == references[0]
+
+
+def test_staleness_follows_each_built_day_back_along_its_chain(tmp_path: Path) -> None:
+    """The issue's case: 03-02, 03-03, 03-05, 03-06 built, then 03-04 lands; and the other
+    ways a built day's inputs change (no Spark: lineage records written by hand)."""
+    d = [date(1998, 3, n) for n in range(1, 8)]  # d[1] = 03-02 ... d[5] = 03-06
+    features_dir = tmp_path / "features"
+    current = {day: f"sha-{day}" for day in (d[1], d[2], d[4], d[5])}
+    records = [
+        lineage.Lineage(d[1], "rebuild", None, {d[1]: current[d[1]]}),
+        lineage.Lineage(d[2], "incremental", d[1], {d[2]: current[d[2]]}),
+        lineage.Lineage(d[4], "incremental", d[2], {d[4]: current[d[4]]}),
+        lineage.Lineage(d[5], "incremental", d[4], {d[5]: current[d[5]]}),
+    ]
+    for record in records:
+        lineage.write_lineage(features_dir, record)
+    assert lineage.first_stale_day(features_dir, current, set()) is None
+    late = {**current, d[3]: "sha-late"}
+    assert lineage.first_stale_day(features_dir, late, set()) == lineage.Staleness(
+        d[3], "late", d[4]
+    )
+    assert lineage.first_stale_day(features_dir, late, {d[3]}) is None  # pending a fix
+    corrected = {**current, d[2]: "sha-fixed"}
+    assert lineage.first_stale_day(features_dir, corrected, set()) == lineage.Staleness(
+        d[2], "corrected", d[2]
+    )
+    removed = {k: v for k, v in current.items() if k != d[4]}
+    assert lineage.first_stale_day(features_dir, removed, set()) == lineage.Staleness(
+        d[4], "removed", d[4]
+    )
+    lineage.remove_lineage(features_dir, d[4])  # its build failed half-way
+    assert lineage.first_stale_day(features_dir, current, set()) == lineage.Staleness(
+        d[4], "uncommitted", d[5]
+    )
 
 
 def test_relanding_identical_content_is_a_noop(tmp_path: Path, ml100k_settings: Settings) -> None:
