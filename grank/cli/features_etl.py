@@ -71,7 +71,10 @@ def build(
     spec = build_spec(settings)
     spark = _session(settings)
 
+    done: set[date] = set()
+
     def report(result: BuildResult) -> None:
+        done.add(result.day)
         if result.reason:
             click.echo(result.reason)
         cascade = " (cascade)" if result.cascade else ""
@@ -81,7 +84,8 @@ def build(
         )
 
     for index, target in enumerate(days):
-        build(spark, spec, target, rebuild=rebuild and index == 0, on_built=report)
+        if target not in done:  # a cascade earlier in this backfill may have built it
+            build(spark, spec, target, rebuild=rebuild and index == 0, on_built=report)
 
 
 @click.command()
