@@ -8,6 +8,8 @@ Hidden names (leading ``.``) are ignored by Spark, pyarrow datasets and our own 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -68,17 +70,102 @@ def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), private=private)
 
 
+# renameat2(2) flag: swap two existing paths in one step (Linux >= 3.15; ext4, xfs, btrfs, tmpfs)
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+# Test hooks (environment): crash the process at a named step of a directory swap, or force
+# the fallback path that filesystems without RENAME_EXCHANGE take.
+CRASH_AT_ENV = "GRANK_ATOMIC_CRASH_AT"
+NO_EXCHANGE_ENV = "GRANK_ATOMIC_NO_EXCHANGE"
+
+
+def _crash_point(step: str) -> None:
+    """Die here, without cleanup, when the test hook names ``step`` (crash-window tests)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os._exit(97)
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (``renameat2(RENAME_EXCHANGE)``); False if unsupported.
+
+    Unsupported means: not Linux/glibc, a kernel without the syscall, or a filesystem
+    that refuses the flag (EINVAL). Any other error is raised.
+    """
+    if os.environ.get(NO_EXCHANGE_ENV) == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    renameat2.restype = ctypes.c_int
+    if (
+        renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+        == 0
+    ):
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+def _aside(final: Path) -> Path:
+    """Where the fallback swap parks the previous version of ``final``."""
+    return final.parent / f".{final.name}.old"
+
+
+def recover_swaps(folder: Path) -> list[Path]:
+    """Finish the fallback swaps a crash interrupted under ``folder``; return the restored paths.
+
+    The fallback (filesystems without RENAME_EXCHANGE) renames ``final`` to ``.final.old``
+    before moving the new version in. If the process died in between, ``final`` is missing:
+    the previous version is moved back. A ``.old`` beside a present ``final`` is leftover
+    garbage and is deleted. Called before every swap in ``folder`` and by readers that list
+    published partitions, so "the next start" restores the path.
+    """
+    restored: list[Path] = []
+    if not folder.is_dir():
+        return restored
+    for aside in folder.iterdir():
+        name = aside.name
+        if not (name.startswith(".") and name.endswith(".old")):
+            continue
+        final = folder / name[1:-4]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        try:
+            os.replace(aside, final)
+        except OSError:  # restored by another process first, or a read-only reader
+            continue
+        restored.append(final)
+    if restored:
+        fsync_dir(folder)
+    return restored
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``final``; on success it replaces ``final``.
 
-    The swap of a non-empty directory cannot be one syscall, so the old directory is
-    first renamed aside and deleted only after the new one is in place: a crash in
-    between leaves a hidden ``.old`` directory and either the old or the new content
-    under ``final``, never a mix. On error the staging directory is removed and
-    ``final`` is untouched.
+    The published path is never missing: where the kernel and filesystem support it, the
+    new and old directories trade places in one ``renameat2(RENAME_EXCHANGE)`` and the old
+    one (now under the staging name) is deleted afterwards. Elsewhere the old directory is
+    renamed to ``.final.old`` first; a crash before the new one is in place leaves
+    ``final`` missing until :func:`recover_swaps` (run before the next swap in the same
+    folder and by the lake's and feature tables' listings) restores the previous version.
+    On error the staging directory is removed and ``final`` is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_swaps(final.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     staging.chmod(_umask_mode(0o777))
     try:
@@ -87,18 +174,23 @@ def staging_dir(final: Path) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
-        if final.exists():
-            aside = final.parent / f".{final.name}.old"
+        fsync_dir(staging)
+        if not final.exists():
+            os.replace(staging, final)
+        elif exchange_paths(staging, final):
+            fsync_dir(final.parent)
+            _crash_point("exchanged")
+        else:
+            aside = _aside(final)
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
+            _crash_point("aside")
             os.replace(staging, final)
             shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, final)
         fsync_dir(final.parent)
-    except BaseException:
+    finally:
+        # after an exchange the staging name holds the previous version; on error, the new one
         shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

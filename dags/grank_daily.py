@@ -26,8 +26,8 @@ Why this shape:
   provider and/or to a webhook, whichever the environment configures.
 
 Deployment knobs, read from the environment of the DAG processor and workers:
-``GRANK_BIN`` (the grank executable, default ``grank`` on PATH), ``GRANK_DATA_ROOT`` (data
-root the sensor watches, default ``data/`` of the checkout, the same as the CLI's default),
+``GRANK_BIN`` (the grank executable, default ``grank`` on PATH; the sensor asks it whether
+a day has landed, ``grank data landed``, so the DAG knows nothing of the lake's layout),
 ``GRANK_SERVE_URL`` (a running serving API to verify the swap against; unset = skip the
 check), ``GRANK_DAG_START_DATE`` (first logical date, default the first day of ML-1M),
 ``GRANK_DAG_RETRIES`` (retries of transient steps, default 3; tests set 0),
@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import urllib.request
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.bash import BashOperator
@@ -163,11 +163,16 @@ def grank_step(task_id: str, command: str, *, gate: bool = False, **kwargs: obje
     poke_interval=RAW_POKE_INTERVAL, timeout=RAW_WAIT_TIMEOUT, mode="reschedule", retries=0
 )
 def wait_for_raw_partition(day: str) -> PokeReturnValue:
-    """Done once ``lake/raw/events/dt=D`` exists (landing swaps it in whole, atomically)."""
-    data_root = os.environ.get("GRANK_DATA_ROOT") or Path(__file__).resolve().parents[1] / "data"
-    partition = Path(data_root) / "lake" / "raw" / "events" / f"dt={day}"
-    print(f"waiting for raw partition {partition}")
-    return PokeReturnValue(is_done=partition.is_dir(), xcom_value=str(partition))
+    """Done once ``grank data landed --date D`` exits 0: the day's completion marker, which
+    producers write last, exists and matches the files (a half-written day keeps waiting)."""
+    answer = subprocess.run(
+        [os.environ.get("GRANK_BIN", "grank"), "data", "landed", "--date", day],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print((answer.stdout + answer.stderr).strip())
+    return PokeReturnValue(is_done=answer.returncode == 0, xcom_value=answer.stdout.strip())
 
 
 @dag(

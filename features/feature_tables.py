@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.atomic import fsync_dir, staging_dir
+from common.atomic import fsync_dir, recover_swaps, staging_dir
 from features.lake import PARQUET_OPTIONS
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def partition_days(folder: Path) -> list[date]:
     """Days that have a published partition, oldest first (hidden staging folders ignored)."""
     if not folder.exists():
         return []
+    recover_swaps(folder)
     return sorted(
         date.fromisoformat(p.name[3:]) for p in folder.iterdir() if p.name.startswith("dt=")
     )

@@ -9,6 +9,14 @@ construction rather than by care:
   the end of D and the previous state is empty. Training examples then come out for
   every day of the batch in that same job.
 
+Late and corrected raw days cascade: each build commits a lineage record last
+(features/lineage.py); a build of any day that finds a raw day different from what built
+days consumed first rebuilds every built day from that raw day on, in order, continuing
+from the state before it (states of the last ``keep_state_days`` days are kept for this;
+an older correction restarts from a full rebuild, and says so). Exact re-deliveries (same
+user, item, event type and timestamp under another event id) are dropped: the lowest
+event id of each such group is kept (:func:`drop_redeliveries`).
+
 State kept per day (``features/_state/``, docs/features.md): per user the last
 ``long_seq_len`` events plus running totals, per item running totals, and daily
 per-user / per-item counts for the popularity windows. A day's cost therefore grows
@@ -18,6 +26,7 @@ with the day's events and the number of known users/items, never with the histor
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -29,7 +38,15 @@ import pyarrow.parquet as pq
 
 from common.errors import UserFacingError
 from features import feature_tables as ft
-from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
+from features import lineage
+from features.lake import (
+    US_PER_DAY,
+    data_files,
+    day_start_us,
+    landed_days,
+    partition_dir,
+    partition_fingerprint,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -82,6 +99,9 @@ class BuildSpec:
     windows_days: tuple[int, ...] = (1, 7, 30)
     item_attributes: tuple[tuple[str, str], ...] = ITEM_ATTRIBUTES
     user_attributes: tuple[tuple[str, str], ...] = USER_ATTRIBUTES
+    # states of built days up to this many days before the newest one are kept, so a raw
+    # day landing (or corrected) that late cascades from a state instead of a rebuild
+    keep_state_days: int = 7
 
 
 def dimension_ddl(key: str, attributes: tuple[tuple[str, str], ...]) -> str:
@@ -97,6 +117,17 @@ class BuildResult:
     mode: str
     events: int
     example_days: list[date] = field(default_factory=list)
+    reason: str = ""  # why this day was built this way, when it is not the plain daily case
+    cascade: bool = False  # rebuilt because a late or corrected raw day changed its inputs
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The days one build command builds, in order, and why."""
+
+    days: list[date]
+    restart: bool = False  # the first day rebuilds from all raw days: no state before it
+    note: str = ""
 
 
 def quarantined_raw_dir(quarantine_dir: Path, day: date) -> Path:
@@ -120,12 +151,12 @@ def check_raw_partition(lake_dir: Path, quarantine_dir: Path, day: date) -> int:
         if quarantined_raw_dir(quarantine_dir, day).exists():
             raise UserFacingError(f"raw events of {day} are quarantined; fix and re-land them")
         raise UserFacingError(f"no raw events for {day}: expected {folder}")
-    files = sorted(folder.glob("part-*.parquet"))
+    files = data_files(folder)
     rows = 0
     for file in files:
         try:
             table = pq.read_table(
-                file, columns=["user_id", "item_id", "event_id", "event_timestamp"]
+                file, columns=["user_id", "item_id", "event_id", "event_timestamp", "value"]
             )
             schema = pq.read_schema(file)
         except (pa.ArrowException, OSError) as exc:
@@ -140,6 +171,8 @@ def check_raw_partition(lake_dir: Path, quarantine_dir: Path, day: date) -> int:
         for name in ("user_id", "item_id", "event_id", "event_timestamp"):
             if table[name].null_count:
                 raise UserFacingError(f"raw events of {day} have null {name} ({file})")
+        if not pc.all(pc.fill_null(pc.is_finite(table["value"]), True)).as_py():
+            raise UserFacingError(f"raw events of {day} have NaN or infinite values ({file})")
         if table.num_rows:
             lo, hi = pc.min_max(table["event_timestamp"].cast(pa.int64())).values()
             start = day_start_us(day)
@@ -154,12 +187,16 @@ def check_raw_partition(lake_dir: Path, quarantine_dir: Path, day: date) -> int:
 def previous_state_day(spec: BuildSpec, day: date) -> date | None:
     """The built day whose state day D continues from, or None when there is none (bootstrap).
 
+    Only committed days count (a lineage record; a build that failed half-way has none).
     Days without a landed raw partition are simply days without events, so the state of
     the last built day P serves D as long as no landed or quarantined day lies strictly
     between them (a quarantined day's events would otherwise be skipped for good).
     """
+    committed = set(lineage.built_days(spec.features_dir))
     built = [
-        d for d in ft.partition_days(ft.state_dir(spec.features_dir, ft.USER_STATE)) if d < day
+        d
+        for d in ft.partition_days(ft.state_dir(spec.features_dir, ft.USER_STATE))
+        if d < day and d in committed
     ]
     if not built:
         return None
@@ -179,13 +216,92 @@ def previous_state_day(spec: BuildSpec, day: date) -> date | None:
     return last
 
 
+def plan_build(spec: BuildSpec, day: date) -> BuildPlan:
+    """``day`` alone, or the cascade a late/corrected raw day requires (plus ``day``).
+
+    The cascade rebuilds, in order, every built day from the earliest changed raw day on
+    and every landed day among them that was never built; it continues from the state of
+    the last built day before that raw day, or restarts from a full rebuild when that
+    state is no longer kept.
+    """
+    built = lineage.built_days(spec.features_dir)
+    if not built:
+        return BuildPlan([day])
+    current = lineage.current_raw(spec.lake_dir, max(built[-1], day))
+    stale = lineage.first_stale_day(
+        spec.features_dir, current, set(quarantined_raw_days(spec.quarantine_dir))
+    )
+    if stale is None:
+        return BuildPlan([day])
+    start, end = stale.raw_day, built[-1]
+    days = sorted(
+        {day, *(d for d in built if d >= start), *(d for d in current if start <= d <= end)}
+    )
+    note = (
+        f"raw events of {stale.raw_day} are {stale.reason} since {stale.built_day} was built:"
+        f" cascading {days[0]}..{days[-1]} ({len(days)} day(s))"
+    )
+    before = [d for d in built if d < days[0]]
+    states = set(ft.partition_days(ft.state_dir(spec.features_dir, ft.USER_STATE)))
+    if before and before[-1] not in states:
+        note += (
+            f"; the state of {before[-1]} is no longer kept (keep_state_days), so the cascade"
+            f" restarts from a full rebuild of {days[0]}"
+        )
+        return BuildPlan(days, restart=True, note=note)
+    return BuildPlan(days, note=note)
+
+
+def build(
+    spark: SparkSession,
+    spec: BuildSpec,
+    day: date,
+    rebuild: bool = False,
+    on_built: Callable[[BuildResult], None] | None = None,
+) -> list[BuildResult]:
+    """Build ``day``, first cascading through the days a late or corrected raw day affects.
+
+    ``on_built`` hears of each day as soon as it is committed (the CLI's one line per day).
+    """
+    check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
+    plan = plan_build(spec, day)
+    results = []
+    for index, target in enumerate(plan.days):
+        from_scratch = index == 0 and (rebuild or plan.restart)
+        result = build_one(spark, spec, target, rebuild=from_scratch)
+        result.cascade = bool(plan.note)
+        if plan.note and index == 0:
+            result.reason = plan.note
+        results.append(result)
+        if on_built is not None:
+            on_built(result)
+    return results
+
+
 def build_day(
     spark: SparkSession, spec: BuildSpec, day: date, rebuild: bool = False
 ) -> BuildResult:
-    """Build and publish every feature table of ``day`` (and the state that day D+1 needs)."""
+    """Build ``day`` (cascading if needed, see :func:`build`); the result of ``day`` itself."""
+    return next(r for r in build(spark, spec, day, rebuild=rebuild) if r.day == day)
+
+
+def build_one(
+    spark: SparkSession, spec: BuildSpec, day: date, rebuild: bool = False
+) -> BuildResult:
+    """Build and commit every feature table of ``day`` (and the state that day D+1 needs).
+
+    The day's lineage record is removed first and written last: until it is back, the
+    day counts as not built, whatever a failure left in its partitions.
+    """
     events_today = check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
     previous = None if rebuild else previous_state_day(spec, day)
+    reason = ""
     if previous is None:
+        earlier = [d for d in lineage.built_days(spec.features_dir) if d < day]
+        if earlier and not rebuild:
+            reason = (
+                f"rebuild: no state of a built day before {day} is kept (last built: {earlier[-1]})"
+            )
         batch_days = [d for d in landed_days(spec.lake_dir) if d <= day]
         total = events_today + sum(
             check_raw_partition(spec.lake_dir, spec.quarantine_dir, d)
@@ -195,14 +311,25 @@ def build_day(
         mode = "rebuild"
     else:
         batch_days, total, mode = [day], events_today, "incremental"
-    events = read_raw(spark, spec.lake_dir, batch_days).cache()
+    consumed = {d: partition_fingerprint(spec.lake_dir, d) for d in batch_days}
+    was_built = lineage.read_lineage(spec.features_dir, day) is not None
+    lineage.remove_lineage(spec.features_dir, day)
+    events = drop_redeliveries(read_raw(spark, spec.lake_dir, batch_days)).cache()
     try:
-        result = BuildResult(day=day, mode=mode, events=total)
+        result = BuildResult(day=day, mode=mode, events=total, reason=reason)
         history = [d for d in batch_days if d != day] if previous is None else []
         result.example_days = _publish(spark, spec, day, previous, events, history)
+    except BaseException:
+        if not was_built:  # a new day that failed leaves nothing of itself behind
+            _discard_day(spec.features_dir, day)
+        raise
     finally:
         events.unpersist()
-    _prune_state(spec.features_dir, day, previous)
+    lineage.write_lineage(
+        spec.features_dir,
+        lineage.Lineage(day=day, mode=mode, previous=previous, raw=consumed),
+    )
+    _prune_state(spec.features_dir, day, previous, spec.keep_state_days)
     return result
 
 
@@ -358,20 +485,50 @@ def _read_dimension(spark: SparkSession, folder: Path, ddl: str) -> DataFrame:
     return spark.read.schema(ddl).parquet(str(folder))
 
 
-def _prune_state(features_dir: Path, day: date, previous: date | None) -> None:
-    """Keep the state of ``day`` and of the day it continued from; older snapshots go.
+def _discard_day(features_dir: Path, day: date) -> None:
+    """Remove every partition of ``day`` (tables and state) that a failed build wrote."""
+    folders = [ft.table_dir(features_dir, t) for t in ft.PUBLISHED_TABLES]
+    folders += [ft.state_dir(features_dir, t) for t in ft.STATE_TABLES]
+    for folder in folders:
+        shutil.rmtree(ft.partition_path(folder, day), ignore_errors=True)
 
-    Keeping ``previous`` lets a re-run of ``day`` stay incremental; anything older can
-    only be needed by a rebuild, which does not read state.
+
+def _prune_state(features_dir: Path, day: date, previous: date | None, keep_days: int) -> None:
+    """Keep the states a re-run or a cascade needs; older snapshots go.
+
+    Kept: the state of ``day``, of the day it continued from (a re-run of ``day`` stays
+    incremental) and of every day within ``keep_days`` of the newest state (a raw day that
+    late cascades from a state). Anything older is only needed by a rebuild, which reads
+    no state.
     """
     for table in (ft.USER_STATE, ft.ITEM_STATE):
         folder = ft.state_dir(features_dir, table)
-        for old in ft.partition_days(folder):
-            if old < day and old != previous:
+        days = ft.partition_days(folder)
+        if not days:
+            continue
+        horizon = days[-1] - timedelta(days=keep_days)
+        for old in days:
+            if old < day and old != previous and old < horizon:
                 shutil.rmtree(ft.partition_path(folder, old), ignore_errors=True)
 
 
 # --- pure transforms: DataFrames in, DataFrames out -------------------------------------
+
+
+def drop_redeliveries(events: DataFrame) -> DataFrame:
+    """Drop exact re-deliveries: of the events sharing user, item, event type and timestamp,
+    only the one with the lowest event id stays (a producer's retry under a new id).
+
+    All four fields fall in one UTC day, so a day's partition holds every copy and
+    incremental and rebuilt days drop the same events.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    same = Window.partitionBy("user_id", "item_id", "event_type", "event_timestamp").orderBy(
+        "event_id"
+    )
+    return events.withColumn("_copy", F.row_number().over(same)).where("_copy = 1").drop("_copy")
 
 
 def _event_struct() -> Column:
@@ -603,7 +760,9 @@ def user_feature_rows(
         "user_id",
         *window_cols,
         "events_total",
-        (F.col("value_sum") / F.col("value_count")).cast("float").alias("mean_value"),
+        # null-safe: a user whose values are all null has value_count 0 (ANSI mode raises
+        # on a plain division by zero); the mean is then null
+        F.try_divide(F.col("value_sum"), F.col("value_count")).cast("float").alias("mean_value"),
         "first_seen_ts",
         F.datediff(F.col("dt"), F.col("first_seen_ts").cast("date"))
         .cast("bigint")

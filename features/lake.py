@@ -3,6 +3,8 @@
 Layout under ``lake_dir``::
 
     raw/events/dt=YYYY-MM-DD/part-00000.parquet   one partition per UTC day (EVENT_SCHEMA)
+    raw/events/dt=YYYY-MM-DD/_SUCCESS             completion marker, written last (JSON:
+                                                  row count, sha256 of each file and of all)
     raw/items/items.parquet                       item dimension (ITEM_SCHEMA)
     raw/users/users.parquet                       user dimension (USER_SCHEMA)
     raw/_DATASET                                  which source landed here (refuses mixing)
@@ -12,11 +14,19 @@ documented tie-break for events with the same timestamp, all the way to the mode
 
 Replays of a historical dataset set ``ingestion_time`` to the end of the logical day
 (the moment a daily batch would have picked the day up), not the wall clock, so landing
-the same day twice writes the same bytes.
+the same day twice writes the same bytes; re-landing content that is already there (its
+marker verifies and names the same sha256) changes nothing, not even the modification time.
+
+The completion marker is the landing contract with upstream producers: write the data
+files, then ``_SUCCESS`` (:func:`write_marker` is the reference); a day counts as landed for
+the scheduler once :func:`verify_marker` passes (``grank data landed --date D``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -27,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common.atomic import atomic_write_text, staging_dir
+from common.atomic import atomic_write_text, recover_swaps, sha256_file, staging_dir
 from common.errors import UserFacingError
 
 US_PER_DAY = 86_400_000_000
@@ -62,6 +72,7 @@ USER_SCHEMA = pa.schema(
     ]
 )
 PARQUET_OPTIONS: dict[str, object] = {"compression": "zstd", "write_statistics": True}
+MARKER_FILE = "_SUCCESS"
 
 
 def day_start_us(day: date) -> int:
@@ -88,6 +99,7 @@ def landed_days(lake_dir: Path) -> list[date]:
     root = events_dir(lake_dir)
     if not root.exists():
         return []
+    recover_swaps(root)
     return sorted(
         date.fromisoformat(p.name[3:]) for p in root.iterdir() if p.name.startswith("dt=")
     )
@@ -102,14 +114,80 @@ def read_partition(lake_dir: Path, day: date) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, schema=EVENT_SCHEMA) for f in files])
 
 
-def write_partition(lake_dir: Path, day: date, events: pa.Table) -> Path:
-    """Atomically (re)place the partition of ``day`` with ``events`` (already EVENT_SCHEMA)."""
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a raw partition (hidden files and the marker excluded), by name."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+
+
+def fingerprint(file_sha256: dict[str, str]) -> str:
+    """One sha256 for a partition's content: over its files' names and sha256, by name."""
+    digest = hashlib.sha256()
+    for name, sha in sorted(file_sha256.items()):
+        digest.update(f"{name}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def partition_fingerprint(lake_dir: Path, day: date) -> str:
+    """The content fingerprint of a landed partition, computed from its files."""
+    folder = partition_dir(lake_dir, day)
+    return fingerprint({f.name: sha256_file(f) for f in data_files(folder)})
+
+
+def write_marker(folder: Path, day: date) -> dict[str, object]:
+    """Write ``_SUCCESS`` into a partition folder whose data files are complete (write it last)."""
+    files = {f.name: sha256_file(f) for f in data_files(folder)}
+    rows = sum(pq.read_metadata(folder / name).num_rows for name in files)
+    marker: dict[str, object] = {
+        "day": day.isoformat(),
+        "rows": rows,
+        "files": files,
+        "sha256": fingerprint(files),
+    }
+    atomic_write_text(folder / MARKER_FILE, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+    return marker
+
+
+def verify_marker(lake_dir: Path, day: date) -> str | None:
+    """None when the day's marker exists and matches its files; otherwise why not (one line)."""
+    folder = partition_dir(lake_dir, day)
+    marker_path = folder / MARKER_FILE
+    if not marker_path.is_file():
+        return f"raw events of {day} have not landed: no completion marker {marker_path}"
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = {f.name: sha256_file(f) for f in data_files(folder)}
+        if marker["files"] != files or marker["sha256"] != fingerprint(files):
+            return f"raw events of {day} do not match their completion marker {marker_path}"
+        rows = sum(pq.read_metadata(folder / name).num_rows for name in files)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        return f"completion marker or files of {day} unreadable: {exc}"
+    if marker["rows"] != rows:
+        return f"raw events of {day} hold {rows} rows, their marker says {marker['rows']}"
+    return None
+
+
+def write_partition(lake_dir: Path, day: date, events: pa.Table) -> bool:
+    """Atomically (re)place the partition of ``day`` with ``events`` (already EVENT_SCHEMA).
+
+    The data file is written, then the marker, then the folder swaps in whole. Returns
+    False, having changed nothing, when the same content is already landed and verified.
+    """
     if events.num_rows == 0:
         raise UserFacingError(f"no events on {day}: refusing to land an empty partition")
+    buffer = io.BytesIO()
+    pq.write_table(events, buffer, **PARQUET_OPTIONS)
+    data = buffer.getvalue()
     target = partition_dir(lake_dir, day)
+    if target.exists() and verify_marker(lake_dir, day) is None:
+        landed = json.loads((target / MARKER_FILE).read_text())
+        if landed["sha256"] == fingerprint(
+            {"part-00000.parquet": hashlib.sha256(data).hexdigest()}
+        ):
+            return False
     with staging_dir(target) as staging:
-        pq.write_table(events, staging / "part-00000.parquet", **PARQUET_OPTIONS)
-    return target
+        (staging / "part-00000.parquet").write_bytes(data)
+        write_marker(staging, day)
+    return True
 
 
 def to_lake_events(ratings: pa.Table) -> pa.Table:
@@ -137,6 +215,7 @@ class LandingReport:
 
     events_per_day: dict[date, int] = field(default_factory=dict)
     empty_days: list[date] = field(default_factory=list)
+    unchanged_days: list[date] = field(default_factory=list)  # already landed, same content
 
     @property
     def total_events(self) -> int:
@@ -177,7 +256,8 @@ def land_days(
                 raise UserFacingError(f"no events on {day} in this dataset; nothing landed")
             report.empty_days.append(day)
         else:
-            write_partition(lake_dir, day, events.slice(start, stop - start))
+            if not write_partition(lake_dir, day, events.slice(start, stop - start)):
+                report.unchanged_days.append(day)
             report.events_per_day[day] = int(stop - start)
         day += timedelta(days=1)
     return report

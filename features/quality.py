@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from common.atomic import atomic_write_text
 from common.errors import UserFacingError
 from features import feature_tables as ft
-from features import quality_report
+from features import lineage, quality_report
 from features.jobs import quarantined_raw_dir
 from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
 
@@ -68,6 +68,7 @@ class QualitySpec:
     event_types: tuple[str, ...] = ("click", "rating")
     value_min: float = 0.0
     value_max: float = 5.0
+    max_user_events: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
     folder = partition_dir(spec.lake_dir, day)
     if not folder.exists():
         raise UserFacingError(f"no raw events for {day}: expected {folder}")
-    frame, read_error = _read_frame(folder)
+    frame, read_error = _read_frame(folder, raw_checks=True)
     volume = VolumeBaseline(
         trailing_average_rows=_trailing_average_rows(spec, day),
         low_ratio=spec.volume_low_ratio,
@@ -117,6 +118,7 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "event_types": list(spec.event_types),
         "value_min": spec.value_min,
         "value_max": spec.value_max,
+        "max_user_events": spec.max_user_events,
     }
     outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
     outcome.volume = volume
@@ -148,6 +150,7 @@ def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
             f"{ft.STATE_DIR}/{t}": ft.partition_path(ft.state_dir(spec.features_dir, t), day)
             for t in ft.STATE_TABLES
         }
+        lineage.remove_lineage(spec.features_dir, day)  # the day is no longer built
         for name, source in {**folders, **state}.items():
             if source.exists():
                 destination = spec.quarantine_dir / "features" / name / source.name
@@ -201,7 +204,9 @@ def _trailing_average_rows(spec: QualitySpec, day: date) -> float | None:
     return sum(counts) / len(counts) if counts else None
 
 
-def _read_frame(folder: Path, with_checks: bool = False) -> tuple[pd.DataFrame, str | None]:
+def _read_frame(
+    folder: Path, with_checks: bool = False, raw_checks: bool = False
+) -> tuple[pd.DataFrame, str | None]:
     """A partition as pandas; an unreadable one becomes an empty frame plus the read error.
 
     ``with_checks`` adds ``check_*`` columns for properties of array columns that GX has
@@ -216,7 +221,26 @@ def _read_frame(folder: Path, with_checks: bool = False) -> tuple[pd.DataFrame, 
         return pd.DataFrame(), f"{folder}: {exc}"
     if with_checks:
         table = _add_checks(table)
+    if raw_checks:
+        table = _add_raw_checks(table)
     return _to_pandas(table), None
+
+
+def _add_raw_checks(table: pa.Table) -> pa.Table:
+    """``check_numeric_finite``: no NaN/±inf in any floating column of the row (GX's range
+    checks skip NaN); ``check_user_day_events``: the row's user's events that day."""
+    finite = pa.array(np.ones(table.num_rows, dtype=bool))
+    for column, kind in zip(table.columns, table.schema.types, strict=True):
+        if pa.types.is_floating(kind):
+            finite = pc.and_(finite, pc.fill_null(pc.is_finite(column), True))
+    table = table.append_column("check_numeric_finite", finite)
+    if "user_id" in table.column_names and pa.types.is_integer(table.schema.field("user_id").type):
+        users = pc.fill_null(table["user_id"], -1).to_numpy()
+        _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+        per_row = pa.array(counts[inverse].astype(np.int64))
+    else:
+        per_row = pa.nulls(table.num_rows, pa.int64())
+    return table.append_column("check_user_day_events", per_row)
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from features.lake import (
     day_start_us,
     land_dimensions,
     partition_dir,
+    write_marker,
 )
 
 
@@ -129,6 +130,7 @@ def generate(spec: SyntheticSpec, lake_dir: Path) -> int:
                 )
                 pq.write_table(chunk, staging / f"part-{part:05d}.parquet", **PARQUET_OPTIONS)
                 written, remaining, part = written + n, remaining - n, part + 1
+            write_marker(staging, day)
     dim_rng = np.random.default_rng([spec.seed, 0, 0])  # 3 words: never a day seed
     items = pa.table(
         {

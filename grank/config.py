@@ -38,6 +38,9 @@ class FeatureSettings(BaseModel):
     popularity_windows_days: tuple[int, ...] = (1, 7, 30)
     # how long a daily feature row stays valid online (Feast TTL) and in training reads
     daily_ttl_days: int = 2
+    # states of built days kept this many days back: a raw day landing or corrected up to
+    # this late cascades from a kept state; older ones restart the cascade from a rebuild
+    keep_state_days: int = Field(default=7, ge=0)
 
 
 class QualitySettings(BaseModel):
@@ -46,6 +49,8 @@ class QualitySettings(BaseModel):
     volume_trailing_days: int = 7
     volume_low_ratio: float = 0.2
     volume_high_ratio: float = 5.0
+    # a user with more events than this in one day is reported (warning), and still built
+    max_user_events: int = Field(default=10_000, ge=1)
 
 
 class FeastSettings(BaseModel):

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from features import lake
 from grank.config import REPO_ROOT, Settings
 from tests.test_dag_integrity import CHAIN
 
@@ -389,10 +390,9 @@ def test_bad_raw_partition_fails_at_the_gate_and_keeps_serving(
     rig = one_by_one.rig
     partition = rig.settings.lake_dir / "raw" / "events" / f"dt={BAD_DAY.isoformat()}"
     events = pq.read_table(partition)
-    for part in partition.glob("*.parquet"):
-        part.unlink()
-    # every event twice: duplicate event ids are a critical raw-gate failure
-    pq.write_table(pa.concat_tables([events, events]), partition / "part-00000.parquet")
+    # every event twice: duplicate event ids are a critical raw-gate failure; landed whole
+    # (completion marker included), so the sensor passes and the gate must catch it
+    lake.write_partition(rig.settings.lake_dir, BAD_DAY, pa.concat_tables([events, events]))
     snapshots_before = sorted(p.name for p in rig.settings.snapshots_dir.iterdir())
 
     failed = rig.dags_test(BAD_DAY)

@@ -355,6 +355,9 @@ def test_ml100k_incremental_equals_rebuild_and_reruns_are_byte_identical(
         == before
         == {ft.PART_FILE: before[ft.PART_FILE]}
     )
-    # only the state of the last day and of the day it continued from are kept
+    # states within keep_state_days (7) of the newest are kept, for cascades; older go
     state = ft.state_dir(incremental.features_dir, ft.USER_STATE)
+    assert ft.partition_days(state) == [bootstrap, date(1998, 3, 29), date(1998, 3, 30), last]
+    spec = BuildSpec(**{**spec.__dict__, "keep_state_days": 0})
+    assert build_day(spark, spec, last).mode == "incremental"
     assert ft.partition_days(state) == [date(1998, 3, 30), last]

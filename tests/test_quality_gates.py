@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,6 +109,23 @@ BAD_DAYS: dict[str, tuple[Callable[[], pa.Table], Callable[[Path], None] | None,
         "expect_table_row_count_to_be_between",
     ),
     "truncated parquet": (lambda: raw_table(GOOD), truncated, "unreadable"),
+    # GX's range checks skip NaN: a dedicated finite check catches NaN and both infinities
+    "NaN values": (
+        lambda: raw_table([*GOOD, (10, 1, 1, at(DAY, 20), "rating", float("nan"))]),
+        None,
+        "expect_column_values_to_be_in_set(check_numeric_finite)",
+    ),
+    "infinite values": (
+        lambda: raw_table(
+            [
+                *GOOD,
+                (10, 1, 1, at(DAY, 20), "rating", float("inf")),
+                (11, 2, 1, at(DAY, 20), "rating", float("-inf")),
+            ]
+        ),
+        None,
+        "expect_column_values_to_be_in_set(check_numeric_finite)",
+    ),
 }
 
 
@@ -157,6 +174,35 @@ def test_good_day_passes_and_volume_drop_only_warns(tmp_path):
     summary = json.loads((outcome.report.parent / "summary.json").read_text())
     assert summary["stages"]["raw"]["warnings"] == outcome.warnings
     assert "raw_events" in outcome.report.read_text()
+
+
+def test_heavy_user_volume_spike_and_redeliveries_only_warn(tmp_path):
+    """One user with 100,000 events in a day, 10x the trailing volume, and events delivered
+    twice under new ids: reported as warnings, and the day passes."""
+    spec = quality_spec(tmp_path)
+    write_dimensions(spec.lake_dir)
+    previous = date(2024, 3, 9)
+    write_raw(
+        spec.lake_dir,
+        previous,
+        raw_table([(i, 1 + i % 3, 1, at(previous) + timedelta(seconds=i)) for i in range(10_000)]),
+    )
+    # user 1's 100,000 events, 864 ms apart over the day
+    rows = [
+        (10_000 + i, 1, 1 + i % 5, at(DAY) + timedelta(milliseconds=864 * i))
+        for i in range(100_000)
+    ]
+    rows.append((999_999, *rows[0][1:]))  # a re-delivery of the first event
+    write_raw(spec.lake_dir, DAY, raw_table(rows))
+
+    outcome = validate_raw(spec, DAY)
+
+    assert outcome.success, outcome.failures
+    assert sorted(outcome.warnings) == [
+        "raw_events: expect_column_max_to_be_between(check_user_day_events)",
+        "raw_events: expect_compound_columns_to_be_unique()",
+        "raw_events: expect_table_row_count_to_be_between()",
+    ]
 
 
 def test_cli_gate_exits_1_with_one_line_pointing_at_the_report(tmp_path, capsys, monkeypatch):

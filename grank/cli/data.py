@@ -143,6 +143,23 @@ def ingest(
 
 
 @data.command()
+@click.option("--date", "day", type=DATE, required=True, help="Logical day to check.")
+@click.pass_obj
+def landed(settings: Settings, day: date) -> None:
+    """Exit 0 when the day's raw partition is complete: its _SUCCESS marker verifies.
+
+    What the scheduler's sensor calls: it knows nothing of the lake's layout.
+    """
+    from common.errors import UserFacingError
+    from features import lake
+
+    problem = lake.verify_marker(settings.lake_dir, day)
+    if problem:
+        raise UserFacingError(problem)
+    click.echo(f"raw events of {day} have landed: {lake.partition_dir(settings.lake_dir, day)}")
+
+
+@data.command()
 @click.option("--users", type=int, default=100_000, show_default=True)
 @click.option("--items", type=int, default=50_000, show_default=True)
 @click.option("--events", type=int, default=1_000_000, show_default=True)

@@ -41,6 +41,7 @@ def build_spec(settings: Settings) -> BuildSpec:
         windows_days=settings.features.popularity_windows_days,
         item_attributes=spark_attributes(dataset.item_attributes),
         user_attributes=spark_attributes(dataset.user_attributes),
+        keep_state_days=settings.features.keep_state_days,
     )
 
 
@@ -55,8 +56,12 @@ def build_spec(settings: Settings) -> BuildSpec:
 def build(
     settings: Settings, day: date | None, first: date | None, last: date | None, rebuild: bool
 ) -> None:
-    """Build the feature tables of a day (or of each landed day of a backfill, in order)."""
-    from features.jobs import build_day, quarantined_raw_days
+    """Build the feature tables of a day (or of each landed day of a backfill, in order).
+
+    A raw day that landed late or was corrected after later days were built makes this
+    cascade first: every built day from that raw day on is rebuilt, in order, one line each.
+    """
+    from features.jobs import BuildResult, build, quarantined_raw_days
     from features.lake import landed_days
 
     first, last = date_window(day, first, last)
@@ -69,12 +74,22 @@ def build(
         click.echo(f"backfill {first}..{last}: {len(days)} landed days to build")
     spec = build_spec(settings)
     spark = _session(settings)
-    for index, target in enumerate(days):
-        result = build_day(spark, spec, target, rebuild=rebuild and index == 0)
+
+    done: set[date] = set()
+
+    def report(result: BuildResult) -> None:
+        done.add(result.day)
+        if result.reason:
+            click.echo(result.reason)
+        cascade = " (cascade)" if result.cascade else ""
         click.echo(
-            f"{result.day}: {result.mode}, {result.events:,} events, training examples for"
-            f" {len(result.example_days)} day(s) under {settings.features_dir}"
+            f"{result.day}: {result.mode}{cascade}, {result.events:,} events, training examples"
+            f" for {len(result.example_days)} day(s) under {settings.features_dir}"
         )
+
+    for index, target in enumerate(days):
+        if target not in done:  # a cascade earlier in this backfill may have built it
+            build(spark, spec, target, rebuild=rebuild and index == 0, on_built=report)
 
 
 @click.command()
@@ -109,6 +124,7 @@ def validate(settings: Settings, day: date, stage: str) -> None:
         event_types=dataset.events.lake_types,
         value_min=dataset.values.min,
         value_max=dataset.values.max,
+        max_user_events=settings.quality.max_user_events,
     )
     outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
     for warning in outcome.warnings:

@@ -69,7 +69,9 @@ def materialize(
     """Load the feature tables of a day (or a range) into the online store; show one lookup.
 
     The window of day D is [D 00:00, D+1 00:00) UTC, never derived from the clock, so a
-    re-run of D writes the same values (idempotent). Lookups keep working meanwhile. The
+    re-run of D writes the same values (idempotent); when later days are built (a late
+    or corrected day cascaded through them) it extends to the latest one. A row never
+    replaces one from a later day. Lookups keep working meanwhile. The
     last line (JSON) says what the online store now holds (for the DAG's Asset event).
     """
     from features.feast_repo.definitions import USER_SEQUENCES
@@ -80,8 +82,15 @@ def materialize(
         open_store,
         read_window,
     )
+    from features.lineage import built_days
 
     first, last = date_window(day, first, last)
+    logical = last
+    # a late or corrected day cascaded through the later built days: they changed too
+    later = [d for d in built_days(settings.features_dir) if d > last]
+    if later:
+        click.echo(f"later days are built: the window extends to {later[-1]}")
+        last = later[-1]
     store = open_store(store_config(settings))
     written = materialize_window(
         store, settings.features_dir, first, last, batch_rows=settings.feast.write_batch_rows
@@ -100,7 +109,7 @@ def materialize(
             )
     echo_published(
         {
-            "logical_date": last,
+            "logical_date": logical,
             "window_start": day_window(first)[0].isoformat(),
             "window_end": day_window(last)[1].isoformat(),
             "feast_project": settings.feast.project,
