@@ -51,8 +51,8 @@ def test_landing_twice_writes_identical_bytes(tmp_path: Path, datasets_dir: Path
     first = _partition_digest(settings, day)
     land_dataset(settings, datasets_dir, day, day)
     assert _partition_digest(settings, day) == first
-    files = list(lake.partition_dir(settings.lake_dir, day).iterdir())
-    assert [f.name for f in files] == ["part-00000.parquet"]
+    files = sorted(f.name for f in lake.partition_dir(settings.lake_dir, day).iterdir())
+    assert files == [lake.MARKER_FILE, "part-00000.parquet"]  # the marker, written last
     assert not [p for p in lake.events_dir(settings.lake_dir).iterdir() if p.name.startswith(".")]
 
 
