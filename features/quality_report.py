@@ -407,7 +407,8 @@ def _null_rates(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         config, details = result["expectation_config"], result.get("result") or {}
         column = config["kwargs"].get("column")
         key = "unexpected_percent" if config["type"] == NOT_NULL else "missing_percent"
-        if column is None or details.get(key) is None:
+        # ``check_*`` columns are derived per row by the gate (features/quality.py), not data
+        if column is None or column.startswith("check_") or details.get(key) is None:
             continue
         rates[column] = max(rates.get(column, 0.0), float(details[key]))
     return rates
