@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from datetime import date, timedelta
@@ -124,23 +123,17 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, spec: str) -> dict[str, object]:
     """Start the workers ``spec`` (``N`` or ``NxT``) asks for; returns rank 0's record."""
-    from training.distributed import default_threads
+    from training.distributed import default_threads, torchrun_command
 
     processes_text, _, threads_text = spec.partition("x")
     processes = int(processes_text)
     threads = int(threads_text) if threads_text else default_threads(processes)
 
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        __file__,
-        "--worker",
-        *("--data-root", args.data_root, "--date", args.date),
+    command = torchrun_command(
+        processes,
+        *(__file__, "--worker", "--data-root", args.data_root, "--date", args.date),
         *("--days", str(args.days), "--seconds", str(args.seconds)),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

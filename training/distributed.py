@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -213,3 +214,18 @@ def _collective_device() -> torch.device:
 def default_threads(processes: int) -> int:
     """Intra-op threads per process so that N processes share this machine's cores."""
     return max(1, math.floor((os.cpu_count() or 1) / processes))
+
+
+def torchrun_command(processes: int, *target: str) -> list[str]:
+    """The command line that starts ``processes`` workers of ``target`` on this machine.
+
+    ``--standalone`` rendezvous on a free local port, so concurrent runs do not collide.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        *target,
+    ]

@@ -229,22 +229,19 @@ def _launch_workers(settings: Settings, processes: int, day: date, from_scratch:
     workers read the same settings from the inherited environment, rank 0 prints the
     summary. Each worker gets an equal share of the cores unless OMP_NUM_THREADS is set.
     """
-    from training.distributed import DataParallel, default_threads, per_rank_batch
+    from training.distributed import (
+        DataParallel,
+        default_threads,
+        per_rank_batch,
+        torchrun_command,
+    )
 
     per_rank_batch(settings.train.batch_size, DataParallel(world_size=processes))  # fail early
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        "grank",
-        "train",
-        "--date",
-        day.isoformat(),
+    command = torchrun_command(
+        processes,
+        *("-m", "grank", "train", "--date", day.isoformat()),
         *(["--from-scratch"] if from_scratch else []),
-    ]
+    )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
     code = subprocess.run(command, env=env, check=False).returncode
