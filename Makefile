@@ -28,9 +28,11 @@ lint: setup
 typecheck: setup
 	.venv/bin/mypy
 
-unit: setup
-	$(PY) -m pytest
+unit: setup      ## the fast tests (tests/unit: no Spark, no servers; under a minute)
+	$(PY) -m pytest tests/unit
 
 test: setup lint typecheck  ## everything CI runs, the backfill/re-run DAG checks included
 	$(GRANK) data fetch ml-1m ml-100k
-	GRANK_E2E_FULL=1 $(PY) -m pytest
+	# two workers, one test file each at a time: the long DAG runs (tests/e2e, collected
+	# first) overlap the rest, whose Spark and process start-ups leave a core idle
+	GRANK_E2E_FULL=1 $(PY) -m pytest -n 2 --dist loadfile

@@ -62,6 +62,6 @@ apt_tool() {  # apt_tool COMMAND PACKAGE WHAT_IT_IS_FOR WHAT_HAPPENS_WITHOUT_IT
 # docker-compose (v1) validates docker-compose.yml offline in the tests; no Docker engine.
 apt_tool docker-compose docker-compose "to validate docker-compose.yml" \
   "the compose validation test will fail in CI"
-# Headless Chromium opens the data quality report offline (tests/test_quality_report.py).
+# Headless Chromium opens the data quality report offline (tests/integration/test_quality_report.py).
 apt_tool chromium chromium "to open the data quality report in a real browser" \
   "the report's browser tests will be skipped"

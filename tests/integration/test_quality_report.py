@@ -1,7 +1,7 @@
 """The quality report site, opened the way its readers open it: in a real browser, offline.
 
 ML-100K days go through the real gates (raw, then Spark-built features, then the feature
-gate) and one injected bad partition (every event twice, as in tests/test_dag_e2e.py)
+gate) and one injected bad partition (every event twice, as in tests/e2e/test_dag_e2e.py)
 fails the raw gate. Headless Chromium (Debian's package, installed by scripts/setup.sh)
 then renders the home page and validation pages with host resolution switched off and a
 net log of every request; the page must show the day's table and status, and the log
@@ -33,8 +33,8 @@ from grank.cli import cli, main
 from grank.cli.features_etl import build_spec
 from grank.config import REPO_ROOT, Settings
 from tests.conftest import land_dataset, make_settings
-from tests.test_features_jobs import raw_table, write_dimensions, write_raw
-from tests.test_quality_gates import DAY, GOOD, NULLABLE, quality_spec
+from tests.integration.test_features_jobs import raw_table, write_dimensions, write_raw
+from tests.integration.test_quality_gates import DAY, GOOD, NULLABLE, quality_spec
 
 FIRST_LANDED = date(1998, 3, 20)
 DAY_1, DAY_2, BAD_DAY = date(1998, 3, 30), date(1998, 3, 31), date(1998, 4, 1)

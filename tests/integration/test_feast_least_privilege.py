@@ -34,8 +34,13 @@ from click.testing import CliRunner
 from features.feature_store import StoreConfig, connect
 from grank.cli import cli
 from grank.config import REPO_ROOT
-from tests.test_feast_server import _free_port, lookup_server
-from tests.test_feast_store import DAY1, require_service, sequence_of, write_feature_tables
+from tests.integration.test_feast_server import _free_port, lookup_server
+from tests.integration.test_feast_store import (
+    DAY1,
+    require_service,
+    sequence_of,
+    write_feature_tables,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -28,7 +28,7 @@ from features.jobs import BuildSpec, build, build_one
 from grank.cli import cli
 from grank.config import Settings
 from tests.conftest import make_settings
-from tests.test_features_jobs import (
+from tests.integration.test_features_jobs import (
     D1,
     D2,
     HAND_MADE,

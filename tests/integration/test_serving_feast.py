@@ -9,9 +9,9 @@ import numpy as np
 
 from features.feature_store import StoreConfig, materialize_window, open_store, register
 from serving.sequences import FeastUserSource, UserHistory
-from tests.test_feast_store import DAY1, sequence_of, write_feature_tables
-from tests.test_serving_app import running_server
-from tests.test_snapshots import N_ITEMS, make_refresh, publish
+from tests.integration.test_feast_store import DAY1, sequence_of, write_feature_tables
+from tests.integration.test_serving_app import running_server
+from tests.integration.test_snapshots import N_ITEMS, make_refresh, publish
 
 
 def test_recommend_reads_histories_from_the_feast_online_store(tmp_path: Path) -> None:

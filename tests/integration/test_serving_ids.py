@@ -9,8 +9,8 @@ import pyarrow as pa
 
 from common import idmap
 from serving.snapshots import read_current
-from tests.test_serving_app import HISTORIES, expected_top, root, running_server
-from tests.test_snapshots import N_ITEMS
+from tests.integration.test_serving_app import HISTORIES, expected_top, root, running_server
+from tests.integration.test_snapshots import N_ITEMS
 
 __all__ = ["root"]  # the fixture
 

@@ -23,7 +23,13 @@ from features.feature_store import (
     open_store,
     register,
 )
-from tests.test_feast_store import DAY1, DAY2, require_service, sequence_of, write_feature_tables
+from tests.integration.test_feast_store import (
+    DAY1,
+    DAY2,
+    require_service,
+    sequence_of,
+    write_feature_tables,
+)
 
 
 def correct_day(features_dir: Path, day: object) -> None:

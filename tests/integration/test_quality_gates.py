@@ -2,7 +2,7 @@
 reported in HTML + summary.json, and leaves everything downstream untouched.
 
 The report pages themselves (naming, the site over all days, the browser) are tested in
-tests/test_quality_report.py."""
+tests/integration/test_quality_report.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from features.jobs import build_day, check_raw_partition
 from features.quality import QualitySpec, validate_features, validate_raw
 from grank.cli import cli, main
 from tests.conftest import make_settings
-from tests.test_features_jobs import (
+from tests.integration.test_features_jobs import (
     D1,
     D2,
     at,

@@ -21,8 +21,8 @@ from common import idmap
 from features.ingest import idmaps_dir
 from grank.cli import cli
 from serving.sequences import FeastUserSource
-from tests.test_serving_app import running_server
-from tests.test_training_pipeline import TINY_ENV
+from tests.integration.test_serving_app import running_server
+from tests.integration.test_training_pipeline import TINY_ENV
 
 FIRST, LAST = date(1998, 3, 25), date(1998, 4, 4)
 

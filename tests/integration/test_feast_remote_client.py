@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from grank.cli import cli
 from grank.config import Settings
-from tests.test_feast_server import lookup_server
+from tests.integration.test_feast_server import lookup_server
 
 if TYPE_CHECKING:
     from feast import FeatureStore

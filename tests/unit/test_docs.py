@@ -39,7 +39,7 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 PLACEHOLDER = re.compile(r"[<>{}=]|YYYY")
 DOTTED_MODULE = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.\w+)+$")
 # a Python file or a document, maybe with a name in it: "features/lake.py:EVENT_SCHEMA",
-# "tests/test_dag_e2e.py::test_backfill_equals_the_days_run_one_by_one"
+# "tests/e2e/test_dag_e2e.py::test_backfill_equals_the_days_run_one_by_one"
 FILE_REFERENCE = re.compile(r"^(?P<path>[\w./*-]+\.(?:py|md))(?:::?(?P<name>\w+))?$")
 PROSE_FILE = re.compile(r"(?<![\w/.-])([\w*-]+(?:/[\w.*-]+)*\.(?:py|md)(?:::\w+)?)(?![\w/])")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from serving.snapshots import (
     rollback_target,
     version_sequence,
 )
-from tests.test_snapshots import N_ITEMS, make_refresh, publish
+from tests.integration.test_snapshots import N_ITEMS, make_refresh, publish
 from training.checkpoint import load_checkpoint
 
 HISTORIES = {
@@ -84,6 +84,15 @@ def wait_for_version(url: str, version: str, timeout: float = 10.0) -> float:
             return time.monotonic() - started
         time.sleep(0.02)
     raise AssertionError(f"{url} did not serve {version} within {timeout}s")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s")
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -198,11 +207,13 @@ def test_load_during_two_publishes_has_zero_failures_and_versions_only_move_forw
             thread.start()
         published = [read_current(root / "snapshots")]
         for source in sources:
-            time.sleep(0.3)
+            # every published version is answered to the clients before the next one goes
+            # out (waiting on what they saw, not on a sleep that a loaded machine outruns)
+            wait_until(lambda: all(published[-1] in seen for seen in seen_versions))
             version = publish(root, source)
             published.append(version)
             wait_for_version(url, version)
-        time.sleep(0.3)
+        wait_until(lambda: all(published[-1] in seen for seen in seen_versions))
         stop.set()
         for thread in threads:
             thread.join(timeout=20)

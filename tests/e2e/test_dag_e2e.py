@@ -44,7 +44,7 @@ import pytest
 
 from features import lake
 from grank.config import REPO_ROOT, Settings
-from tests.test_dag_integrity import CHAIN
+from tests.e2e.test_dag_integrity import CHAIN
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ DAY_1, DAY_2, BAD_DAY = date(1998, 3, 30), date(1998, 3, 31), date(1998, 4, 1)
 FIRST_DAY = date(1998, 3, 1)
 # A tiny, deterministic model (no wall-clock budget) that the gate lets through whatever
 # popularity does (a margin of -1 on N@10, one query is evidence enough): the DAG's
-# mechanics are under test here, not the model's quality (tests/test_training_gate.py).
+# mechanics are under test here, not the model's quality (tests/unit/test_training_gate.py).
 TINY_PIPELINE = {
     "GRANK_TRAIN__DIM": "16",
     "GRANK_TRAIN__N_LAYERS": "1",

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from features.feature_store import StoreConfig, materialize_day, open_store
 from features.lookup_server import WRITE_ENDPOINTS
 from grank.cli import cli
-from tests.test_feast_store import DAY1, DAY2, sequence_of, write_feature_tables
+from tests.integration.test_feast_store import DAY1, DAY2, sequence_of, write_feature_tables
 
 USERS = 3000  # enough rows that materializing a day takes a few seconds
 WATCHED = [1, USERS // 2, USERS]
