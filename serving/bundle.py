@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 from common.atomic import staging_dir
 from common.errors import UserFacingError
+from serving.config import MipsConfig
 from serving.encoding import item_feature_table
 from serving.manifest import SnapshotError, read_verified
-from serving.mips import ExactMIPS, MipsConfig, build_mips
+from serving.mips import ExactMIPS, build_mips
 from serving.sequences import ItemSource
 from training.checkpoint import load_checkpoint
 from training.model import ITEM_TABLE_KEY, GRank, GRankConfig

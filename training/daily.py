@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from common.errors import UserFacingError
 from features.lake import EPOCH, US_PER_DAY
 from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
+from training.config import FitConfig, GRankConfig, LossWeights
 from training.data import (
     Timelines,
     day_number,
@@ -61,23 +62,22 @@ from training.gate import (
     write_evidence,
 )
 from training.inputs import InputSpec, behavior_flags
-from training.losses import BatchLoss, LossWeights, grank_batch_loss, log_q
-from training.model import GRank, GRankConfig
+from training.losses import BatchLoss, grank_batch_loss, log_q
+from training.model import GRank
 from training.registry import ModelRegistry
 from training.temporal import TemporalSplit, global_temporal_split
-from training.train import FitConfig, FitResult, fit, fit_to_cutoff, seed_everything
+from training.train import FitResult, fit, fit_to_cutoff, seed_everything
 
 
 @dataclass(frozen=True)
 class Baselines:
     """The popularity baselines every candidate must beat: name -> ``item_features`` column.
 
-    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's.
+    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's
+    (the window is ``train.recent_popularity_days``).
     """
 
-    columns: dict[str, str] = field(
-        default_factory=lambda: {"popularity_all_time": "pop_total", "popularity_7d": "pop_7d"}
-    )
+    columns: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,11 @@ class DailyJob:
     finetune: FitConfig
     spec: EvalSpec
     gate: GatePolicy
-    baselines: Baselines = field(default_factory=Baselines)
-    val_quantile: float = 0.9  # bootstrap: T_val = this quantile of the training events
-    catchup_epochs: int = 1  # bootstrap: epochs over the events between T_val and D
-    feature_ttl_days: int = 2  # as Feast serves the daily views (features/feast_repo)
-    train_window_days: int = 0
+    baselines: Baselines
+    val_quantile: float  # bootstrap: T_val = this quantile of the training events
+    catchup_epochs: int  # bootstrap: epochs over the events between T_val and D
+    feature_ttl_days: int  # as Feast serves the daily views (features/feast_repo)
+    train_window_days: int  # bootstrap: days before D to train on; 0 = all
     from_scratch: bool = False
     git_commit: str = "unknown"
     parallel: DataParallel = SINGLE  # this process' place among the training processes

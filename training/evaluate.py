@@ -19,6 +19,7 @@ import torch
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 from training.baselines import RecentPopularity
+from training.config import EvalSpec
 from training.data import Queries, Timelines, query_histories
 from training.features import FeatureHistory
 from training.inputs import seen_items
@@ -39,22 +40,6 @@ class VectorScorer(Protocol):
 
 
 Scorer = VectorScorer | RecentPopularity
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """Cutoffs and lengths of one evaluation run.
-
-    ``seen_len``: the items of the user's last ``seen_len`` events are filtered from every
-    ranking, exactly the rule serving applies to the online sequence (None: every item of
-    the history, the literature's rule).
-    """
-
-    short_len: int
-    long_len: int
-    k1: int = 200
-    batch_size: int = 512
-    seen_len: int | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
+from training.config import FitConfig
 from training.data import Queries, Timelines, Windows, item_counts, make_windows
 from training.distributed import (
     SINGLE,
@@ -40,26 +41,6 @@ from training.distributed import (
 from training.evaluate import NO_INPUTS, EvalInputs, EvalSpec, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
 from training.temporal import TemporalSplit
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Optimisation knobs (from TrainSettings; docs/model.md)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    max_epochs: int = 20
-    patience: int = 2
-    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
-    grad_clip: float = 10.0
-    stride: int = 64
-    seed: int = 42
-    val_metric: str = "recall@10"
-    max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
-    keep_best: bool = True  # end on the best validation epoch (False: on the last one)
-    bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
-    progress: bool = True
 
 
 @dataclass
