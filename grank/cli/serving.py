@@ -21,7 +21,9 @@ from grank.config import Settings
 
 def embeddings_dir(settings: Settings, day: date) -> Path:
     """Where the refresh for ``day`` writes (and publish reads): ``embeddings/dt=D/``."""
-    return settings.embeddings_dir / f"dt={day.isoformat()}"
+    from serving.bundle import bundle_dir
+
+    return bundle_dir(settings.embeddings_dir, day)
 
 
 def evaluation_metrics(settings: Settings, checkpoint_id: str) -> dict[str, Any] | None:
