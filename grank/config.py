@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.config import Device, ScreenMode, ServeConfig
-from training.config import EvalSpec, FitConfig, GRankConfig, LossWeights
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.gate import GatePolicy
 from training.inputs import InputSpec
 
@@ -149,7 +149,7 @@ class TrainSettings(BaseModel):
         "item_features",
     )
     # evaluation and the gate (training/gate.py)
-    k1: int = EvalSpec.k1
+    k1: int = EvalConfig.k1
     recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
     gate: GatePolicy = Field(default_factory=GatePolicy)
 
@@ -315,9 +315,9 @@ class Settings(BaseSettings):
             max_seconds=t.finetune_max_minutes * 60 or None,
         )
 
-    def eval_spec(self) -> EvalSpec:
+    def eval_spec(self) -> EvalConfig:
         f = self.features
-        return EvalSpec(
+        return EvalConfig(
             short_len=f.short_seq_len,
             long_len=f.long_seq_len,
             k1=self.train.k1,

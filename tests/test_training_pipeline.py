@@ -21,7 +21,7 @@ from grank.cli import cli
 from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
 from training.data import leave_last_out, read_timelines
-from training.evaluate import EvalSpec
+from training.evaluate import EvalConfig
 from training.losses import LossWeights, grank_batch_loss
 from training.model import GRank, GRankConfig
 from training.registry import ModelRegistry
@@ -106,7 +106,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
         timelines,
         train_end,
         validation,
-        EvalSpec(16, 32, 50),
+        EvalConfig(16, 32, 50),
         config,
         torch.device("cpu"),
     )
@@ -150,7 +150,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
         val_metric="recall@10",
         progress=False,
     )
-    spec = EvalSpec(16, 32, 50)
+    spec = EvalConfig(16, 32, 50)
     loss = grank_batch_loss(LossWeights(sa=0.5, candidates=8, hard_negatives=0), None)
     # one clean epoch (one step: the batch holds every window) is the last good state
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
-class EvalSpec:
+class EvalConfig:
     """Cutoffs and lengths of one evaluation run.
 
     ``seen_len``: the items of the user's last ``seen_len`` events are filtered from every

@@ -40,7 +40,7 @@ from common.errors import UserFacingError
 from features.lake import EPOCH, US_PER_DAY
 from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
-from training.config import FitConfig, GRankConfig, LossWeights
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import (
     Timelines,
     day_number,
@@ -50,7 +50,7 @@ from training.data import (
     read_timelines,
 )
 from training.distributed import SINGLE, DataParallel
-from training.evaluate import EvalInputs, EvalSpec, Scorer, query_records, summarize, write_chart
+from training.evaluate import EvalInputs, Scorer, query_records, summarize, write_chart
 from training.features import FeatureHistory, read_feature_history
 from training.gate import (
     CANDIDATE,
@@ -93,7 +93,7 @@ class DailyJob:
     weights: LossWeights
     fit: FitConfig
     finetune: FitConfig
-    spec: EvalSpec
+    spec: EvalConfig
     gate: GatePolicy
     baselines: Baselines
     val_quantile: float  # bootstrap: T_val = this quantile of the training events

@@ -19,7 +19,7 @@ import torch
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 from training.baselines import RecentPopularity
-from training.config import EvalSpec
+from training.config import EvalConfig
 from training.data import Queries, Timelines, query_histories
 from training.features import FeatureHistory
 from training.inputs import seen_items
@@ -60,7 +60,7 @@ def _excluded(
     queries: Queries,
     rows: slice,
     n_rows: int,
-    spec: EvalSpec,
+    spec: EvalConfig,
     servable: np.ndarray | None,
     device: torch.device,
 ) -> torch.Tensor:
@@ -96,7 +96,7 @@ def rankings(
     scorer: Scorer,
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     with_rank: bool = True,
@@ -152,7 +152,7 @@ def evaluate(
     scorer: Scorer,
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     with_rank: bool = True,
@@ -191,7 +191,7 @@ def query_records(
     scorers: dict[str, Scorer | None],
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: dict[str, EvalInputs],
 ) -> pa.Table:

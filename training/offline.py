@@ -27,9 +27,9 @@ import torch
 from common.errors import UserFacingError
 from features.lake import US_PER_DAY
 from training.baselines import Popularity, RecentPopularity, TwoTower
-from training.config import FitConfig, GRankConfig, LossWeights
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
-from training.evaluate import EvalInputs, EvalSpec, Scorer, evaluate
+from training.evaluate import EvalInputs, Scorer, evaluate
 from training.features import read_feature_history
 from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_groups
 from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
@@ -54,7 +54,7 @@ class OfflineJob:
     weights: LossWeights
     fit: FitConfig
     catchup: FitConfig
-    spec: EvalSpec
+    spec: EvalConfig
     baselines: dict[str, str]  # name -> item_features column (as of the day before)
     quantile: float = 0.9
     val_quantile: float = 0.9
@@ -125,7 +125,7 @@ def load(job: OfflineJob, device: torch.device) -> OfflineData:
 def _scores(
     scorer: Scorer,
     data: OfflineData,
-    spec: EvalSpec,
+    spec: EvalConfig,
     inputs: EvalInputs,
     device: torch.device,
     protocol_queries: dict[str, Any],

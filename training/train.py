@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
-from training.config import FitConfig
+from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines, Windows, item_counts, make_windows
 from training.distributed import (
     SINGLE,
@@ -37,7 +37,7 @@ from training.distributed import (
     require_same_weights,
     wrap,
 )
-from training.evaluate import NO_INPUTS, EvalInputs, EvalSpec, Scorer, evaluate
+from training.evaluate import NO_INPUTS, EvalInputs, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
 from training.temporal import TemporalSplit
 
@@ -173,7 +173,7 @@ def fit(
     timelines: Timelines,
     train_end: np.ndarray,
     validation: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     config: FitConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
@@ -238,7 +238,7 @@ class _Fit:
     timelines: Timelines
     train_end: np.ndarray
     validation: Queries
-    spec: EvalSpec
+    spec: EvalConfig
     config: FitConfig
     inputs: EvalInputs
     parallel: DataParallel
@@ -339,7 +339,7 @@ def fit_to_cutoff(
     make_loss: Callable[[np.ndarray], BatchLoss],
     timelines: Timelines,
     split: TemporalSplit,
-    spec: EvalSpec,
+    spec: EvalConfig,
     config: FitConfig,
     catchup: FitConfig,
     device: torch.device,
@@ -390,7 +390,7 @@ def validation_score(
     model: nn.Module,
     timelines: Timelines,
     validation: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     metric: str,
     inputs: EvalInputs,
 ) -> float:
