@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.config import Device, ScreenMode, ServeConfig
+from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.gate import GatePolicy
 from training.inputs import InputSpec
@@ -173,7 +173,7 @@ class ServeSettings(BaseModel):
     max_queue: int = ServeConfig.max_queue
     poll_s: float = ServeConfig.poll_s
     keep_snapshots: int = 3  # retention: newest K versions stay on disk
-    refresh_batch_size: int = 65_536  # item rows copied per batch by `grank embeddings refresh`
+    refresh_batch_size: int = REFRESH_BATCH_ROWS
 
 
 def _same_named(layer: type[Any], section: BaseModel, **overrides: Any) -> dict[str, Any]:
@@ -315,7 +315,7 @@ class Settings(BaseSettings):
             max_seconds=t.finetune_max_minutes * 60 or None,
         )
 
-    def eval_spec(self) -> EvalConfig:
+    def eval_config(self) -> EvalConfig:
         f = self.features
         return EvalConfig(
             short_len=f.short_seq_len,

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from common.atomic import staging_dir
 from common.errors import UserFacingError
-from serving.config import MipsConfig
+from serving.config import REFRESH_BATCH_ROWS, MipsConfig
 from serving.encoding import item_feature_table
 from serving.manifest import SnapshotError, read_verified
 from serving.mips import ExactMIPS, build_mips
@@ -84,7 +84,7 @@ def refresh_embeddings(
     out_dir: Path,
     item_ids: Sequence[int] | np.ndarray,
     popular_items: Sequence[int] | np.ndarray,
-    batch_size: int = 65_536,
+    batch_size: int = REFRESH_BATCH_ROWS,
     progress: bool = True,
     metrics: dict[str, Any] | None = None,
 ) -> RefreshReport:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+# item rows `grank embeddings refresh` copies per batch (memory-mapped, never all at once)
+REFRESH_BATCH_ROWS = 65_536
+
 Device = Literal["auto", "cpu", "cuda"]
 ScreenMode = Literal["auto", "on", "off"]
 

@@ -71,7 +71,7 @@ def daily_job(
         weights=settings.loss_weights(),
         fit=settings.fit_config(bf16),
         finetune=settings.finetune_config(bf16),
-        spec=settings.eval_spec(),
+        spec=settings.eval_config(),
         gate=t.gate,
         baselines=Baselines(
             {"popularity_all_time": "pop_total", f"popularity_{recent}d": f"pop_{recent}d"}
