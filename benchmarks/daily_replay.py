@@ -26,6 +26,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from grank.config import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 GRANK = str(REPO / ".venv" / "bin" / "grank")
 METRICS = ("recall@10", "recall@50", "ndcg@10")
@@ -63,6 +65,7 @@ def main() -> None:
         "GRANK_DATA_ROOT": str(args.data_root),
         "GRANK_TRAIN__MAX_MINUTES": str(args.bootstrap_minutes),
     }
+    registry = Settings(data_root=args.data_root).model_registry()
     rows = []
     for i in range(args.days):
         day = args.first + timedelta(days=i)
@@ -70,9 +73,7 @@ def main() -> None:
         _, build_s, _ = run(build, env)
         _, train_s, _ = run(["train", "--date", str(day)], env)
         code, eval_s, _ = run(["evaluate", "--date", str(day)], env)
-        report = json.loads(
-            (args.data_root / "models" / "evaluations" / str(day) / "metrics.json").read_text()
-        )
+        report = json.loads((registry.evaluation_dir(day) / "metrics.json").read_text())
         results = report["results"]
         published = "candidate" if code == 0 else "published"
         serving = results.get(published, {})

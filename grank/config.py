@@ -2,20 +2,28 @@
 
 Every setting can be overridden with ``GRANK_<SECTION>__<FIELD>`` (for example
 ``GRANK_SPARK__MASTER=spark://host:7077``) and the data root with ``GRANK_DATA_ROOT``.
-Layers never read this module: the CLI builds the values they need and passes them in.
+Each layer defines its own knobs and their defaults (``training/config.py``,
+``serving/config.py``); this module composes them, and builds the values a layer takes
+from the settings. Layers never read this module: the CLI passes those values in.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.gate import GatePolicy
 from training.inputs import InputSpec
+
+if TYPE_CHECKING:
+    from training.registry import ModelRegistry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,41 +80,46 @@ class FeastSettings(BaseModel):
 
 
 class TrainSettings(BaseModel):
-    """GRank hyper-parameters and the recall gate (docs/model.md explains each choice)."""
+    """GRank hyper-parameters and the recall gate (docs/model.md explains each choice).
 
-    seed: int = 42
-    # model (small CPU defaults; benchmarks/training_ml1m.py uses its own sizes)
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.2
-    use_aux: bool = True
-    use_ranker: bool = True
-    ranker_residual: bool = True  # Ranker score = Generator score + its correction
+    Each knob the training layer takes is defined, with its default, by that layer's
+    dataclass (training/config.py); the fields here expose it under its setting name and
+    :meth:`Settings.fit_config` and its siblings hand the values back. The knobs of the
+    daily run itself (budgets, fine-tuning, the bootstrap's split) are defined here.
+    """
+
+    seed: int = FitConfig.seed
+    # model
+    dim: int = GRankConfig.dim
+    n_layers: int = GRankConfig.n_layers
+    n_heads: int = GRankConfig.n_heads
+    dropout: float = GRankConfig.dropout
+    use_aux: bool = GRankConfig.use_aux
+    use_ranker: bool = GRankConfig.use_ranker
+    # Ranker score = Generator score + its correction (GRankConfig's own default, False,
+    # is what a checkpoint written before the option means)
+    ranker_residual: bool = True
     # joint loss λ0·L_NTP + λ1·L_SA + λ2·L_CA
-    lambda_ntp: float = 1.0
-    lambda_sa: float = 0.1  # 0.5 slowed the exact-softmax Generator (docs/benchmarks.md)
-    lambda_ca: float = 0.5
-    temperature: float = 1.0
-    ntp_negatives: Literal["full", "in_batch"] = "full"  # in_batch: logQ-corrected, cheaper
-    logq_correction: bool = True
-    candidates_per_row: int = 32  # in-batch candidates per row for L_SA/L_CA (paper: 300)
-    # L_CA negatives drawn from the Generator's top k1: the Ranker learns to reorder what
-    # it will be shown (with item features it then beats the Generator's own order)
-    ranker_hard_negatives: int = 16
-    # optimisation (AdamW, as in the paper)
-    # windows per step: more, smaller steps learn faster per second (docs/model.md)
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    # the bootstrap trains to convergence: early stopping on the temporal validation...
-    max_epochs: int = 200
-    patience: int = 3
-    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
+    lambda_ntp: float = LossWeights.ntp
+    lambda_sa: float = LossWeights.sa
+    lambda_ca: float = LossWeights.ca
+    temperature: float = LossWeights.temperature
+    ntp_negatives: Literal["full", "in_batch"] = LossWeights.ntp_negatives
+    logq_correction: bool = LossWeights.logq
+    candidates_per_row: int = LossWeights.candidates
+    ranker_hard_negatives: int = LossWeights.hard_negatives
+    # optimisation
+    batch_size: int = FitConfig.batch_size
+    lr: float = FitConfig.lr
+    weight_decay: float = FitConfig.weight_decay
+    grad_clip: float = FitConfig.grad_clip
+    max_epochs: int = FitConfig.max_epochs
+    patience: int = FitConfig.patience
+    plateau_lr_factor: float = FitConfig.plateau_lr_factor
+    val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = FitConfig.val_metric
     # bf16 autocast of training steps: "auto" = where the CPU multiplies bf16 natively (or CUDA)
     bf16: Literal["auto", "on", "off"] = "auto"
-    # ...within this budget (0 = none). A budget that ends training makes the weights
+    # the bootstrap's budget (0 = none). A budget that ends training makes the weights
     # depend on the machine's speed: a re-run of that day may not reproduce its model.
     max_minutes: float = 30.0
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
@@ -117,8 +130,6 @@ class TrainSettings(BaseModel):
     finetune_lr: float = 5e-4
     finetune_max_epochs: int = 3
     finetune_max_minutes: float = 0.0
-    # early stopping watches the Generator's metric on the validation queries
-    val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = "ndcg@10"
     # bootstrap (no published model): validation = the global temporal split at the test
     # day's start, T_val = this quantile of the training events (training/temporal.py)
     val_quantile: float = 0.9
@@ -137,29 +148,42 @@ class TrainSettings(BaseModel):
     feature_groups: tuple[Literal["behaviors", "user_profile", "item_features"], ...] = (
         "item_features",
     )
-    # evaluation and the publish gate (training/gate.py)
-    k1: int = 200
+    # evaluation and the gate (training/gate.py)
+    k1: int = EvalConfig.k1
     recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
     gate: GatePolicy = Field(default_factory=GatePolicy)
 
 
 class ServeSettings(BaseModel):
-    """The index-free serving API, its snapshots and micro-batching (docs/serving.md)."""
+    """The index-free serving API, its snapshots and micro-batching (docs/serving.md).
+
+    The app's knobs are defined, with their defaults, by serving/config.py's ServeConfig;
+    :meth:`Settings.serve_config` hands them back.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # exact either way; "auto" screens in bf16 where the CPU multiplies bf16 natively
-    bf16_screen: Literal["auto", "on", "off"] = "auto"
-    k1: int = 200  # MIPS candidates handed to the Ranker
-    max_k: int = 100  # largest k a client may ask for
-    filter_seen: bool = True
-    max_batch: int = 64
-    max_wait_ms: float = 2.0
-    max_queue: int = 256
-    poll_s: float = 0.1  # how often the watcher reads CURRENT (one small file read)
+    device: Device = ServeConfig.device
+    bf16_screen: ScreenMode = ServeConfig.bf16_screen
+    k1: int = ServeConfig.k1
+    max_k: int = ServeConfig.max_k
+    filter_seen: bool = ServeConfig.filter_seen
+    max_batch: int = ServeConfig.max_batch
+    max_wait_ms: float = ServeConfig.max_wait_ms
+    max_queue: int = ServeConfig.max_queue
+    poll_s: float = ServeConfig.poll_s
     keep_snapshots: int = 3  # retention: newest K versions stay on disk
-    refresh_batch_size: int = 65_536
+    refresh_batch_size: int = REFRESH_BATCH_ROWS
+
+
+def _same_named(layer: type[Any], section: BaseModel, **overrides: Any) -> dict[str, Any]:
+    """The values of ``section`` for the fields of the dataclass ``layer`` it names alike.
+
+    ``overrides`` win (a setting whose value the layer takes in another form, or a value
+    that is not a setting); fields neither names keep the layer's default.
+    """
+    names = {f.name for f in fields(layer)} & set(type(section).model_fields)
+    return {**{name: getattr(section, name) for name in names}, **overrides}
 
 
 class Settings(BaseSettings):
@@ -220,9 +244,92 @@ class Settings(BaseSettings):
         return self.data_root / "models"
 
     @property
+    def embeddings_dir(self) -> Path:
+        """Refreshed snapshot bundles, one per day: ``dt=YYYY-MM-DD/`` (serving/bundle.py)."""
+        return self.data_root / "embeddings"
+
+    @property
     def snapshots_dir(self) -> Path:
         """Published serving snapshots and the ``CURRENT`` pointer."""
         return self.data_root / "snapshots"
+
+    @property
+    def offline_dir(self) -> Path:
+        """``grank offline-eval`` results: ``<protocol>/<variant>.json``."""
+        return self.data_root / "offline"
+
+    def model_registry(self) -> ModelRegistry:
+        """The one owner of everything under ``models_dir`` (training/registry.py)."""
+        from training.registry import ModelRegistry
+
+        return ModelRegistry(self.models_dir)
+
+    # --- the values each layer takes, composed from the sections above ---
+    def grank_config(self, inputs: InputSpec) -> GRankConfig:
+        """A fresh model's architecture reading ``inputs`` (n_item_rows comes from the data)."""
+        return GRankConfig(
+            **_same_named(
+                GRankConfig,
+                self.train,
+                n_item_rows=2,
+                short_seq_len=self.features.short_seq_len,
+                long_seq_len=self.features.long_seq_len,
+                inputs=inputs,
+            )
+        )
+
+    def loss_weights(self) -> LossWeights:
+        t = self.train
+        return LossWeights(
+            ntp=t.lambda_ntp,
+            sa=t.lambda_sa,
+            ca=t.lambda_ca,
+            temperature=t.temperature,
+            ntp_negatives=t.ntp_negatives,
+            logq=t.logq_correction,
+            candidates=t.candidates_per_row,
+            hard_negatives=t.ranker_hard_negatives,
+            hard_pool=t.k1,  # the candidates the Ranker will reorder
+        )
+
+    def fit_config(self, bf16: bool) -> FitConfig:
+        """The bootstrap's optimisation (``bf16``: train.bf16 resolved on this machine)."""
+        t = self.train
+        return FitConfig(
+            **_same_named(
+                FitConfig,
+                t,
+                stride=self.features.short_seq_len,
+                max_seconds=t.max_minutes * 60 or None,
+                bf16=bf16,
+            )
+        )
+
+    def finetune_config(self, bf16: bool) -> FitConfig:
+        """The daily warm start's optimisation: the bootstrap's, at its own rate and budget."""
+        t = self.train
+        return replace(
+            self.fit_config(bf16),
+            lr=t.finetune_lr,
+            max_epochs=t.finetune_max_epochs,
+            max_seconds=t.finetune_max_minutes * 60 or None,
+        )
+
+    def eval_config(self) -> EvalConfig:
+        f = self.features
+        return EvalConfig(
+            short_len=f.short_seq_len,
+            long_len=f.long_seq_len,
+            k1=self.train.k1,
+            seen_len=f.long_seq_len,  # serving filters the online long sequence
+        )
+
+    def serve_config(self, idmaps_dir: Path | None) -> ServeConfig:
+        return ServeConfig(
+            **_same_named(
+                ServeConfig, self.serve, snapshots_dir=self.snapshots_dir, idmaps_dir=idmaps_dir
+            )
+        )
 
 
 def parse_date(value: str) -> date:

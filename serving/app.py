@@ -13,8 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -23,34 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from serving.batcher import MicroBatcher, QueueFullError
+from serving.config import ServeConfig
 from serving.hotswap import SnapshotHolder
 from serving.ids import ExternalIds, UnknownIdKindError
 from serving.metrics import ServingMetrics
-from serving.mips import Device, MipsConfig, ScreenMode
 from serving.recommender import NotReadyError, Recommender, RecRequest, RecResult
 from serving.sequences import ItemSource, UserSource
 
 INT64_MAX = 2**63 - 1
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Plain serving knobs (the CLI fills them from ``ServeSettings``)."""
-
-    snapshots_dir: Path
-    device: Device = "auto"
-    bf16_screen: ScreenMode = "auto"
-    k1: int = 200
-    max_k: int = 100
-    filter_seen: bool = True
-    max_batch: int = 64
-    max_wait_ms: float = 2.0
-    max_queue: int = 256
-    poll_s: float = 0.1
-    retry_after_s: int = 1
-    # the lake's id maps (common/idmap.py): clients use their own ids; None: ids are dense
-    idmaps_dir: Path | None = None
 
 
 class RecommendRequest(BaseModel):
@@ -90,8 +69,7 @@ def create_app(config: ServeConfig, source: UserSource, items: ItemSource | None
     lookup), ``holder`` (the served snapshot), ``batcher`` and ``metrics``.
     """
     metrics = ServingMetrics()
-    mips_config = MipsConfig(config.device, config.bf16_screen)
-    holder = SnapshotHolder(config.snapshots_dir, mips_config, metrics, config.poll_s, items)
+    holder = SnapshotHolder(config.snapshots_dir, config.mips, metrics, config.poll_s, items)
     metrics.screen_rescans.set_function(lambda: _screen_rescans(holder))
     recommender = Recommender(holder.current, source, config.k1, config.filter_seen)
     batcher: MicroBatcher[RecRequest, RecResult] = MicroBatcher(

@@ -1,7 +1,7 @@
 """A snapshot's files, written and read in one place: what a refresh writes, what serving loads.
 
-A bundle is one folder (``embeddings/dt=D/`` after a refresh; each snapshot version holds
-a copy of one, plus its manifest)::
+A bundle is one folder (``embeddings/dt=D/`` after a refresh, :func:`bundle_dir`; each
+snapshot version holds a copy of one, plus its manifest)::
 
     item_embeddings.npy       float32 [table rows, dim]: the model's item table,
                               row i = item i (row 0 = padding, all zeros)
@@ -31,7 +31,7 @@ import mmap
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 from common.atomic import staging_dir
 from common.errors import UserFacingError
+from serving.config import REFRESH_BATCH_ROWS, MipsConfig
 from serving.encoding import item_feature_table
 from serving.manifest import SnapshotError, read_verified
-from serving.mips import ExactMIPS, MipsConfig, build_mips
+from serving.mips import ExactMIPS, build_mips
 from serving.sequences import ItemSource
 from training.checkpoint import load_checkpoint
 from training.model import ITEM_TABLE_KEY, GRank, GRankConfig
@@ -58,6 +59,11 @@ NETWORK_CONFIG_FILE = "network.json"
 SOURCE_FILE = "source.json"
 CATALOGUE_FILES = frozenset({ITEM_IDS_FILE, POPULAR_FILE, SOURCE_FILE})
 MODEL_FILES = frozenset({EMBEDDINGS_FILE, NETWORK_FILE, NETWORK_CONFIG_FILE})
+
+
+def bundle_dir(embeddings_dir: Path, day: date) -> Path:
+    """The folder of ``day``'s bundle: the refresh writes it, publishing reads it."""
+    return embeddings_dir / f"dt={day.isoformat()}"
 
 
 # --- writing: the embedding refresh ----------------------------------------------------
@@ -78,7 +84,7 @@ def refresh_embeddings(
     out_dir: Path,
     item_ids: Sequence[int] | np.ndarray,
     popular_items: Sequence[int] | np.ndarray,
-    batch_size: int = 65_536,
+    batch_size: int = REFRESH_BATCH_ROWS,
     progress: bool = True,
     metrics: dict[str, Any] | None = None,
 ) -> RefreshReport:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from serving.bundle import LoadedSnapshot, load_snapshot
+from serving.config import MipsConfig
 from serving.metrics import ServingMetrics
-from serving.mips import MipsConfig
 from serving.sequences import ItemSource
 from serving.snapshots import read_current, version_dir
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,21 +31,7 @@ import faiss
 
 from common.errors import UserFacingError
 from common.hardware import cpu_multiplies_bf16
-
-Device = Literal["auto", "cpu", "cuda"]
-ScreenMode = Literal["auto", "on", "off"]
-
-
-@dataclass(frozen=True)
-class MipsConfig:
-    """Where the scan runs, and whether the CPU scan screens in bf16 first (exact either way).
-
-    ``auto`` screens where the CPU has bf16 dot-product instructions (AVX512-BF16, AMX);
-    elsewhere bf16 products are emulated and would cost more than they save.
-    """
-
-    device: Device = "auto"
-    bf16_screen: ScreenMode = "auto"
+from serving.config import MipsConfig
 
 
 class ExactMIPS(Protocol):

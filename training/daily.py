@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from common.errors import UserFacingError
 from features.lake import EPOCH, US_PER_DAY
 from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import (
     Timelines,
     day_number,
@@ -49,7 +50,7 @@ from training.data import (
     read_timelines,
 )
 from training.distributed import SINGLE, DataParallel
-from training.evaluate import EvalInputs, EvalSpec, Scorer, query_records, summarize, write_chart
+from training.evaluate import EvalInputs, Scorer, query_records, summarize, write_chart
 from training.features import FeatureHistory, read_feature_history
 from training.gate import (
     CANDIDATE,
@@ -61,23 +62,22 @@ from training.gate import (
     write_evidence,
 )
 from training.inputs import InputSpec, behavior_flags
-from training.losses import BatchLoss, LossWeights, grank_batch_loss, log_q
-from training.model import GRank, GRankConfig
+from training.losses import BatchLoss, grank_batch_loss, log_q
+from training.model import GRank
 from training.registry import ModelRegistry
 from training.temporal import TemporalSplit, global_temporal_split
-from training.train import FitConfig, FitResult, fit, fit_to_cutoff, seed_everything
+from training.train import FitResult, fit, fit_to_cutoff, seed_everything
 
 
 @dataclass(frozen=True)
 class Baselines:
     """The popularity baselines every candidate must beat: name -> ``item_features`` column.
 
-    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's.
+    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's
+    (the window is ``train.recent_popularity_days``).
     """
 
-    columns: dict[str, str] = field(
-        default_factory=lambda: {"popularity_all_time": "pop_total", "popularity_7d": "pop_7d"}
-    )
+    columns: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,13 @@ class DailyJob:
     weights: LossWeights
     fit: FitConfig
     finetune: FitConfig
-    spec: EvalSpec
+    spec: EvalConfig
     gate: GatePolicy
-    baselines: Baselines = field(default_factory=Baselines)
-    val_quantile: float = 0.9  # bootstrap: T_val = this quantile of the training events
-    catchup_epochs: int = 1  # bootstrap: epochs over the events between T_val and D
-    feature_ttl_days: int = 2  # as Feast serves the daily views (features/feast_repo)
-    train_window_days: int = 0
+    baselines: Baselines
+    val_quantile: float  # bootstrap: T_val = this quantile of the training events
+    catchup_epochs: int  # bootstrap: epochs over the events between T_val and D
+    feature_ttl_days: int  # as Feast serves the daily views (features/feast_repo)
+    train_window_days: int  # bootstrap: days before D to train on; 0 = all
     from_scratch: bool = False
     git_commit: str = "unknown"
     parallel: DataParallel = SINGLE  # this process' place among the training processes
@@ -213,17 +213,9 @@ def _n_rows(job: DailyJob, timelines_max: int) -> int:
 def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
     """From scratch: fit up to T_val (early stopping), walk forward to D, commit."""
     day = job.test_day
-    first = date.min if job.train_window_days <= 0 else day - timedelta(job.train_window_days)
     spec = job.model.inputs
-    probe = read_timelines(job.features_dir, first, day, job.landed_days)
-    if probe.first_day >= day:
-        raise UserFacingError(f"no training days before the test day {day}")
-    n_rows = _n_rows(job, probe.max_item_id)
-    data = read_day_data(job, first, spec, n_rows, device)
+    data, split, n_rows = _bootstrap_data(job, device)
     timelines = data.timelines
-    split = global_temporal_split(timelines, day_number(day) * US_PER_DAY - 1, job.val_quantile)
-    if len(split.validation) == 0:
-        raise UserFacingError(f"no validation events between T_val and {day}: too little history")
     seed_everything(job.fit.seed)
     model = GRank(replace(job.model, n_item_rows=n_rows))
     if spec.user_numeric:
@@ -258,6 +250,23 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
         n_train_events=int(item_counts(timelines, split.train_end, n_rows).sum()),
     )
     return _commit(job, model, manifest, result)
+
+
+def _bootstrap_data(job: DailyJob, device: torch.device) -> tuple[DayData, TemporalSplit, int]:
+    """The bootstrap's days (the window before D), their global temporal split, table rows."""
+    day = job.test_day
+    first = date.min if job.train_window_days <= 0 else day - timedelta(job.train_window_days)
+    probe = read_timelines(job.features_dir, first, day, job.landed_days)
+    if probe.first_day >= day:
+        raise UserFacingError(f"no training days before the test day {day}")
+    n_rows = _n_rows(job, probe.max_item_id)
+    data = read_day_data(job, first, job.model.inputs, n_rows, device)
+    split = global_temporal_split(
+        data.timelines, day_number(day) * US_PER_DAY - 1, job.val_quantile
+    )
+    if len(split.validation) == 0:
+        raise UserFacingError(f"no validation events between T_val and {day}: too little history")
+    return data, split, n_rows
 
 
 def _walk_forward(
@@ -401,9 +410,33 @@ def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
     Writes ``evaluations/<D>/{metrics.json, queries.parquet, chart.png}`` (the report is
     complete before PUBLISHED can move).
     """
-    day = job.test_day
-    registry = job.registry
+    day, registry = job.test_day, job.registry
     name = registry.candidate(day)
+    evidence = _candidate_evidence(job, name, device)
+    verdict = decide(_pooled_evidence(job, evidence.all), list(job.baselines.columns), job.gate)
+    will_move, note = registry.would_publish(name) if verdict.publishable else (False, "")
+    summary = summarize(evidence.today)
+    folder = registry.evaluation_dir(day)
+    _write_report(folder, job, name, evidence, verdict, summary)
+    moved = False
+    if will_move:
+        moved, note = registry.publish_if_newer(name, verdict.reason)
+    return Evaluation(verdict, moved, note, folder, summary)
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """Per-query records of a candidate: its test day's, and with its backtest's (``all``)."""
+
+    today: pa.Table
+    all: pa.Table
+    base: str | None  # the model the candidate was compared with (None: none published)
+    losses: list[float]  # the candidate's training loss per epoch, for the chart
+
+
+def _candidate_evidence(job: DailyJob, name: str, device: torch.device) -> _Evidence:
+    """Score the candidate ``name``, the model it would replace and the baselines on D."""
+    day, registry = job.test_day, job.registry
     candidate, manifest = load_checkpoint(registry.checkpoint_path(name), str(device))
     first = date.fromisoformat(manifest["data_first_day"])
     n_rows = candidate.config.n_item_rows
@@ -421,29 +454,40 @@ def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
         if backtest
         else today
     )
-    folder = registry.evaluation_dir(day)
+    return _Evidence(today, evidence, base, [h["loss"] for h in manifest["history"]])
+
+
+def _pooled_evidence(job: DailyJob, evidence: pa.Table) -> pa.Table:
+    """The gate's window: ``evidence`` in it, and the earlier days' reports in it."""
+    day = job.test_day
     window_first = day - timedelta(days=job.gate.window_days - 1)
     pooled_folders = [
-        registry.evaluation_dir(window_first + timedelta(days=i))
+        job.registry.evaluation_dir(window_first + timedelta(days=i))
         for i in range(job.gate.window_days - 1)
     ]
     earlier = read_evidence(pooled_folders, day_number(window_first), day_number(day))
     in_window = _in_window(evidence, day_number(window_first))
-    pooled = (
-        in_window
-        if earlier is None
-        else pa.concat_tables(
-            [earlier.select(in_window.column_names).cast(in_window.schema), in_window]
-        )
+    if earlier is None:
+        return in_window
+    return pa.concat_tables(
+        [earlier.select(in_window.column_names).cast(in_window.schema), in_window]
     )
-    verdict = decide(pooled, list(job.baselines.columns), job.gate)
-    will_move, note = registry.would_publish(name) if verdict.publishable else (False, "")
-    summary = summarize(today)
+
+
+def _write_report(
+    folder: Path,
+    job: DailyJob,
+    name: str,
+    evidence: _Evidence,
+    verdict: Verdict,
+    summary: dict[str, dict[str, float]],
+) -> None:
+    """``metrics.json``, the per-query evidence and the chart, as one atomic folder."""
     report = {
-        "day": day.isoformat(),
+        "day": job.test_day.isoformat(),
         "checkpoint": name,
-        "published_before": base,
-        "n_queries": today.num_rows,
+        "published_before": evidence.base,
+        "n_queries": evidence.today.num_rows,
         "gate": {
             **asdict(job.gate),
             "publishable": verdict.publishable,
@@ -456,13 +500,9 @@ def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
         "results": summary,
     }
     with staging_dir(folder) as staging:
-        write_evidence(staging, evidence)
+        write_evidence(staging, evidence.all)
         (staging / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        write_chart(staging / "chart.png", summary, [h["loss"] for h in manifest["history"]])
-    moved = False
-    if will_move:
-        moved, note = registry.publish_if_newer(name, verdict.reason)
-    return Evaluation(verdict, moved, note, folder, summary)
+        write_chart(staging / "chart.png", summary, evidence.losses)
 
 
 def _in_window(records: pa.Table, first_day: int) -> pa.Table:

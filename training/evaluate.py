@@ -19,6 +19,7 @@ import torch
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 from training.baselines import RecentPopularity
+from training.config import EvalConfig
 from training.data import Queries, Timelines, query_histories
 from training.features import FeatureHistory
 from training.inputs import seen_items
@@ -42,22 +43,6 @@ Scorer = VectorScorer | RecentPopularity
 
 
 @dataclass(frozen=True)
-class EvalSpec:
-    """Cutoffs and lengths of one evaluation run.
-
-    ``seen_len``: the items of the user's last ``seen_len`` events are filtered from every
-    ranking, exactly the rule serving applies to the online sequence (None: every item of
-    the history, the literature's rule).
-    """
-
-    short_len: int
-    long_len: int
-    k1: int = 200
-    batch_size: int = 512
-    seen_len: int | None = None
-
-
-@dataclass(frozen=True)
 class EvalInputs:
     """What a ranking needs besides the model: point-in-time features, behaviour flags
     per timeline position, and which item rows may be recommended (None: every row)."""
@@ -75,7 +60,7 @@ def _excluded(
     queries: Queries,
     rows: slice,
     n_rows: int,
-    spec: EvalSpec,
+    spec: EvalConfig,
     servable: np.ndarray | None,
     device: torch.device,
 ) -> torch.Tensor:
@@ -111,7 +96,7 @@ def rankings(
     scorer: Scorer,
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     with_rank: bool = True,
@@ -167,7 +152,7 @@ def evaluate(
     scorer: Scorer,
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     with_rank: bool = True,
@@ -206,7 +191,7 @@ def query_records(
     scorers: dict[str, Scorer | None],
     timelines: Timelines,
     queries: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     device: torch.device,
     inputs: dict[str, EvalInputs],
 ) -> pa.Table:

@@ -26,22 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from training.baselines import TwoTower
+from training.config import LossWeights
 from training.model import GRank, UserContext
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The λ's, the softmax temperature and the negative-sampling choices (TrainSettings)."""
-
-    ntp: float = 1.0
-    sa: float = 0.5
-    ca: float = 0.5
-    temperature: float = 1.0
-    ntp_negatives: str = "full"  # "full" | "in_batch" (docs/model.md: full learns faster)
-    logq: bool = True
-    candidates: int = 32  # in-batch candidates per row for L_SA and L_CA
-    hard_negatives: int = 0  # extra L_CA negatives per row from the Generator's top hard_pool
-    hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
 
 
 def _no_item_features(candidates: torch.Tensor) -> torch.Tensor | None:

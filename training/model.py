@@ -20,56 +20,15 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import UserFacingError
-from training.inputs import InputSpec
+from training.config import GRankConfig
 
 ITEM_TABLE_KEY = "item_embedding.weight"  # state-dict name of the shared item table
-
-
-@dataclass(frozen=True)
-class GRankConfig:
-    """Everything needed to rebuild the network; stored verbatim in checkpoint manifests."""
-
-    n_item_rows: int
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    short_seq_len: int = 64
-    long_seq_len: int = 200
-    dropout: float = 0.1
-    use_aux: bool = True
-    use_ranker: bool = True
-    # The Ranker's score = the Generator's MIPS score + the MLP's correction, so Stage 2
-    # starts from Stage 1's order (docs/model.md). False in checkpoints written before it.
-    ranker_residual: bool = False
-    # features besides the item sequences (training/inputs.py); sequence-only by default
-    inputs: InputSpec = field(default_factory=InputSpec)
-
-    def __post_init__(self) -> None:
-        if self.n_item_rows < 2:
-            raise UserFacingError(f"n_item_rows must be at least 2, got {self.n_item_rows}")
-        if self.dim % self.n_heads:
-            raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "inputs": self.inputs.to_dict()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GRankConfig:
-        """Rebuild from a manifest; unknown keys mean a newer format and are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserFacingError(f"unknown model config keys {unknown}")
-        inputs = InputSpec.from_dict(values.get("inputs", {}))
-        return cls(**{**values, "inputs": inputs})
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,15 @@ import torch
 from common.errors import UserFacingError
 from features.lake import US_PER_DAY
 from training.baselines import Popularity, RecentPopularity, TwoTower
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
-from training.evaluate import EvalInputs, EvalSpec, Scorer, evaluate
+from training.evaluate import EvalInputs, Scorer, evaluate
 from training.features import read_feature_history
 from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_groups
-from training.losses import LossWeights, grank_batch_loss, log_q, two_tower_batch_loss
-from training.model import GRank, GRankConfig
+from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
+from training.model import GRank
 from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
-from training.train import FitConfig, fit, fit_to_cutoff, seed_everything
+from training.train import fit, fit_to_cutoff, seed_everything
 
 PROTOCOLS = ("gts", "loo")
 # the feature ablation: the sequence alone, each group alone on top of it, all of them
@@ -53,7 +54,7 @@ class OfflineJob:
     weights: LossWeights
     fit: FitConfig
     catchup: FitConfig
-    spec: EvalSpec
+    spec: EvalConfig
     baselines: dict[str, str]  # name -> item_features column (as of the day before)
     quantile: float = 0.9
     val_quantile: float = 0.9
@@ -124,7 +125,7 @@ def load(job: OfflineJob, device: torch.device) -> OfflineData:
 def _scores(
     scorer: Scorer,
     data: OfflineData,
-    spec: EvalSpec,
+    spec: EvalConfig,
     inputs: EvalInputs,
     device: torch.device,
     protocol_queries: dict[str, Any],

@@ -1,10 +1,9 @@
-"""The training loop: seeded, early-stopped on validation recall, NaN-safe, CPU or CUDA.
+"""The training loop: seeded, early-stopped on a validation metric, NaN-safe, CPU or CUDA.
 
 One loop trains GRank (any ablation) and the DSSM baseline; what differs is the
-per-batch loss. Each epoch re-cuts the windows (new random phase), trains, evaluates
-the validation queries and keeps the best weights in memory; ``on_improve`` lets the
-caller persist a checkpoint at each improvement, so a later failure (NaN loss) leaves
-the last good checkpoint on disk.
+per-batch loss. Each epoch re-cuts the windows (new random phase) and trains (the epoch
+step), then evaluates the validation queries and keeps the best weights in memory (the
+validation step); a non-finite loss puts the last good weights back before it raises.
 
 Data parallel (``training/distributed.py``): with several processes each trains on its
 share of every global batch under DistributedDataParallel; rank 0 alone scores the
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
+from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines, Windows, item_counts, make_windows
 from training.distributed import (
     SINGLE,
@@ -37,29 +37,9 @@ from training.distributed import (
     require_same_weights,
     wrap,
 )
-from training.evaluate import NO_INPUTS, EvalInputs, EvalSpec, Scorer, evaluate
+from training.evaluate import NO_INPUTS, EvalInputs, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
 from training.temporal import TemporalSplit
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Optimisation knobs (from TrainSettings; docs/model.md)."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    max_epochs: int = 20
-    patience: int = 2
-    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
-    grad_clip: float = 10.0
-    stride: int = 64
-    seed: int = 42
-    val_metric: str = "recall@10"
-    max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
-    keep_best: bool = True  # end on the best validation epoch (False: on the last one)
-    bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
-    progress: bool = True
 
 
 @dataclass
@@ -193,7 +173,7 @@ def fit(
     timelines: Timelines,
     train_end: np.ndarray,
     validation: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     config: FitConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
@@ -201,10 +181,11 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best validation weights.
 
-    Each epoch re-cuts the windows, trains, and scores the validation queries; the best
-    weights are kept in memory. A non-finite loss restores them and raises a
-    UserFacingError naming the epoch and step. With ``parallel`` active, this runs on
-    every rank; the result's scores are rank 0's, broadcast.
+    Each epoch re-cuts the windows, trains (:meth:`_Fit.epoch_step`), and scores the
+    validation queries (:meth:`_Fit.validation_step`); the best weights are kept in
+    memory. A non-finite loss restores them and raises a UserFacingError naming the epoch
+    and step. With ``parallel`` active, this runs on every rank; the result's scores are
+    rank 0's, broadcast.
     """
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)  # the same windows and batches on every rank
@@ -215,40 +196,115 @@ def fit(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    result = FitResult()
-    best_state = copy.deepcopy(model.state_dict())
     started = time.perf_counter()
-    deadline = None if config.max_seconds is None else started + config.max_seconds
-    stale = 0
+    run = _Fit(
+        model=model,
+        step_loss=step_loss,
+        optimizer=optimizer,
+        timelines=timelines,
+        train_end=train_end,
+        validation=validation,
+        spec=spec,
+        config=config,
+        inputs=inputs,
+        parallel=parallel,
+        rng=rng,
+        deadline=None if config.max_seconds is None else started + config.max_seconds,
+        best_state=copy.deepcopy(model.state_dict()),
+    )
     for epoch in range(1, config.max_epochs + 1):
-        windows = make_windows(
-            timelines, train_end, spec.short_len, spec.long_len, config.stride, rng, inputs.flags
-        )
-        epoch_start = time.perf_counter()
-        try:
-            loss, steps, result.stop_reason = train_epoch(
-                step_loss,
-                optimizer,
-                timelines,
-                windows,
-                inputs,
-                config,
-                rng,
-                deadline,
-                f"epoch {epoch}",
-                parallel,
-            )
-        except _NonFinite as exc:
-            model.load_state_dict(best_state)
-            result.stop_reason = str(exc)
-            raise UserFacingError(
-                f"training stopped: {exc}; kept the last good weights "
-                f"(epoch {result.best_epoch}); lower the learning rate"
-            ) from exc
+        loss, steps = run.epoch_step(epoch)
         if steps == 0:  # the budget ran out before this epoch trained: nothing to evaluate
             break
+        run.validation_step(epoch, loss)
+        if run.result.stop_reason:
+            break
+    else:
+        run.result.stop_reason = f"reached max_epochs {config.max_epochs}"
+    if config.keep_best:
+        model.load_state_dict(run.best_state)
+    require_same_weights(model, parallel)
+    run.result.seconds = time.perf_counter() - started
+    return run.result
+
+
+@dataclass
+class _Fit:
+    """One :func:`fit` call's state across epochs: what it trains, and the best so far."""
+
+    model: nn.Module
+    step_loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    timelines: Timelines
+    train_end: np.ndarray
+    validation: Queries
+    spec: EvalConfig
+    config: FitConfig
+    inputs: EvalInputs
+    parallel: DataParallel
+    rng: np.random.Generator
+    deadline: float | None
+    best_state: dict[str, torch.Tensor]
+    stale: int = 0  # epochs since the validation score last improved
+    epoch_started: float = 0.0  # when the running epoch's training began
+    result: FitResult = field(default_factory=FitResult)
+
+    def epoch_step(self, epoch: int) -> tuple[float, int]:
+        """Re-cut the windows and train one pass over them: (mean loss, steps).
+
+        A non-finite loss restores the best weights and raises a UserFacingError.
+        """
+        spec, config = self.spec, self.config
+        windows = make_windows(
+            self.timelines,
+            self.train_end,
+            spec.short_len,
+            spec.long_len,
+            config.stride,
+            self.rng,
+            self.inputs.flags,
+        )
+        self.epoch_started = time.perf_counter()
+        try:
+            loss, steps, self.result.stop_reason = train_epoch(
+                self.step_loss,
+                self.optimizer,
+                self.timelines,
+                windows,
+                self.inputs,
+                config,
+                self.rng,
+                self.deadline,
+                f"epoch {epoch}",
+                self.parallel,
+            )
+        except _NonFinite as exc:
+            self.model.load_state_dict(self.best_state)
+            self.result.stop_reason = str(exc)
+            raise UserFacingError(
+                f"training stopped: {exc}; kept the last good weights "
+                f"(epoch {self.result.best_epoch}); lower the learning rate"
+            ) from exc
+        return loss, steps
+
+    def validation_step(self, epoch: int, loss: float) -> None:
+        """Score the validation queries, record the epoch, keep its weights if best.
+
+        Rank 0 scores and every rank takes its score. Without a gain the learning rate
+        shrinks by ``plateau_lr_factor``, and after ``patience`` such epochs the result
+        gets its stop reason.
+        """
+        config, parallel, result = self.config, self.parallel, self.result
+        epoch_start = self.epoch_started
         score = (
-            validation_score(model, timelines, validation, spec, config.val_metric, inputs)
+            validation_score(
+                self.model,
+                self.timelines,
+                self.validation,
+                self.spec,
+                config.val_metric,
+                self.inputs,
+            )
             if parallel.is_main
             else 0.0
         )
@@ -258,7 +314,7 @@ def fit(
                 "epoch": epoch,
                 "loss": loss,
                 "val_" + config.val_metric: score,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": self.optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
@@ -268,23 +324,14 @@ def fit(
                 f" ({time.perf_counter() - epoch_start:.0f}s)"
             )
         if score > result.best_score:
-            result.best_score, result.best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            for group in optimizer.param_groups:  # smaller steps to settle into the optimum
-                group["lr"] *= config.plateau_lr_factor
-            if stale >= config.patience:
-                result.stop_reason = f"no validation gain for {config.patience} epochs"
-        if result.stop_reason:
-            break
-    else:
-        result.stop_reason = f"reached max_epochs {config.max_epochs}"
-    if config.keep_best:
-        model.load_state_dict(best_state)
-    require_same_weights(model, parallel)
-    result.seconds = time.perf_counter() - started
-    return result
+            result.best_score, result.best_epoch, self.stale = score, epoch, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return
+        self.stale += 1
+        for group in self.optimizer.param_groups:  # smaller steps to settle into the optimum
+            group["lr"] *= config.plateau_lr_factor
+        if self.stale >= config.patience:
+            result.stop_reason = f"no validation gain for {config.patience} epochs"
 
 
 def fit_to_cutoff(
@@ -292,7 +339,7 @@ def fit_to_cutoff(
     make_loss: Callable[[np.ndarray], BatchLoss],
     timelines: Timelines,
     split: TemporalSplit,
-    spec: EvalSpec,
+    spec: EvalConfig,
     config: FitConfig,
     catchup: FitConfig,
     device: torch.device,
@@ -343,7 +390,7 @@ def validation_score(
     model: nn.Module,
     timelines: Timelines,
     validation: Queries,
-    spec: EvalSpec,
+    spec: EvalConfig,
     metric: str,
     inputs: EvalInputs,
 ) -> float:

@@ -21,14 +21,16 @@ from grank.config import Settings
 
 def embeddings_dir(settings: Settings, day: date) -> Path:
     """Where the refresh for ``day`` writes (and publish reads): ``embeddings/dt=D/``."""
-    return settings.data_root / "embeddings" / f"dt={day.isoformat()}"
+    from serving.bundle import bundle_dir
+
+    return bundle_dir(settings.embeddings_dir, day)
 
 
 def evaluation_metrics(settings: Settings, checkpoint_id: str) -> dict[str, Any] | None:
     """The gate's report of the evaluation that published ``checkpoint_id``, if any."""
-    from training.registry import ModelRegistry, checkpoint_day
+    from training.registry import checkpoint_day
 
-    path = ModelRegistry(settings.models_dir).evaluation_dir(checkpoint_day(checkpoint_id))
+    path = settings.model_registry().evaluation_dir(checkpoint_day(checkpoint_id))
     if not (path / "metrics.json").is_file():
         return None
     report = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
@@ -78,10 +80,9 @@ def embeddings() -> None:
 def refresh(settings: Settings, day: date, checkpoint: str | None) -> None:
     """Compute every catalogue item's vector into embeddings/dt=D/ (float32 + ids + weights)."""
     from serving.bundle import refresh_embeddings, write_popularity_bundle
-    from training.registry import ModelRegistry
 
     catalogue, popular = _catalogue_and_popularity(settings, day)
-    registry = ModelRegistry(settings.models_dir)
+    registry = settings.model_registry()
     checkpoint = checkpoint or registry.published()
     out = embeddings_dir(settings, day)
     if checkpoint is None:
@@ -225,13 +226,12 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
     that serves, not from the one rolled back.
     """
     from serving.snapshots import point_current, read_manifest_of, rollback_target
-    from training.registry import ModelRegistry
 
     version = rollback_target(settings.snapshots_dir, to)
     checkpoint = read_manifest_of(settings.snapshots_dir, version).get("checkpoint_id")
     # the model pointer first: killed in between, the next day trains from the right model
     # and a re-run of this command moves CURRENT
-    previous = ModelRegistry(settings.models_dir).promote(checkpoint, "snapshot rollback", reason)
+    previous = settings.model_registry().promote(checkpoint, "snapshot rollback", reason)
     point_current(settings.snapshots_dir, version)
     click.echo(f"CURRENT -> {version}; PUBLISHED: {previous} -> {checkpoint}")
 
@@ -323,27 +323,16 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from features.ingest import idmaps_dir
-    from serving.app import ServeConfig, create_app
+    from serving.app import create_app
     from serving.sequences import FeastUserSource
 
     if not (settings.feast_dir / "feature_store.yaml").is_file():
         raise UserFacingError(
             f"no Feast repository at {settings.feast_dir}: run `grank features register` first"
         )
-    cfg = settings.serve
-    config = ServeConfig(
-        snapshots_dir=settings.snapshots_dir,
-        device=cfg.device,
-        bf16_screen=cfg.bf16_screen,
-        k1=cfg.k1,
-        max_k=cfg.max_k,
-        filter_seen=cfg.filter_seen,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-        max_queue=cfg.max_queue,
-        poll_s=cfg.poll_s,
-        idmaps_dir=idmaps_dir(settings.lake_dir),
-    )
+    config = settings.serve_config(idmaps_dir(settings.lake_dir))
     source = FeastUserSource(settings.feast_dir)
     app = create_app(config, source, source)
-    uvicorn.run(app, host=host or cfg.host, port=port or cfg.port, log_level="info")
+    uvicorn.run(
+        app, host=host or settings.serve.host, port=port or settings.serve.port, log_level="info"
+    )

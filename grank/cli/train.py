@@ -21,8 +21,6 @@ from grank.config import REPO_ROOT, Settings
 if TYPE_CHECKING:
     from training.daily import DailyJob
     from training.distributed import DataParallel
-    from training.evaluate import EvalSpec
-    from training.registry import ModelRegistry
 
 # `grank evaluate` exits with this when the gate refused the candidate: not an error of
 # the run (the DAG marks the task skipped and serving keeps what it has), but not a pass.
@@ -40,27 +38,10 @@ def _git_commit() -> str:
     return out.stdout.strip()
 
 
-def eval_spec(settings: Settings) -> EvalSpec:
-    from training.evaluate import EvalSpec
-
-    return EvalSpec(
-        short_len=settings.features.short_seq_len,
-        long_len=settings.features.long_seq_len,
-        k1=settings.train.k1,
-        seen_len=settings.features.long_seq_len,  # serving filters the online long sequence
-    )
-
-
-def registry(settings: Settings) -> ModelRegistry:
-    from training.registry import ModelRegistry
-
-    return ModelRegistry(settings.models_dir)
-
-
 def daily_job(
     settings: Settings, day: date, from_scratch: bool = False, parallel: DataParallel | None = None
 ) -> DailyJob:
-    """Turn Settings into the plain values the training layer takes."""
+    """The daily run of ``day`` as the training layer takes it (grank/config.py composes it)."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -69,77 +50,31 @@ def daily_job(
     from training.daily import Baselines, DailyJob
     from training.distributed import SINGLE
     from training.inputs import select_groups
-    from training.losses import LossWeights
-    from training.model import GRankConfig
-    from training.train import FitConfig
 
     t = settings.train
-    fit = FitConfig(
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        batch_size=t.batch_size,
-        max_epochs=t.max_epochs,
-        patience=t.patience,
-        plateau_lr_factor=t.plateau_lr_factor,
-        grad_clip=t.grad_clip,
-        stride=settings.features.short_seq_len,
-        seed=t.seed,
-        val_metric=t.val_metric,
-        max_seconds=t.max_minutes * 60 or None,
-        bf16=_use_bf16(t.bf16),
-    )
+    bf16 = _use_bf16(t.bf16)
     items = settings.lake_dir / "raw" / "items" / "items.parquet"
     catalogue = (
         pq.read_table(items, columns=["item_id"])["item_id"].to_numpy()
         if items.is_file()
         else np.zeros(0, dtype=np.int64)
     )
+    inputs = select_groups(model_inputs(settings, lake_config(settings)), t.feature_groups)
+    recent = t.recent_popularity_days
     return DailyJob(
         features_dir=settings.features_dir,
-        registry=registry(settings),
+        registry=settings.model_registry(),
         test_day=day,
         catalogue=catalogue,
         landed_days=frozenset(landed_days(settings.lake_dir)),
-        model=GRankConfig(
-            n_item_rows=2,
-            dim=t.dim,
-            n_layers=t.n_layers,
-            n_heads=t.n_heads,
-            short_seq_len=settings.features.short_seq_len,
-            long_seq_len=settings.features.long_seq_len,
-            dropout=t.dropout,
-            use_aux=t.use_aux,
-            use_ranker=t.use_ranker,
-            ranker_residual=t.ranker_residual,
-            inputs=select_groups(model_inputs(settings, lake_config(settings)), t.feature_groups),
-        ),
-        weights=LossWeights(
-            ntp=t.lambda_ntp,
-            sa=t.lambda_sa,
-            ca=t.lambda_ca,
-            temperature=t.temperature,
-            ntp_negatives=t.ntp_negatives,
-            logq=t.logq_correction,
-            candidates=t.candidates_per_row,
-            hard_negatives=t.ranker_hard_negatives,
-            hard_pool=t.k1,
-        ),
-        fit=fit,
-        finetune=FitConfig(
-            **{
-                **fit.__dict__,
-                "lr": t.finetune_lr,
-                "max_epochs": t.finetune_max_epochs,
-                "max_seconds": t.finetune_max_minutes * 60 or None,
-            }
-        ),
-        spec=eval_spec(settings),
+        model=settings.grank_config(inputs),
+        weights=settings.loss_weights(),
+        fit=settings.fit_config(bf16),
+        finetune=settings.finetune_config(bf16),
+        spec=settings.eval_config(),
         gate=t.gate,
         baselines=Baselines(
-            {
-                "popularity_all_time": "pop_total",
-                f"popularity_{t.recent_popularity_days}d": f"pop_{t.recent_popularity_days}d",
-            }
+            {"popularity_all_time": "pop_total", f"popularity_{recent}d": f"pop_{recent}d"}
         ),
         val_quantile=t.val_quantile,
         catchup_epochs=t.catchup_epochs,
@@ -217,9 +152,8 @@ def train(settings: Settings, day: date, from_scratch: bool, processes: int | No
         f"{manifest['stop_reason']}; best validation {manifest['val_score']:.4f}"
         f" at epoch {manifest['best_epoch']})"
     )
-    click.echo(
-        f"candidate of {day}: {registry(settings).checkpoint_path(manifest['checkpoint_id'])}"
-    )
+    folder = settings.model_registry().checkpoint_path(manifest["checkpoint_id"])
+    click.echo(f"candidate of {day}: {folder}")
 
 
 def _launch_workers(settings: Settings, processes: int, day: date, from_scratch: bool) -> None:
@@ -283,11 +217,11 @@ def model() -> None:
 @click.pass_obj
 def list_models(settings: Settings) -> None:
     """Checkpoints, oldest test day first (* marks PUBLISHED), then the pointer's history."""
-    reg = registry(settings)
+    reg = settings.model_registry()
     published = reg.published()
     ids = reg.checkpoint_ids()
     if not ids:
-        click.echo(f"no checkpoints in {settings.models_dir}")
+        click.echo(f"no checkpoints in {reg.root}")
     for checkpoint_id in ids:
         manifest = reg.manifest(checkpoint_id)
         click.echo(
@@ -307,7 +241,7 @@ def list_models(settings: Settings) -> None:
 @click.pass_obj
 def promote(settings: Settings, checkpoint_id: str, reason: str) -> None:
     """Point PUBLISHED at CHECKPOINT_ID, whatever its day; then publish a snapshot from it."""
-    previous = registry(settings).promote(checkpoint_id, "promote", reason)
+    previous = settings.model_registry().promote(checkpoint_id, "promote", reason)
     click.echo(f"PUBLISHED: {previous} -> {checkpoint_id}")
     click.echo(
         "serving follows after `grank embeddings refresh` + `grank snapshot publish --force`"
@@ -323,7 +257,7 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
     from common.errors import UserFacingError
     from serving.snapshots import list_snapshots, point_current
 
-    reg = registry(settings)
+    reg = settings.model_registry()
     target = to or reg.previously_published()
     if target is None:
         raise UserFacingError("nothing to roll back to: PUBLISHED has no earlier value")
@@ -405,7 +339,7 @@ def offline_eval(
         val_quantile=settings.train.val_quantile,
         feature_ttl_days=settings.features.daily_ttl_days,
     )
-    out = settings.data_root / "offline" / protocol
+    out = settings.offline_dir / protocol
     device = pick_device()
     data = load(offline, device)
     click.echo(
@@ -450,7 +384,7 @@ def skew(settings: Settings, day: date, users: int, items: int) -> None:
     from training.checkpoint import read_manifest
     from training.model import GRankConfig
 
-    reg = registry(settings)
+    reg = settings.model_registry()
     published = reg.published()
     if published is not None:
         config = GRankConfig.from_dict(read_manifest(reg.checkpoint_path(published))["config"])

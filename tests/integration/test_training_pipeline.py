@@ -21,7 +21,7 @@ from grank.cli import cli
 from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
 from training.data import leave_last_out, read_timelines
-from training.evaluate import EvalSpec
+from training.evaluate import EvalConfig
 from training.losses import LossWeights, grank_batch_loss
 from training.model import GRank, GRankConfig
 from training.registry import ModelRegistry
@@ -63,7 +63,12 @@ def models_root(built_root: Path, tmp_path: Path) -> Path:
 def tiny_grank(max_item_id: int, **overrides: float) -> GRank:
     """The small GRank these tests train (dim 16, one layer, short 16 / long 32)."""
     config = GRankConfig(
-        n_item_rows=max_item_id + 1, dim=16, n_layers=1, short_seq_len=16, long_seq_len=32
+        n_item_rows=max_item_id + 1,
+        dim=16,
+        n_layers=1,
+        short_seq_len=16,
+        long_seq_len=32,
+        dropout=0.1,
     )
     return GRank(replace(config, **overrides))
 
@@ -84,7 +89,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
     train_end, validation, _ = leave_last_out(timelines)
     torch.manual_seed(0)
     model = tiny_grank(timelines.max_item_id, dropout=0.0)
-    loss = grank_batch_loss(LossWeights(candidates=32), None)
+    loss = grank_batch_loss(LossWeights(sa=0.5, candidates=32, hard_negatives=0), None)
     config = FitConfig(
         lr=lr,
         batch_size=128,
@@ -92,6 +97,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
         patience=epochs,
         plateau_lr_factor=plateau_lr_factor,
         stride=16,
+        val_metric="recall@10",
         progress=False,
     )
     result = fit(
@@ -100,7 +106,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
         timelines,
         train_end,
         validation,
-        EvalSpec(16, 32, 50),
+        EvalConfig(16, 32, 50),
         config,
         torch.device("cpu"),
     )
@@ -136,9 +142,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
 
     timelines = read_timelines(built_root / "features", None, LAST)
     train_end, validation, _ = leave_last_out(timelines)
-    config = FitConfig(batch_size=100_000, max_epochs=5, patience=5, stride=16, progress=False)
-    spec = EvalSpec(16, 32, 50)
-    loss = grank_batch_loss(LossWeights(candidates=8), None)
+    config = FitConfig(
+        batch_size=100_000,
+        max_epochs=5,
+        patience=5,
+        stride=16,
+        val_metric="recall@10",
+        progress=False,
+    )
+    spec = EvalConfig(16, 32, 50)
+    loss = grank_batch_loss(LossWeights(sa=0.5, candidates=8, hard_negatives=0), None)
     # one clean epoch (one step: the batch holds every window) is the last good state
     torch.manual_seed(0)
     good = tiny_grank(timelines.max_item_id)

@@ -22,7 +22,7 @@ from serving.sequences import StaticUserSource, UserHistory
 from serving.snapshots import publish_snapshot
 from training.checkpoint import save_checkpoint
 from training.data import Queries, Timelines, day_number
-from training.evaluate import EvalInputs, EvalSpec, rankings
+from training.evaluate import EvalConfig, EvalInputs, rankings
 from training.features import FeatureHistory
 from training.inputs import (
     BehaviorRule,
@@ -119,7 +119,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(tmp_path: 
         model,
         timelines,
         queries,
-        EvalSpec(SHORT, LONG, k1=N_ITEMS, seen_len=LONG),
+        EvalConfig(SHORT, LONG, k1=N_ITEMS, seen_len=LONG),
         torch.device("cpu"),
         EvalInputs(features, flags, servable),
     )["rank"][0]

@@ -1,0 +1,114 @@
+"""The training layer's knobs: one definition of each, and of its default.
+
+These dataclasses are what training takes; ``grank/config.py`` composes them into the
+settings a deployment overrides (``GRANK_TRAIN__<FIELD>``), taking each default from
+here. The defaults are the values a ``grank train`` run uses. This module imports no
+torch, so reading the settings stays cheap for commands that train nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from common.errors import UserFacingError
+from training.inputs import InputSpec
+
+
+@dataclass(frozen=True)
+class GRankConfig:
+    """Everything needed to rebuild the network; stored verbatim in checkpoint manifests."""
+
+    n_item_rows: int
+    dim: int = 64  # small CPU defaults
+    n_layers: int = 2
+    n_heads: int = 2
+    short_seq_len: int = 64
+    long_seq_len: int = 200
+    dropout: float = 0.2
+    use_aux: bool = True
+    use_ranker: bool = True
+    # The Ranker's score = the Generator's MIPS score + the MLP's correction, so Stage 2
+    # starts from Stage 1's order (docs/model.md). The default is what a manifest written
+    # before the option means; a `grank train` run sets train.ranker_residual (True).
+    ranker_residual: bool = False
+    # features besides the item sequences (training/inputs.py); sequence-only by default
+    inputs: InputSpec = field(default_factory=InputSpec)
+
+    def __post_init__(self) -> None:
+        if self.n_item_rows < 2:
+            raise UserFacingError(f"n_item_rows must be at least 2, got {self.n_item_rows}")
+        if self.dim % self.n_heads:
+            raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "inputs": self.inputs.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GRankConfig:
+        """Rebuild from a manifest; unknown keys mean a newer format and are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserFacingError(f"unknown model config keys {unknown}")
+        inputs = InputSpec.from_dict(values.get("inputs", {}))
+        return cls(**{**values, "inputs": inputs})
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The λ's, the softmax temperature and the negative-sampling choices (docs/model.md)."""
+
+    ntp: float = 1.0
+    sa: float = 0.1  # 0.5 slowed the exact-softmax Generator (docs/benchmarks.md)
+    ca: float = 0.5
+    temperature: float = 1.0
+    ntp_negatives: Literal["full", "in_batch"] = (
+        "full"  # "full" | "in_batch" (logQ-corrected, cheaper)
+    )
+    logq: bool = True
+    candidates: int = 32  # in-batch candidates per row for L_SA and L_CA (paper: 300)
+    # L_CA negatives per row drawn from the Generator's top ``hard_pool``: the Ranker
+    # learns to reorder what it will be shown (with item features it then beats the
+    # Generator's own order)
+    hard_negatives: int = 16
+    hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimisation knobs of one training run (AdamW, as in the paper; docs/model.md)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    # windows per step: more, smaller steps learn faster per second (docs/model.md)
+    batch_size: int = 64
+    # the bootstrap trains to convergence: early stopping on the temporal validation
+    max_epochs: int = 200
+    patience: int = 3
+    plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
+    grad_clip: float = 10.0
+    stride: int = 64
+    seed: int = 42
+    # early stopping watches the Generator's metric on the validation queries
+    val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = "ndcg@10"
+    max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
+    keep_best: bool = True  # end on the best validation epoch (False: on the last one)
+    bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Cutoffs and lengths of one evaluation run.
+
+    ``seen_len``: the items of the user's last ``seen_len`` events are filtered from every
+    ranking, exactly the rule serving applies to the online sequence (None: every item of
+    the history, the literature's rule).
+    """
+
+    short_len: int
+    long_len: int
+    k1: int = 200  # MIPS candidates the Ranker reorders, as serving hands it
+    batch_size: int = 512
+    seen_len: int | None = None
