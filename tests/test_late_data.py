@@ -10,8 +10,11 @@ day, as the daily DAG does, plus a re-run; named tests cover each scenario on it
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -20,13 +23,13 @@ import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
 
-from common.atomic import sha256_file
+from common.atomic import CRASH_AT_ENV, sha256_file
 from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lake, lineage
 from features.jobs import BuildSpec, build, build_one
 from grank.cli import cli
-from grank.config import Settings
+from grank.config import REPO_ROOT, Settings
 from tests.conftest import make_settings
 from tests.test_features_jobs import (
     D1,
@@ -314,3 +317,96 @@ def test_null_values_and_a_failed_build_leave_the_previous_complete_day(
     assert build_one(spark, spec, D2).mode == "incremental"
     rows = read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
     assert [(r["user_id"], r["mean_value"]) for r in rows] == [(1, 4.0), (2, 4.0), (3, None)]
+
+
+def committed_files(spec: BuildSpec) -> dict[str, str]:
+    """Every published and state file under ``features/`` with its sha256, and the lineage
+    records' text: what readers and the next build see."""
+    files = {}
+    folders = [ft.table_dir(spec.features_dir, t) for t in ft.PUBLISHED_TABLES]
+    folders += [ft.state_dir(spec.features_dir, t) for t in ft.STATE_TABLES]
+    for folder in folders:
+        for day in ft.partition_days(folder):
+            part = ft.partition_path(folder, day) / ft.PART_FILE
+            files[str(part.relative_to(spec.features_dir))] = sha256_file(part)
+    for day in lineage.built_days(spec.features_dir):
+        files[f"lineage {day}"] = lineage.lineage_path(spec.features_dir, day).read_text()
+    return files
+
+
+RECOVER = """
+import sys
+from pathlib import Path
+from features import lineage
+lineage.recover_commits(Path(sys.argv[1]))
+"""
+
+
+def test_a_failed_or_killed_rebuild_of_a_built_day_leaves_a_complete_day(
+    spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-building a built day (its raw day corrected) that fails between two table writes
+    leaves every file of the previous complete build, readable and still committed; one
+    killed while publishing its commit is finished on the next start, never half."""
+    spec = hand_made_lake(tmp_path)
+    build_one(spark, spec, D1)
+    build_one(spark, spec, D2)
+    before = committed_files(spec)
+    # corrected: a new user and item on D2 change every table and state of D2
+    write_raw(spec.lake_dir, D2, raw_table([*HAND_MADE[D2], (7, 3, 6, at(D2, 10))]))
+    write_partitions = ft.write_partitions
+    written: list[Path] = []
+
+    def fails_before_user_features(frame, folder: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if folder.name == ft.USER_FEATURES:  # after examples, state and sequences
+            raise RuntimeError("injected failure between table writes")
+        written.append(folder)
+        return write_partitions(frame, folder, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "write_partitions", fails_before_user_features)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            build_one(spark, spec, D2)
+    assert len(written) == 6, written  # examples, 4 state tables, sequences were written
+    assert committed_files(spec) == before
+    assert lineage.built_days(spec.features_dir) == [D1, D2]  # the old D2 is still committed
+    assert [
+        r["user_id"] for r in read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
+    ] == [1, 2]
+    assert not lineage.staging_root(spec.features_dir, D2).exists()
+
+    # killed after the commit point, between two partition swaps
+    def dies(features_dir: Path, day: date) -> None:
+        raise SystemExit("killed after the commit point")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lineage, "_apply", dies)
+        with pytest.raises(SystemExit):
+            build_one(spark, spec, D2)
+    staged_root = lineage.staging_root(spec.features_dir, D2)
+    staged = {
+        str(p.relative_to(staged_root)): sha256_file(p) for p in staged_root.rglob(ft.PART_FILE)
+    }
+    assert committed_files(spec) == before  # nothing published yet
+    killed = subprocess.run(
+        [sys.executable, "-c", RECOVER, str(spec.features_dir)],
+        env={**os.environ, CRASH_AT_ENV: "partition-swapped"},
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert killed.returncode == 97
+    assert lineage.built_days(spec.features_dir) == [D1]  # half-published: not built
+    assert lineage.recover_commits(spec.features_dir) == [D2]  # the next start finishes it
+    after = committed_files(spec)
+    assert {k: v for k, v in after.items() if D2.isoformat() not in k} == {
+        k: v for k, v in before.items() if D2.isoformat() not in k
+    }
+    assert {k: v for k, v in after.items() if k in staged} == staged
+    assert all(before[k] != staged[k] for k in staged)
+    assert lineage.built_days(spec.features_dir) == [D1, D2]
+    current = lineage.current_raw(spec.lake_dir, D2)
+    assert lineage.first_stale_day(spec.features_dir, current, set()) is None
+    assert [
+        r["user_id"] for r in read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
+    ] == [1, 2, 3]
+    assert not staged_root.exists()
