@@ -628,11 +628,19 @@ def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) ->
 
 
 def advance_user_state(prev_users: DataFrame, events: DataFrame, max_len: int) -> DataFrame:
-    """Per user: the last ``max_len`` events (oldest → newest) and running totals."""
+    """Per user: the last ``max_len`` events (oldest → newest) and running totals.
+
+    Only each user's last ``max_len`` events of the batch are collected (ranked in the
+    sequences' own order): a user with 100,000 events in a day, or a long history in a
+    rebuild, costs a sort that spills, not a list of all of them in memory.
+    """
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    batch = events.groupBy("user_id").agg(
-        F.collect_list(_event_struct()).alias("new_seq"),
+    newest = Window.partitionBy("user_id").orderBy(F.desc(_event_struct()))
+    ranked = events.withColumn("_rank", F.row_number().over(newest))
+    batch = ranked.groupBy("user_id").agg(
+        F.collect_list(F.when(F.col("_rank") <= max_len, _event_struct())).alias("new_seq"),
         F.count(F.lit(1)).alias("n"),
         F.sum(F.col("value").cast("double")).alias("vsum"),
         F.count("value").alias("vcnt"),

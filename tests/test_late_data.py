@@ -10,6 +10,7 @@ day, as the daily DAG does, plus a re-run; named tests cover each scenario on it
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -410,3 +412,76 @@ def test_a_failed_or_killed_rebuild_of_a_built_day_leaves_a_complete_day(
         r["user_id"] for r in read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
     ] == [1, 2, 3]
     assert not staged_root.exists()
+
+
+def heavy_user_events(day: date, user_id: int, count: int) -> pa.Table:
+    """``count`` ratings of one user spread over ``day`` (1 ms + 864 ms apart: never on a
+    whole second, so none is a re-delivery of a MovieLens event)."""
+    start = lake.day_start_us(day)
+    return pa.table(
+        {
+            "event_id": pa.array(range(10_000_000, 10_000_000 + count), pa.int64()),
+            "user_id": pa.array([user_id] * count, pa.int64()),
+            "item_id": pa.array([1 + i % 1_600 for i in range(count)], pa.int64()),
+            "event_type": pa.array(["rating"] * count),
+            "value": pa.array([float(1 + i % 5) for i in range(count)], pa.float32()),
+            "event_timestamp": pa.array(
+                [start + 1_000 + 864_000 * i for i in range(count)], pa.timestamp("us", tz="UTC")
+            ),
+            "ingestion_time": pa.array(
+                [start + lake.US_PER_DAY] * count, pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+
+
+def test_a_100k_event_user_on_a_10x_day_warns_and_builds_in_bounded_memory(
+    spark, tmp_path: Path, ml100k_settings: Settings
+) -> None:
+    """Through the CLI, as the DAG runs it: the raw gate warns (a user over
+    max_user_events, the volume far above the trailing average) and passes; the Spark build
+    keeps the user's last long_seq_len events in its state, and the writer writes the
+    day's examples a row group at a time."""
+    settings, spec = new_root(tmp_path, ml100k_settings)
+    heavy = DAYS[2]
+    for day in DAYS[:2]:
+        lake.write_partition(spec.lake_dir, day, final_events(ml100k_settings, day))
+    usual = final_events(ml100k_settings, heavy)
+    extra = heavy_user_events(heavy, 1, 100_000).cast(usual.schema)
+    events = pa.concat_tables([usual, extra]).sort_by(
+        [("event_timestamp", "ascending"), ("event_id", "ascending")]
+    )
+    lake.write_partition(spec.lake_dir, heavy, events)
+    env = {
+        "GRANK_DATA_ROOT": str(settings.data_root),
+        "GRANK_DATASET": "ml-100k",
+        "GRANK_FEATURES__LONG_SEQ_LEN": "20",  # CI time; docs/operations.md has the 200 run
+    }
+    runner = CliRunner()
+    built = runner.invoke(cli, ["features", "build", "--date", DAYS[1].isoformat()], env=env)
+    assert built.exit_code == 0, built.output
+    gate = runner.invoke(
+        cli, ["features", "validate", "--date", heavy.isoformat(), "--stage", "raw"], env=env
+    )
+    assert gate.exit_code == 0, gate.output
+    assert "warning: raw_events: expect_column_max_to_be_between(check_user_day_events)" in (
+        gate.output
+    )
+    assert "warning: raw_events: expect_table_row_count_to_be_between()" in gate.output
+    built = runner.invoke(cli, ["features", "build", "--date", heavy.isoformat()], env=env)
+    assert built.exit_code == 0, built.output
+    assert f"{heavy}: incremental" in built.output
+
+    state = pq.read_table(ft.partition_path(ft.state_dir(spec.features_dir, ft.USER_STATE), heavy))
+    user = state.filter(pc.equal(state["user_id"], 1)).to_pylist()[0]
+    last = extra.slice(extra.num_rows - 20)
+    assert [e["item_id"] for e in user["seq"]] == last["item_id"].to_pylist()
+    assert user["events_total"] >= 100_000
+    examples = pq.ParquetFile(
+        ft.partition_path(ft.table_dir(spec.features_dir, ft.TRAINING_EXAMPLES), heavy)
+        / ft.PART_FILE
+    )
+    assert examples.metadata.num_rows == events.num_rows
+    assert examples.metadata.num_row_groups == math.ceil(events.num_rows / ft.ROW_GROUP_ROWS)
+    lengths = examples.read(columns=["history_len"])["history_len"]
+    assert pc.max(lengths).as_py() == 20
