@@ -263,7 +263,9 @@ def build(
     """Build ``day``, first cascading through the days a late or corrected raw day affects.
 
     ``on_built`` hears of each day as soon as it is committed (the CLI's one line per day).
+    A commit that a killed build left half-applied is finished first, before planning.
     """
+    lineage.recover_commits(spec.features_dir)
     check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
     plan = plan_build(spec, day)
     results = []
