@@ -73,13 +73,14 @@ def atomic_write_text(path: Path, text: str, *, private: bool = False) -> None:
 # renameat2(2) flag: swap two existing paths in one step (Linux >= 3.15; ext4, xfs, btrfs, tmpfs)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-# Test hooks (environment): crash the process at a named step of a directory swap, or force
-# the fallback path that filesystems without RENAME_EXCHANGE take.
+# Test hooks (environment): crash the process at a named step of a directory swap or of a
+# feature day's commit (features/lineage.py), or force the fallback path that filesystems
+# without RENAME_EXCHANGE take.
 CRASH_AT_ENV = "GRANK_ATOMIC_CRASH_AT"
 NO_EXCHANGE_ENV = "GRANK_ATOMIC_NO_EXCHANGE"
 
 
-def _crash_point(step: str) -> None:
+def crash_point(step: str) -> None:
     """Die here, without cleanup, when the test hook names ``step`` (crash-window tests)."""
     if os.environ.get(CRASH_AT_ENV) == step:
         os._exit(97)
@@ -179,12 +180,12 @@ def staging_dir(final: Path) -> Iterator[Path]:
             os.replace(staging, final)
         elif exchange_paths(staging, final):
             fsync_dir(final.parent)
-            _crash_point("exchanged")
+            crash_point("exchanged")
         else:
             aside = _aside(final)
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
-            _crash_point("aside")
+            crash_point("aside")
             os.replace(staging, final)
             shutil.rmtree(aside, ignore_errors=True)
         fsync_dir(final.parent)

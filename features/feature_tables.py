@@ -130,46 +130,78 @@ def spark_metadata(frame: DataFrame) -> dict[bytes, bytes]:
     }
 
 
+# Rows per Parquet row group: a day's part file is written a group at a time, so the
+# writer holds at most this many rows (a training example with full 200-event histories
+# is ~6 KB in memory: ~100 MB), however many rows the day has.
+ROW_GROUP_ROWS = 16_384
+
+
 def _write_sorted_days(
     staging: str, metadata: dict[bytes, bytes], batches: Iterator[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
     """Write one task's rows, sorted by ``dt`` first, as ``<staging>/dt=D/part-00000.parquet``.
 
-    Runs on the executors (``mapInArrow``). A day's rows are held until the next day
-    starts, so memory is bounded by the largest day of the task, not by the task.
-    Yields the days written, one row each.
+    Runs on the executors (``mapInArrow``). Memory is bounded by one row group
+    (``ROW_GROUP_ROWS``), not by the day or the task: a user with 100,000 events in a
+    day makes a big file, not a big process. Yields the days written, one row each.
     """
-    held: list[pa.RecordBatch] = []
-    held_day: int | None = None
+    day: _DayFile | None = None
     for batch in (b for b in batches if b.num_rows):
         days = batch.column("dt").cast(pa.int32()).to_numpy()
         cuts = [0, *(np.flatnonzero(days[1:] != days[:-1]) + 1).tolist(), len(days)]
         for start, stop in itertools.pairwise(cuts):
-            if held and days[start] != held_day:
-                yield _write_day(Path(staging), metadata, held)
-                held = []
-            held_day = int(days[start])
-            held.append(batch.slice(start, stop - start))
-    if held:
-        yield _write_day(Path(staging), metadata, held)
+            part = batch.slice(start, stop - start)
+            if day is None or days[start] != day.number:
+                if day is not None:
+                    yield day.close()
+                day = _DayFile(Path(staging), metadata, part)
+            day.add(part)
+    if day is not None:
+        yield day.close()
 
 
-def _write_day(
-    staging: Path, metadata: dict[bytes, bytes], held: list[pa.RecordBatch]
-) -> pa.RecordBatch:
-    """Write the batches of one day as its single part file; return that day as a row.
+class _DayFile:
+    """The part file of one day, written one fixed-size row group at a time.
 
-    The chunks are combined first: pyarrow's page boundaries depend on how a column is
-    chunked, and a re-run must give the same bytes whatever Spark's batch sizes were.
-    The folder must not exist yet: a day split across two tasks would fail here rather
-    than publish half of its rows.
+    Each group's chunks are combined first: pyarrow's page boundaries depend on how a
+    column is chunked, and a re-run must give the same bytes whatever Spark's batch sizes
+    were; with groups cut every ``ROW_GROUP_ROWS`` rows the bytes depend on the rows only.
+    The folder must not exist yet: a day split across two tasks fails here rather than
+    publish half of its rows.
     """
-    day = held[0].column("dt")[0].as_py()
-    table = pa.Table.from_batches(held).drop_columns(["dt"]).combine_chunks()
-    target = partition_path(staging, day)
-    target.mkdir()
-    pq.write_table(table.replace_schema_metadata(metadata), target / PART_FILE, **PARQUET_OPTIONS)
-    return pa.RecordBatch.from_arrays([pa.array([day], pa.date32())], names=["dt"])
+
+    def __init__(self, staging: Path, metadata: dict[bytes, bytes], first: pa.RecordBatch):
+        self.day = first.column("dt")[0].as_py()
+        self.number = int(first.column("dt").cast(pa.int32())[0].as_py())
+        target = partition_path(staging, self.day)
+        target.mkdir()
+        schema = (
+            pa.Table.from_batches([first]).drop_columns(["dt"]).replace_schema_metadata(metadata)
+        ).schema
+        self.writer = pq.ParquetWriter(target / PART_FILE, schema, **PARQUET_OPTIONS)
+        self.held: list[pa.RecordBatch] = []
+        self.rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.held.append(batch)
+        self.rows += batch.num_rows
+        while self.rows >= ROW_GROUP_ROWS:
+            table = pa.Table.from_batches(self.held)
+            self._write(table.slice(0, ROW_GROUP_ROWS))
+            self.held = table.slice(ROW_GROUP_ROWS).to_batches()
+            self.rows -= ROW_GROUP_ROWS
+
+    def close(self) -> pa.RecordBatch:
+        """Write the last group; return the day as a one-row batch."""
+        if self.rows:
+            self._write(pa.Table.from_batches(self.held))
+        self.writer.close()
+        return pa.RecordBatch.from_arrays([pa.array([self.day], pa.date32())], names=["dt"])
+
+    def _write(self, group: pa.Table) -> None:
+        self.writer.write_table(
+            group.drop_columns(["dt"]).combine_chunks(), row_group_size=ROW_GROUP_ROWS
+        )
 
 
 def move_partition(source: Path, destination: Path) -> None:

@@ -25,6 +25,7 @@ with the day's events and the number of known users/items, never with the histor
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,7 +263,9 @@ def build(
     """Build ``day``, first cascading through the days a late or corrected raw day affects.
 
     ``on_built`` hears of each day as soon as it is committed (the CLI's one line per day).
+    A commit that a killed build left half-applied is finished first, before planning.
     """
+    lineage.recover_commits(spec.features_dir)
     check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
     plan = plan_build(spec, day)
     results = []
@@ -290,9 +293,11 @@ def build_one(
 ) -> BuildResult:
     """Build and commit every feature table of ``day`` (and the state that day D+1 needs).
 
-    The day's lineage record is removed first and written last: until it is back, the
-    day counts as not built, whatever a failure left in its partitions.
+    Everything is written to the day's staging folder first and committed in one step
+    with its lineage record (features/lineage.py): a failure before the commit leaves
+    every published partition, of this day and of any other, as it was.
     """
+    lineage.recover_commits(spec.features_dir)
     events_today = check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
     previous = None if rebuild else previous_state_day(spec, day)
     reason = ""
@@ -312,20 +317,18 @@ def build_one(
     else:
         batch_days, total, mode = [day], events_today, "incremental"
     consumed = {d: partition_fingerprint(spec.lake_dir, d) for d in batch_days}
-    was_built = lineage.read_lineage(spec.features_dir, day) is not None
-    lineage.remove_lineage(spec.features_dir, day)
+    lineage.discard_staging(spec.features_dir, day)
     events = drop_redeliveries(read_raw(spark, spec.lake_dir, batch_days)).cache()
     try:
         result = BuildResult(day=day, mode=mode, events=total, reason=reason)
         history = [d for d in batch_days if d != day] if previous is None else []
         result.example_days = _publish(spark, spec, day, previous, events, history)
-    except BaseException:
-        if not was_built:  # a new day that failed leaves nothing of itself behind
-            _discard_day(spec.features_dir, day)
+    except BaseException:  # nothing was published: every day stays as it was
+        lineage.discard_staging(spec.features_dir, day)
         raise
     finally:
         events.unpersist()
-    lineage.write_lineage(
+    lineage.commit_day(
         spec.features_dir,
         lineage.Lineage(day=day, mode=mode, previous=previous, raw=consumed),
     )
@@ -352,15 +355,18 @@ def _publish(
     A rebuild also writes the user and item features of every earlier day of its batch
     (``history``): training reads each example's features as of the day before it, so
     a bootstrap needs every day's snapshot, exactly as the daily runs would have built it.
+    Every partition goes to the day's staging folder (``out``); committed partitions are
+    only read (the previous state, earlier daily counts).
     """
     from pyspark.sql import functions as F
 
     features_dir = spec.features_dir
+    out = lineage.staging_root(features_dir, day)
     prev_users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, previous)
     prev_items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, previous)
     example_days = ft.write_partitions(
         training_examples(prev_users, events, spec.long_seq_len),
-        ft.table_dir(features_dir, ft.TRAINING_EXAMPLES),
+        ft.table_dir(out, ft.TRAINING_EXAMPLES),
         ["event_timestamp", "event_id"],
         many_days=previous is None,
     )
@@ -373,12 +379,12 @@ def _publish(
         (ft.ITEM_DAILY, "item_id", daily_counts(events, "item_id").where(recent)),
     ):
         dated = state if "dt" in state.columns else state.withColumn("dt", F.lit(day))
-        ft.write_partitions(dated, ft.state_dir(features_dir, table), [key])
+        ft.write_partitions(dated, ft.state_dir(out, table), [key])
 
-    users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, day)
-    items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, day)
-    user_daily = _read_daily(spark, features_dir, ft.USER_DAILY, "user_id", day, longest)
-    item_daily = _read_daily(spark, features_dir, ft.ITEM_DAILY, "item_id", day, longest)
+    users = _read_state(spark, out, ft.USER_STATE, USER_STATE_DDL, day)
+    items = _read_state(spark, out, ft.ITEM_STATE, ITEM_STATE_DDL, day)
+    user_daily = _read_daily(spark, (out, features_dir), ft.USER_DAILY, "user_id", day, longest)
+    item_daily = _read_daily(spark, (out, features_dir), ft.ITEM_DAILY, "item_id", day, longest)
     raw = spec.lake_dir / "raw"
     user_dimension = _read_dimension(
         spark, raw / "users", dimension_ddl("user_id", spec.user_attributes)
@@ -419,9 +425,7 @@ def _publish(
             ),
         ),
     ):
-        ft.write_partitions(
-            frame.withColumn("dt", F.lit(day)), ft.table_dir(features_dir, table), [key]
-        )
+        ft.write_partitions(frame.withColumn("dt", F.lit(day)), ft.table_dir(out, table), [key])
     if history:
         days = spark.createDataFrame([(d,) for d in history], "dt DATE NOT NULL")
         for table, key, frame in (
@@ -445,7 +449,7 @@ def _publish(
                 ),
             ),
         ):
-            ft.write_partitions(frame, ft.table_dir(features_dir, table), [key], many_days=True)
+            ft.write_partitions(frame, ft.table_dir(out, table), [key], many_days=True)
     return example_days
 
 
@@ -461,21 +465,34 @@ def _read_state(
 
 
 def _read_daily(
-    spark: SparkSession, features_dir: Path, table: str, key: str, day: date, longest: int
+    spark: SparkSession,
+    roots: tuple[Path, ...],
+    table: str,
+    key: str,
+    day: date,
+    longest: int,
 ) -> DataFrame:
-    """Daily counts of the ``longest`` days ending with ``day`` (missing days have no events)."""
-    folder = ft.state_dir(features_dir, table)
+    """Daily counts of the ``longest`` days ending with ``day`` (missing days have no events).
+
+    Each day's partition comes from the first of ``roots`` that has it: the build's
+    staging folder, then the committed features.
+    """
+    from pyspark.sql import functions as F
+
     first = day - timedelta(days=longest - 1)
-    paths = [
-        str(ft.partition_path(folder, d)) for d in ft.partition_days(folder) if first <= d <= day
+    found: dict[date, Path] = {}
+    for root in reversed(roots):
+        folder = ft.state_dir(root, table)
+        days = [d for d in ft.partition_days(folder) if first <= d <= day]
+        found.update({d: ft.partition_path(folder, d) for d in days})
+    ddl = f"{key} BIGINT, n BIGINT"
+    frames = [
+        spark.read.schema(ddl).parquet(str(path)).withColumn("dt", F.lit(d))
+        for d, path in sorted(found.items())
     ]
-    if not paths:
-        return spark.createDataFrame([], f"{key} BIGINT, n BIGINT, dt DATE")
-    return (
-        spark.read.schema(f"{key} BIGINT, n BIGINT, dt DATE")
-        .option("basePath", str(folder))
-        .parquet(*paths)
-    )
+    if not frames:
+        return spark.createDataFrame([], f"{ddl}, dt DATE")
+    return functools.reduce(lambda a, b: a.unionByName(b), frames)
 
 
 def _read_dimension(spark: SparkSession, folder: Path, ddl: str) -> DataFrame:
@@ -483,14 +500,6 @@ def _read_dimension(spark: SparkSession, folder: Path, ddl: str) -> DataFrame:
     if not folder.exists():
         raise UserFacingError(f"dimension table missing: {folder} (run grank data land)")
     return spark.read.schema(ddl).parquet(str(folder))
-
-
-def _discard_day(features_dir: Path, day: date) -> None:
-    """Remove every partition of ``day`` (tables and state) that a failed build wrote."""
-    folders = [ft.table_dir(features_dir, t) for t in ft.PUBLISHED_TABLES]
-    folders += [ft.state_dir(features_dir, t) for t in ft.STATE_TABLES]
-    for folder in folders:
-        shutil.rmtree(ft.partition_path(folder, day), ignore_errors=True)
 
 
 def _prune_state(features_dir: Path, day: date, previous: date | None, keep_days: int) -> None:
@@ -621,11 +630,19 @@ def training_examples(prev_users: DataFrame, events: DataFrame, max_len: int) ->
 
 
 def advance_user_state(prev_users: DataFrame, events: DataFrame, max_len: int) -> DataFrame:
-    """Per user: the last ``max_len`` events (oldest → newest) and running totals."""
+    """Per user: the last ``max_len`` events (oldest → newest) and running totals.
+
+    Only each user's last ``max_len`` events of the batch are collected (ranked in the
+    sequences' own order): a user with 100,000 events in a day, or a long history in a
+    rebuild, costs a sort that spills, not a list of all of them in memory.
+    """
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    batch = events.groupBy("user_id").agg(
-        F.collect_list(_event_struct()).alias("new_seq"),
+    newest = Window.partitionBy("user_id").orderBy(F.desc(_event_struct()))
+    ranked = events.withColumn("_rank", F.row_number().over(newest))
+    batch = ranked.groupBy("user_id").agg(
+        F.collect_list(F.when(F.col("_rank") <= max_len, _event_struct())).alias("new_seq"),
         F.count(F.lit(1)).alias("n"),
         F.sum(F.col("value").cast("double")).alias("vsum"),
         F.count("value").alias("vcnt"),

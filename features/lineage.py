@@ -8,22 +8,37 @@ from. What a built day's tables depend on is then the union along that chain: ev
 A raw day that landed after later days were built (late), or re-landed with other
 content (corrected), differs from what those days consumed. :func:`first_stale_day`
 finds the earliest such raw day; the job (features/jobs.py) then rebuilds every built
-day from there, in order. A day without a lineage record is not built: a build that
-failed half-way removed the old record first and never wrote the new one.
+day from there, in order. A day without a lineage record is not built.
+
+A day's tables and state are committed together. The build writes every partition it
+produces (the day's tables, its state, and a rebuild's earlier days) into a staging
+folder, ``features/_state/_pending/dt=D/``, laid out like ``features/``; nothing
+published changes while Spark runs, so a build that fails leaves the previous complete
+version of every day as it was. Then :func:`commit_day` writes the commit manifest
+``_pending/dt=D.json`` (the lineage record and the staged partitions): that write is
+the commit point. Applying it swaps each staged partition in atomically (its lineage
+record is removed first and written last, so in between the day counts as not built),
+then deletes the staging folder and the manifest. A process killed while applying is
+finished by :func:`recover_commits` on the next build (roll forward: the manifest names
+everything, and applying it again is harmless); a staging folder without a manifest is
+a build that never reached its commit point and is deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, crash_point, fsync_dir, staging_dir
 from features import feature_tables as ft
 from features.lake import landed_days, partition_fingerprint
 
 LINEAGE_DIR = "_lineage"
+PENDING_DIR = "_pending"
 
 
 @dataclass(frozen=True)
@@ -58,16 +73,32 @@ def current_raw(lake_dir: Path, up_to: date) -> dict[date, str]:
     return {d: partition_fingerprint(lake_dir, d) for d in landed_days(lake_dir) if d <= up_to}
 
 
-def write_lineage(features_dir: Path, lineage: Lineage) -> None:
-    """Commit a built day (written last, after its tables and state)."""
-    record = {
+def _as_record(lineage: Lineage) -> dict[str, object]:
+    return {
         "day": lineage.day.isoformat(),
         "mode": lineage.mode,
         "previous": lineage.previous.isoformat() if lineage.previous else None,
         "raw": {d.isoformat(): sha for d, sha in sorted(lineage.raw.items())},
     }
+
+
+def _from_record(record: dict[str, object]) -> Lineage:
+    previous = record["previous"]
+    raw = record["raw"]
+    assert isinstance(raw, dict)
+    return Lineage(
+        day=date.fromisoformat(str(record["day"])),
+        mode=str(record["mode"]),
+        previous=date.fromisoformat(str(previous)) if previous else None,
+        raw={date.fromisoformat(d): sha for d, sha in raw.items()},
+    )
+
+
+def write_lineage(features_dir: Path, lineage: Lineage) -> None:
+    """Mark a built day committed (written last, after its tables and state)."""
     atomic_write_text(
-        lineage_path(features_dir, lineage.day), json.dumps(record, indent=1, sort_keys=True)
+        lineage_path(features_dir, lineage.day),
+        json.dumps(_as_record(lineage), indent=1, sort_keys=True),
     )
 
 
@@ -80,13 +111,7 @@ def read_lineage(features_dir: Path, day: date) -> Lineage | None:
     path = lineage_path(features_dir, day)
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    return Lineage(
-        day=date.fromisoformat(record["day"]),
-        mode=record["mode"],
-        previous=date.fromisoformat(record["previous"]) if record["previous"] else None,
-        raw={date.fromisoformat(d): sha for d, sha in record["raw"].items()},
-    )
+    return _from_record(json.loads(path.read_text()))
 
 
 def built_days(features_dir: Path) -> list[date]:
@@ -144,3 +169,85 @@ def first_stale_day(
         if stale is not None and (earliest is None or stale.raw_day < earliest.raw_day):
             earliest = stale
     return earliest
+
+
+# --- committing a day: stage everything, then one manifest, then atomic swaps ----------
+
+
+def staging_root(features_dir: Path, day: date) -> Path:
+    """Where the build of ``day`` writes; laid out like ``features/`` (tables, ``_state/``)."""
+    return features_dir / ft.STATE_DIR / PENDING_DIR / f"dt={day.isoformat()}"
+
+
+def _manifest_path(features_dir: Path, day: date) -> Path:
+    return features_dir / ft.STATE_DIR / PENDING_DIR / f"dt={day.isoformat()}.json"
+
+
+def _staged_partitions(root: Path) -> list[str]:
+    """The partitions under a staging root, as paths relative to it (tables, then state)."""
+    folders = [ft.table_dir(root, t) for t in ft.PUBLISHED_TABLES]
+    folders += [ft.state_dir(root, t) for t in ft.STATE_TABLES]
+    return [
+        ft.partition_path(folder, d).relative_to(root).as_posix()
+        for folder in folders
+        for d in ft.partition_days(folder)
+    ]
+
+
+def discard_staging(features_dir: Path, day: date) -> None:
+    """Drop what a build of ``day`` staged before its commit point (nothing was published)."""
+    shutil.rmtree(staging_root(features_dir, day), ignore_errors=True)
+
+
+def commit_day(features_dir: Path, lineage: Lineage) -> None:
+    """Commit everything staged for ``lineage.day`` with its lineage record, as one step.
+
+    Writing the manifest is the commit point; :func:`_apply` then publishes it.
+    """
+    root = staging_root(features_dir, lineage.day)
+    manifest = {"lineage": _as_record(lineage), "partitions": _staged_partitions(root)}
+    atomic_write_text(
+        _manifest_path(features_dir, lineage.day), json.dumps(manifest, indent=1, sort_keys=True)
+    )
+    crash_point("day-committed")
+    _apply(features_dir, lineage.day)
+
+
+def _apply(features_dir: Path, day: date) -> None:
+    """Publish the committed build of ``day``; safe to repeat after a crash part-way.
+
+    Each staged file is hard-linked into the swap (not moved), so it stays in the staging
+    folder until the whole commit is done and a repeat swaps in the same bytes again.
+    """
+    path = _manifest_path(features_dir, day)
+    manifest = json.loads(path.read_text())
+    root = staging_root(features_dir, day)
+    remove_lineage(features_dir, day)
+    for relative in manifest["partitions"]:
+        with staging_dir(features_dir / relative) as target:
+            os.link(root / relative / ft.PART_FILE, target / ft.PART_FILE)
+        crash_point("partition-swapped")
+    write_lineage(features_dir, _from_record(manifest["lineage"]))
+    shutil.rmtree(root)
+    path.unlink()
+    fsync_dir(path.parent)
+
+
+def recover_commits(features_dir: Path) -> list[date]:
+    """Finish the commits a killed build left applied part-way; drop uncommitted staging.
+
+    Run before every build. Returns the days whose commit was finished here.
+    """
+    pending = features_dir / ft.STATE_DIR / PENDING_DIR
+    if not pending.is_dir():
+        return []
+    finished = []
+    for entry in sorted(pending.iterdir()):
+        if entry.name.startswith("dt=") and entry.name.endswith(".json"):
+            day = date.fromisoformat(entry.name[3:-5])
+            _apply(features_dir, day)
+            finished.append(day)
+    for entry in pending.iterdir():  # staged, never committed: the build died before
+        if entry.name.startswith("dt=") and entry.is_dir():
+            shutil.rmtree(entry)
+    return finished

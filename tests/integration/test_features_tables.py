@@ -50,6 +50,35 @@ def test_day_writer_gives_one_file_per_day_whatever_the_batches(tmp_path):
     assert written_files(tmp_path / "a") == written_files(tmp_path / "b")
 
 
+def test_day_writer_holds_one_row_group_and_its_bytes_depend_on_the_rows_only(
+    tmp_path, monkeypatch
+):
+    """A day longer than a row group is written group by group; however Spark batches the
+    rows, the bytes are the same, and a day within one group is what write_table gives."""
+    monkeypatch.setattr(ft, "ROW_GROUP_ROWS", 4)
+    keys = list(range(1, 11))
+    rows = pa.Table.from_batches([batch(keys, [D1] * 10)])
+    for name, sizes in (("a", [10]), ("b", [1, 2, 3, 4]), ("c", [5, 5])):
+        (tmp_path / name).mkdir()
+        parts, offset = [], 0
+        for size in sizes:
+            parts += rows.slice(offset, size).to_batches()
+            offset += size
+        list(ft._write_sorted_days(str(tmp_path / name), {}, iter(parts)))
+    files = [written_files(tmp_path / name) for name in ("a", "b", "c")]
+    assert files[0] == files[1] == files[2]
+    written = pq.ParquetFile(ft.partition_path(tmp_path / "a", D1) / ft.PART_FILE)
+    assert written.metadata.num_row_groups == 3
+    assert written.read().column("key").to_pylist() == keys
+    # within one group: the bytes of the whole-table writer
+    (tmp_path / "d").mkdir()
+    metadata = {b"org.apache.spark.version": b"x"}
+    list(ft._write_sorted_days(str(tmp_path / "d"), metadata, iter(rows.slice(0, 4).to_batches())))
+    whole = rows.slice(0, 4).drop_columns(["dt"]).replace_schema_metadata(metadata)
+    pq.write_table(whole, tmp_path / "whole.parquet", **ft.PARQUET_OPTIONS)
+    assert written_files(tmp_path / "d")[D1] == (tmp_path / "whole.parquet").read_bytes()
+
+
 def test_day_writer_refuses_a_day_split_across_tasks(tmp_path):
     list(ft._write_sorted_days(str(tmp_path), {}, iter([batch([1], [D1])])))
     with pytest.raises(FileExistsError):

@@ -10,23 +10,28 @@ day, as the daily DAG does, plus a re-run; named tests cover each scenario on it
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 from datetime import date, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from common.atomic import sha256_file
+from common.atomic import CRASH_AT_ENV, sha256_file
 from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lake, lineage
 from features.jobs import BuildSpec, build, build_one
 from grank.cli import cli
-from grank.config import Settings
+from grank.config import REPO_ROOT, Settings
 from tests.conftest import make_settings
 from tests.integration.test_features_jobs import (
     D1,
@@ -314,3 +319,169 @@ def test_null_values_and_a_failed_build_leave_the_previous_complete_day(
     assert build_one(spark, spec, D2).mode == "incremental"
     rows = read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
     assert [(r["user_id"], r["mean_value"]) for r in rows] == [(1, 4.0), (2, 4.0), (3, None)]
+
+
+def committed_files(spec: BuildSpec) -> dict[str, str]:
+    """Every published and state file under ``features/`` with its sha256, and the lineage
+    records' text: what readers and the next build see."""
+    files = {}
+    folders = [ft.table_dir(spec.features_dir, t) for t in ft.PUBLISHED_TABLES]
+    folders += [ft.state_dir(spec.features_dir, t) for t in ft.STATE_TABLES]
+    for folder in folders:
+        for day in ft.partition_days(folder):
+            part = ft.partition_path(folder, day) / ft.PART_FILE
+            files[str(part.relative_to(spec.features_dir))] = sha256_file(part)
+    for day in lineage.built_days(spec.features_dir):
+        files[f"lineage {day}"] = lineage.lineage_path(spec.features_dir, day).read_text()
+    return files
+
+
+RECOVER = """
+import sys
+from pathlib import Path
+from features import lineage
+lineage.recover_commits(Path(sys.argv[1]))
+"""
+
+
+def test_a_failed_or_killed_rebuild_of_a_built_day_leaves_a_complete_day(
+    spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-building a built day (its raw day corrected) that fails between two table writes
+    leaves every file of the previous complete build, readable and still committed; one
+    killed while publishing its commit is finished on the next start, never half."""
+    spec = hand_made_lake(tmp_path)
+    build_one(spark, spec, D1)
+    build_one(spark, spec, D2)
+    before = committed_files(spec)
+    # corrected: a new user and item on D2 change every table and state of D2
+    write_raw(spec.lake_dir, D2, raw_table([*HAND_MADE[D2], (7, 3, 6, at(D2, 10))]))
+    write_partitions = ft.write_partitions
+    written: list[Path] = []
+
+    def fails_before_user_features(frame, folder: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if folder.name == ft.USER_FEATURES:  # after examples, state and sequences
+            raise RuntimeError("injected failure between table writes")
+        written.append(folder)
+        return write_partitions(frame, folder, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ft, "write_partitions", fails_before_user_features)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            build_one(spark, spec, D2)
+    assert len(written) == 6, written  # examples, 4 state tables, sequences were written
+    assert committed_files(spec) == before
+    assert lineage.built_days(spec.features_dir) == [D1, D2]  # the old D2 is still committed
+    assert [
+        r["user_id"] for r in read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
+    ] == [1, 2]
+    assert not lineage.staging_root(spec.features_dir, D2).exists()
+
+    # killed after the commit point, between two partition swaps
+    def dies(features_dir: Path, day: date) -> None:
+        raise SystemExit("killed after the commit point")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lineage, "_apply", dies)
+        with pytest.raises(SystemExit):
+            build_one(spark, spec, D2)
+    staged_root = lineage.staging_root(spec.features_dir, D2)
+    staged = {
+        str(p.relative_to(staged_root)): sha256_file(p) for p in staged_root.rglob(ft.PART_FILE)
+    }
+    assert committed_files(spec) == before  # nothing published yet
+    killed = subprocess.run(
+        [sys.executable, "-c", RECOVER, str(spec.features_dir)],
+        env={**os.environ, CRASH_AT_ENV: "partition-swapped"},
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert killed.returncode == 97
+    assert lineage.built_days(spec.features_dir) == [D1]  # half-published: not built
+    assert lineage.recover_commits(spec.features_dir) == [D2]  # the next start finishes it
+    after = committed_files(spec)
+    assert {k: v for k, v in after.items() if D2.isoformat() not in k} == {
+        k: v for k, v in before.items() if D2.isoformat() not in k
+    }
+    assert {k: v for k, v in after.items() if k in staged} == staged
+    assert all(before[k] != staged[k] for k in staged)
+    assert lineage.built_days(spec.features_dir) == [D1, D2]
+    current = lineage.current_raw(spec.lake_dir, D2)
+    assert lineage.first_stale_day(spec.features_dir, current, set()) is None
+    assert [
+        r["user_id"] for r in read_rows(spec.features_dir, ft.USER_FEATURES, D2, "user_id")
+    ] == [1, 2, 3]
+    assert not staged_root.exists()
+
+
+def heavy_user_events(day: date, user_id: int, count: int) -> pa.Table:
+    """``count`` ratings of one user spread over ``day`` (1 ms + 864 ms apart: never on a
+    whole second, so none is a re-delivery of a MovieLens event)."""
+    start = lake.day_start_us(day)
+    return pa.table(
+        {
+            "event_id": pa.array(range(10_000_000, 10_000_000 + count), pa.int64()),
+            "user_id": pa.array([user_id] * count, pa.int64()),
+            "item_id": pa.array([1 + i % 1_600 for i in range(count)], pa.int64()),
+            "event_type": pa.array(["rating"] * count),
+            "value": pa.array([float(1 + i % 5) for i in range(count)], pa.float32()),
+            "event_timestamp": pa.array(
+                [start + 1_000 + 864_000 * i for i in range(count)], pa.timestamp("us", tz="UTC")
+            ),
+            "ingestion_time": pa.array(
+                [start + lake.US_PER_DAY] * count, pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+
+
+def test_a_100k_event_user_on_a_10x_day_warns_and_builds_in_bounded_memory(
+    spark, tmp_path: Path, ml100k_settings: Settings
+) -> None:
+    """Through the CLI, as the DAG runs it: the raw gate warns (a user over
+    max_user_events, the volume far above the trailing average) and passes; the Spark build
+    keeps the user's last long_seq_len events in its state, and the writer writes the
+    day's examples a row group at a time."""
+    settings, spec = new_root(tmp_path, ml100k_settings)
+    heavy = DAYS[2]
+    for day in DAYS[:2]:
+        lake.write_partition(spec.lake_dir, day, final_events(ml100k_settings, day))
+    usual = final_events(ml100k_settings, heavy)
+    extra = heavy_user_events(heavy, 1, 100_000).cast(usual.schema)
+    events = pa.concat_tables([usual, extra]).sort_by(
+        [("event_timestamp", "ascending"), ("event_id", "ascending")]
+    )
+    lake.write_partition(spec.lake_dir, heavy, events)
+    env = {
+        "GRANK_DATA_ROOT": str(settings.data_root),
+        "GRANK_DATASET": "ml-100k",
+        "GRANK_FEATURES__LONG_SEQ_LEN": "20",  # CI time; docs/operations.md has the 200 run
+    }
+    runner = CliRunner()
+    built = runner.invoke(cli, ["features", "build", "--date", DAYS[1].isoformat()], env=env)
+    assert built.exit_code == 0, built.output
+    gate = runner.invoke(
+        cli, ["features", "validate", "--date", heavy.isoformat(), "--stage", "raw"], env=env
+    )
+    assert gate.exit_code == 0, gate.output
+    assert "warning: raw_events: expect_column_max_to_be_between(check_user_day_events)" in (
+        gate.output
+    )
+    assert "warning: raw_events: expect_table_row_count_to_be_between()" in gate.output
+    built = runner.invoke(cli, ["features", "build", "--date", heavy.isoformat()], env=env)
+    assert built.exit_code == 0, built.output
+    assert f"{heavy}: incremental" in built.output
+
+    state = pq.read_table(ft.partition_path(ft.state_dir(spec.features_dir, ft.USER_STATE), heavy))
+    user = state.filter(pc.equal(state["user_id"], 1)).to_pylist()[0]
+    last = extra.slice(extra.num_rows - 20)
+    assert [e["item_id"] for e in user["seq"]] == last["item_id"].to_pylist()
+    assert user["events_total"] >= 100_000
+    examples = pq.ParquetFile(
+        ft.partition_path(ft.table_dir(spec.features_dir, ft.TRAINING_EXAMPLES), heavy)
+        / ft.PART_FILE
+    )
+    assert examples.metadata.num_rows == events.num_rows
+    assert examples.metadata.num_row_groups == math.ceil(events.num_rows / ft.ROW_GROUP_ROWS)
+    lengths = examples.read(columns=["history_len"])["history_len"]
+    assert pc.max(lengths).as_py() == 20
