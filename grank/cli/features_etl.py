@@ -23,6 +23,8 @@ def _session(settings: Settings) -> SparkSession:
         master=settings.spark.master,
         shuffle_partitions=settings.spark.shuffle_partitions,
         driver_memory=settings.spark.driver_memory,
+        driver_host=settings.spark.driver_host,
+        executor_python=settings.spark.executor_python,
     )
 
 
