@@ -29,6 +29,7 @@ def get_session(
     driver_memory: str = "4g",
     driver_host: str = "127.0.0.1",
     executor_python: str = "",
+    executor_memory: str = "4g",
 ) -> SparkSession:
     """Return the process' SparkSession, creating it with UTC time.
 
@@ -60,6 +61,7 @@ def get_session(
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
         .config("spark.driver.memory", driver_memory)
+        .config("spark.executor.memory", executor_memory)
         .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", str(LISTING_TASKS))
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")

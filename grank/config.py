@@ -34,6 +34,8 @@ class SparkSettings(BaseModel):
     # the Python the executors run (needs pyarrow and numpy; our code is shipped with the
     # job); empty = the driver's interpreter path, which workers must then have too
     executor_python: str = ""
+    # heap of each executor on a cluster (local[*] runs the tasks in the driver's heap)
+    executor_memory: str = "4g"
 
 
 class FeatureSettings(BaseModel):

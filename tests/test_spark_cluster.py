@@ -42,7 +42,7 @@ from tests.test_features_jobs import copy_lake_days
 
 WORKER_USER = "grankworker"
 # history from FIRST_DAY; BOOTSTRAP is built from it (no state yet), NEXT incrementally
-FIRST_DAY, BOOTSTRAP, NEXT = date(1998, 3, 20), date(1998, 3, 26), date(1998, 3, 27)
+FIRST_DAY, BOOTSTRAP, NEXT = date(1998, 3, 25), date(1998, 3, 26), date(1998, 3, 27)
 SHUFFLE_PARTITIONS = 4  # the session fixture's
 
 
@@ -180,8 +180,11 @@ def cluster() -> Iterator[Cluster]:
         with open(master_log, "wb") as out:
             processes.append(
                 subprocess.Popen(
-                    [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1"]
-                    + ["--port", str(port), "--webui-port", str(_free_port())],
+                    [
+                        *(spark_class, "org.apache.spark.deploy.master.Master"),
+                        *("--host", "127.0.0.1", "--port", str(port)),
+                        *("--webui-port", str(_free_port())),
+                    ],
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -192,9 +195,11 @@ def cluster() -> Iterator[Cluster]:
         with open(worker_log, "wb") as out:
             processes.append(
                 subprocess.Popen(
-                    [spark_class, "org.apache.spark.deploy.worker.Worker", master_url]
-                    + ["--host", "127.0.0.1", "--cores", "2", "--memory", "2g"]
-                    + ["--work-dir", str(work), "--webui-port", str(_free_port())],
+                    [
+                        *(spark_class, "org.apache.spark.deploy.worker.Worker", master_url),
+                        *("--host", "127.0.0.1", "--cores", "2", "--memory", "2g"),
+                        *("--work-dir", str(work), "--webui-port", str(_free_port())),
+                    ],
                     env={**env, "HOME": str(work), "SPARK_LOCAL_DIRS": str(work)},
                     cwd=work,
                     **as_worker(),
@@ -232,8 +237,10 @@ def test_features_build_on_a_standalone_cluster_equals_local(
         GRANK_SPARK__SHUFFLE_PARTITIONS=str(SHUFFLE_PARTITIONS),
     )
     done = subprocess.run(
-        [sys.executable, "-m", "grank", "features", "build"]
-        + ["--from", BOOTSTRAP.isoformat(), "--to", NEXT.isoformat()],
+        [
+            *(sys.executable, "-m", "grank", "features", "build"),
+            *("--from", BOOTSTRAP.isoformat(), "--to", NEXT.isoformat()),
+        ],
         env=env,
         umask=0o002,  # the driver's folders stay writable for the workers' group
         capture_output=True,

@@ -25,6 +25,7 @@ def _session(settings: Settings) -> SparkSession:
         driver_memory=settings.spark.driver_memory,
         driver_host=settings.spark.driver_host,
         executor_python=settings.spark.executor_python,
+        executor_memory=settings.spark.executor_memory,
     )
 
 
