@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 import weakref
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import common
 import features
@@ -96,3 +102,111 @@ def ship_packages(session: SparkSession) -> None:
                 archive.write(source, source.relative_to(root.parent))
     context.addPyFile(name)
     _shipped.add(context)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for_log(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(f"{log}: no {text!r} within {timeout:g}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop the process group of one daemon (a worker's executors included)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def standalone_cluster(
+    folder: Path,
+    cores: int = 2,
+    memory: str = "2g",
+    worker_env: dict[str, str] | None = None,
+    **worker_process: Any,
+) -> Iterator[str]:
+    """A standalone Spark master and one worker on loopback for the block; yields its URL.
+
+    Both are separate processes started with the launch classes of the pyspark
+    distribution (``bin/spark-class``), i.e. the same Spark as the driver's; this is what
+    the cluster test and the scale benchmark run against. Logs and the worker's work
+    directory go under ``folder``. ``worker_env`` is the worker's whole environment
+    (default: this process'); ``worker_process`` goes to its ``Popen`` (``user=``,
+    ``group=``: the worker as another OS user). Both are stopped afterwards.
+    """
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    spark_class = str(home / "bin" / "spark-class")
+    daemons = {
+        "SPARK_HOME": str(home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_DAEMON_MEMORY": "512m",
+    }
+    work = folder / "worker-work"
+    work.mkdir(parents=True, exist_ok=True)
+    if "user" in worker_process:
+        os.chown(work, worker_process["user"], worker_process.get("group", -1))
+    port = _free_port()
+    url = f"spark://127.0.0.1:{port}"
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        master_log = folder / "master.log"
+        with open(master_log, "wb") as out:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *(spark_class, "org.apache.spark.deploy.master.Master"),
+                        *("--host", "127.0.0.1", "--port", str(port)),
+                        *("--webui-port", str(_free_port())),
+                    ],
+                    env={**os.environ, **daemons},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        worker_log = folder / "worker.log"
+        with open(worker_log, "wb") as out:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *(spark_class, "org.apache.spark.deploy.worker.Worker", url),
+                        *("--host", "127.0.0.1", "--cores", str(cores), "--memory", memory),
+                        *("--work-dir", str(work), "--webui-port", str(_free_port())),
+                    ],
+                    env={
+                        **(os.environ if worker_env is None else worker_env),
+                        **daemons,
+                        "HOME": str(work),
+                        "SPARK_LOCAL_DIRS": str(work),
+                    },
+                    cwd=work,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    **worker_process,
+                )
+            )
+        _wait_for_log(master_log, "I have been elected leader", processes[0], 120)
+        _wait_for_log(worker_log, "Successfully registered with master", processes[1], 120)
+        yield url
+    finally:
+        for process in reversed(processes):
+            _stop_group(process)

@@ -9,7 +9,7 @@ worker on another machine looks like to the job, except for the network. The dri
 be byte-identical to the same days built by ``local[*]``.
 
 Needs root (to create the worker's user and start the worker as that user); skipped
-with the reason otherwise. Cost: ~10 s for the cluster to come up, then the build.
+with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -34,6 +31,7 @@ from typing import Any
 import pytest
 
 from features import feature_tables as ft
+from features.spark import standalone_cluster
 from grank.cli.features_etl import build_spec
 from grank.config import Settings
 from tests.conftest import make_settings
@@ -44,18 +42,6 @@ WORKER_USER = "grankworker"
 # history from FIRST_DAY; BOOTSTRAP is built from it (no state yet), NEXT incrementally
 FIRST_DAY, BOOTSTRAP, NEXT = date(1998, 3, 25), date(1998, 3, 26), date(1998, 3, 27)
 SHUFFLE_PARTITIONS = 4  # the session fixture's
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _spark_home() -> Path:
-    import pyspark
-
-    return Path(pyspark.__file__).parent
 
 
 @dataclass
@@ -118,102 +104,31 @@ def _worker_environment(target: Path) -> Path:
     return target / "bin" / "python"
 
 
-def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"{log.name}: no {text!r} within {timeout:g}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the process group this fixture started (the worker's executors included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     created, user = _ensure_user()
     # a group-shared folder (setgid: everything below keeps the worker's group), the way
     # a driver and workers under different users share a data root
     base = Path(tempfile.mkdtemp(prefix="grank-cluster-"))
-    processes: list[subprocess.Popen[bytes]] = []
     try:
         os.chown(base, 0, user.pw_gid)
         base.chmod(0o2775)
-        work = base / "worker-work"
-        work.mkdir()
-        os.chown(work, user.pw_uid, user.pw_gid)
         worker_python = _worker_environment(base / "worker-env")
         # nothing of the driver's Python path reaches the worker (the checkout may be on it)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         probe = subprocess.run(
             [str(worker_python), "-c", "import pyarrow, numpy, pyspark\nimport features"],
             **as_worker(),
-            cwd=work,
+            cwd=base,
             env=env,
             capture_output=True,
             text=True,
             check=False,
         )
         assert "No module named 'features'" in probe.stderr, probe.stderr
-
-        spark_class = str(_spark_home() / "bin" / "spark-class")
-        env.update(
-            SPARK_HOME=str(_spark_home()),
-            SPARK_LOCAL_IP="127.0.0.1",
-            SPARK_DAEMON_MEMORY="512m",
-        )
-        port = _free_port()
-        master_url = f"spark://127.0.0.1:{port}"
-        master_log = base / "master.log"
-        with open(master_log, "wb") as out:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *(spark_class, "org.apache.spark.deploy.master.Master"),
-                        *("--host", "127.0.0.1", "--port", str(port)),
-                        *("--webui-port", str(_free_port())),
-                    ],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        worker_log = base / "worker.log"
-        with open(worker_log, "wb") as out:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *(spark_class, "org.apache.spark.deploy.worker.Worker", master_url),
-                        *("--host", "127.0.0.1", "--cores", "2", "--memory", "2g"),
-                        *("--work-dir", str(work), "--webui-port", str(_free_port())),
-                    ],
-                    env={**env, "HOME": str(work), "SPARK_LOCAL_DIRS": str(work)},
-                    cwd=work,
-                    **as_worker(),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        _wait_for(master_log, "I have been elected leader", processes[0], 60)
-        _wait_for(worker_log, "Successfully registered with master", processes[1], 60)
-        yield Cluster(master_url, base, user.pw_uid, worker_python)
+        with standalone_cluster(base, cores=2, memory="2g", worker_env=env, **as_worker()) as url:
+            yield Cluster(url, base, user.pw_uid, worker_python)
     finally:
-        for process in reversed(processes):
-            _stop(process)
         shutil.rmtree(base, ignore_errors=True)
         if created:
             subprocess.run(["userdel", WORKER_USER], check=False)
@@ -234,6 +149,7 @@ def test_features_build_on_a_standalone_cluster_equals_local(
         GRANK_SPARK__MASTER=cluster.master_url,
         GRANK_SPARK__EXECUTOR_PYTHON=str(cluster.worker_python),
         GRANK_SPARK__DRIVER_MEMORY="1g",
+        GRANK_SPARK__EXECUTOR_MEMORY="1g",
         GRANK_SPARK__SHUFFLE_PARTITIONS=str(SHUFFLE_PARTITIONS),
     )
     done = subprocess.run(
