@@ -153,6 +153,19 @@ def recover_swaps(folder: Path) -> list[Path]:
     return restored
 
 
+def hidden_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new hidden ``<prefix>*.tmp`` directory in ``parent`` with the umask's permissions.
+
+    ``mkdtemp`` makes it 0700, for its owner only; a staging folder on the data root must
+    be as open as any folder created there, since what lands in it is published (read by
+    a serving user) or written by others (Spark executors running as the workers' user,
+    who share a group with the driver's).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    staging.chmod(_umask_mode(0o777))
+    return staging
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``final``; on success it replaces ``final``.
@@ -167,8 +180,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_swaps(final.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    staging.chmod(_umask_mode(0o777))
+    staging = hidden_temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         yield staging
         for file in staging.rglob("*"):

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import date
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.atomic import fsync_dir, recover_swaps, staging_dir
+from common.atomic import fsync_dir, hidden_temp_dir, recover_swaps, staging_dir
 from features.lake import PARQUET_OPTIONS
 
 if TYPE_CHECKING:
@@ -92,10 +91,11 @@ def write_partitions(
     chunk's encodings from a Java HashSet whose order can change from one JVM to the next,
     so its files had to be read back and rewritten by pyarrow anyway: writing them once,
     with pyarrow, is the bulk of the rebuild's speed-up (docs/benchmarks.md). The
-    executors therefore run Python, in the app environment (``features.spark``).
+    executors therefore run Python (``features.spark``). On a cluster the staging folder
+    lies under ``folder`` on the shared data root, where every worker writes its days.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".write-", suffix=".tmp", dir=folder))
+    staging = hidden_temp_dir(folder, prefix=".write-")
     try:
         spread = frame.repartition("dt") if many_days else frame.coalesce(1)
         writer = functools.partial(
@@ -175,6 +175,9 @@ class _DayFile:
         self.number = int(first.column("dt").cast(pa.int32())[0].as_py())
         target = partition_path(staging, self.day)
         target.mkdir()
+        # as open as the driver's staging folder, whatever the executor's umask: the driver
+        # (maybe another user of the same group) moves the file out and deletes the folder
+        target.chmod(staging.stat().st_mode & 0o7777)
         schema = (
             pa.Table.from_batches([first]).drop_columns(["dt"]).replace_schema_metadata(metadata)
         ).schema

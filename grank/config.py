@@ -36,6 +36,14 @@ class SparkSettings(BaseModel):
     master: str = "local[*]"
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
+    # the address executors reach the driver at (and the driver binds): loopback for
+    # local[*] and a cluster on this machine, the host/service name across machines
+    driver_host: str = "127.0.0.1"
+    # the Python the executors run (needs pyarrow and numpy; our code is shipped with the
+    # job); empty = the driver's interpreter path, which workers must then have too
+    executor_python: str = ""
+    # heap of each executor on a cluster (local[*] runs the tasks in the driver's heap)
+    executor_memory: str = "4g"
 
 
 class FeatureSettings(BaseModel):

@@ -23,6 +23,9 @@ def _session(settings: Settings) -> SparkSession:
         master=settings.spark.master,
         shuffle_partitions=settings.spark.shuffle_partitions,
         driver_memory=settings.spark.driver_memory,
+        driver_host=settings.spark.driver_host,
+        executor_python=settings.spark.executor_python,
+        executor_memory=settings.spark.executor_memory,
     )
 
 

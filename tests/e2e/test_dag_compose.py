@@ -6,9 +6,13 @@ renders the file offline. Without the binary the tests skip locally and FAIL und
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,81 @@ def test_no_secret_has_a_default(tmp_path: Path) -> None:
         done = _compose(env_file, "config", "-q")
         assert done.returncode != 0, secret
         assert secret in done.stderr, done.stderr
+
+
+def _executor_imports() -> set[str]:
+    """Top-level third-party modules the executors import: those of the modules of
+    ``features.spark.EXECUTOR_PACKAGES`` that ``features.feature_tables`` (the writer that
+    ``mapInArrow`` runs) reaches, followed through our own imports."""
+    from features.spark import EXECUTOR_PACKAGES
+
+    ours = {package.__name__ for package in EXECUTOR_PACKAGES}
+    seen: set[str] = set()
+    third_party: set[str] = set()
+    pending = ["features.feature_tables"]
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = REPO_ROOT / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = REPO_ROOT / module.replace(".", "/") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in ours:
+                    pending += [name, top]
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    third_party.add(top)
+    return third_party
+
+
+def _dockerfile_stage(target: str) -> str:
+    """The lines of one ``FROM ... AS target`` stage of docker/Dockerfile."""
+    text = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)
+    return next(s for s in stages if re.match(rf"\S+ AS {target}\b", s))
+
+
+def test_spark_workers_run_an_image_that_provides_what_executors_import() -> None:
+    """No Docker needed: the compose file and the Dockerfile say what the workers run."""
+    import yaml
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    services = compose["services"]
+    grank_env = compose["x-grank-env"]
+    driver = services["airflow-scheduler"]  # LocalExecutor: the tasks (the driver) run here
+    for name in ("spark-master", "spark-worker"):
+        service = services[name]
+        assert service["build"]["dockerfile"] == "docker/Dockerfile", name
+        assert service["entrypoint"] == ["/opt/spark/bin/spark-class"], name
+    worker = services["spark-worker"]
+    stage = _dockerfile_stage(worker["build"]["target"])
+    # the stage installs the locked app environment and makes /opt/spark its pyspark
+    assert "-r requirements/app.in -c requirements/app.lock" in stage
+    assert "python -m venv /opt/grank/venv" in stage
+    assert re.search(r"ln -s .*pyspark.* /opt/spark", stage)
+    # the executors' Python is that environment, and it holds every executor import
+    assert grank_env["GRANK_SPARK__EXECUTOR_PYTHON"] == "/opt/grank/venv/bin/python"
+    locked = {
+        line.split("==")[0].lower()
+        for line in (REPO_ROOT / "requirements" / "app.lock").read_text().splitlines()
+        if "==" in line
+    }
+    distributions = importlib.metadata.packages_distributions()
+    imports = _executor_imports()
+    assert {"pyarrow", "numpy"} <= imports
+    for module in imports:
+        assert any(d.lower() in locked for d in distributions[module]), module
+    # the driver advertises its service name; data root at the same path everywhere
+    assert driver["environment"]["GRANK_SPARK__DRIVER_HOST"] == "airflow-scheduler"
+    assert grank_env["GRANK_SPARK__MASTER"] == "spark://spark-master:7077"
+    for service in (worker, driver):
+        assert "grank-data:/data" in service["volumes"]
+    assert grank_env["GRANK_DATA_ROOT"] == "/data"

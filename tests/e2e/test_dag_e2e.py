@@ -1,12 +1,16 @@
 """The real DAG, run by the real Airflow 3.3 on ML-100K days, end to end.
 
-One data root ("A") runs two consecutive days one by one with ``airflow dags test``, a
-real ``grank serve`` following its snapshots (so the last task verifies a real swap), and
-its Asset events must carry the day and the published paths; then an injected bad raw
-partition must stop at the gate and be announced (webhook and e-mail, to receivers run by
-the test); then a re-run of a day must reproduce its outputs. A second root ("B") runs the
-same days as one ``airflow backfill create`` through a real scheduler (``airflow
-standalone``) and must equal root A.
+One data root ("A") runs two consecutive days one by one with ``airflow dags test`` on
+the production Feast stores (the Redis online store and the SQL registry in PostgreSQL
+of this machine, in a database and a Feast project of its own, removed afterwards), a
+real ``grank serve`` following its snapshots (so the last task verifies a real swap) and
+a real lookup server answering lookups throughout the second day's run (none may fail
+while it materializes), and its Asset events must carry the day and the published
+paths; then an injected bad raw partition must stop at the gate and be announced
+(webhook and e-mail, to receivers run by the test); then a re-run of a day must
+reproduce its outputs. A second root ("B") runs the same days as one ``airflow backfill
+create`` through a real scheduler (``airflow standalone``) on the embedded stores and
+must equal root A.
 
 Airflow is driven as a subprocess of its own environment (scripts/airflow.sh); state is
 read back from its sqlite metadata database.
@@ -31,9 +35,10 @@ import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,8 @@ import pytest
 from features import lake
 from grank.config import REPO_ROOT, Settings
 from tests.e2e.test_dag_integrity import CHAIN
+from tests.integration.test_feast_server import lookup_server
+from tests.integration.test_feast_store import own_postgres_database, require_service
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +84,7 @@ full_e2e = pytest.mark.skipif(
 AFTER_RAW_GATE = CHAIN[CHAIN.index("validate_raw") + 1 :]
 FEATURE_TABLES = ("user_behavior_sequences", "item_features", "user_features", "training_examples")
 ALERT_EMAIL = "data-team@example.org"
+LOOKUP_USERS = [1, 2, 3]
 
 
 def _free_port() -> int:
@@ -295,34 +303,121 @@ def alerts() -> Iterator[Alerts]:
             server.server_close()
 
 
+@pytest.fixture(scope="module")
+def production_stores() -> Iterator[dict[str, str]]:
+    """Settings of the production Feast stores (docs/deployment.md) on this machine's
+    Redis and PostgreSQL: the SQL registry in a database of its own (dropped afterwards)
+    and a Feast project of its own, whose Redis keys (they end with the project's name)
+    are deleted afterwards."""
+    require_service("127.0.0.1", 6379)
+    import redis
+
+    project = f"grank_e2e_{uuid.uuid4().hex[:8]}"
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    with own_postgres_database() as registry_url:
+        try:
+            yield {
+                "GRANK_FEAST__PROJECT": project,
+                "GRANK_FEAST__ONLINE_STORE": "redis",
+                "GRANK_FEAST__REDIS_CONNECTION_STRING": "127.0.0.1:6379",
+                "GRANK_FEAST__REGISTRY": "sql",
+                "GRANK_FEAST__REGISTRY_SQL_URL": registry_url,
+            }
+        finally:
+            for key in client.scan_iter(match=f"*{project}", count=1000):
+                client.delete(key)
+            client.close()
+
+
+@dataclass
+class Lookups:
+    """Outcome of lookups sent to the lookup server in a loop: (time, error or None)."""
+
+    outcomes: list[tuple[float, str | None]]
+    last_values: list[Any]
+
+
+@contextlib.contextmanager
+def lookups_meanwhile(env: dict[str, str], log: Path) -> Iterator[Lookups]:
+    """``grank features serve`` looked up in a loop, in a thread, for the block's duration."""
+    result = Lookups([], [])
+    done = threading.Event()
+
+    def loop(url: str) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not done.is_set():
+                at = time.time()
+                try:
+                    response = client.post(
+                        f"{url}/get-online-features",
+                        json={
+                            "feature_service": "grank_ranker_v1",
+                            "entities": {"user_id": LOOKUP_USERS},
+                        },
+                    )
+                    if response.status_code != 200:
+                        result.outcomes.append((at, f"{response.status_code}: {response.text}"))
+                        continue
+                    body = response.json()
+                    names = body["metadata"]["feature_names"]
+                    result.last_values = body["results"][names.index("item_seq")]["values"]
+                    result.outcomes.append((at, None))
+                except httpx.HTTPError as error:
+                    result.outcomes.append((at, repr(error)))
+                time.sleep(0.2)
+
+    with lookup_server(env, log) as url:
+        thread = threading.Thread(target=loop, args=(url,))
+        thread.start()
+        try:
+            yield result
+        finally:
+            done.set()
+            thread.join(timeout=30)
+
+
 @dataclass
 class OneByOne:
     rig: Rig
     serve_url: str
     features: dict[str, str]
     snapshot: tuple[str, dict[str, Any]]
+    lookups: Lookups
 
 
 @pytest.fixture(scope="module")
 def one_by_one(
-    tmp_path_factory: pytest.TempPathFactory, ml100k_settings: Settings, alerts: Alerts
+    tmp_path_factory: pytest.TempPathFactory,
+    ml100k_settings: Settings,
+    alerts: Alerts,
+    production_stores: dict[str, str],
 ) -> Iterator[OneByOne]:
-    """Root A: DAY_1 then DAY_2 with ``airflow dags test``; a real server follows CURRENT.
+    """Root A: DAY_1 then DAY_2 with ``airflow dags test`` on the production stores; a
+    real server follows CURRENT and a lookup server is asked throughout DAY_2's run.
 
     Failure notifications go to the test's receivers from the start.
     """
     port = _free_port()
     serve_url = f"http://127.0.0.1:{port}"
-    rig = make_rig(tmp_path_factory.mktemp("dag-a"), ml100k_settings, **alerts.env)
+    rig = make_rig(
+        tmp_path_factory.mktemp("dag-a"), ml100k_settings, **alerts.env, **production_stores
+    )
     first = rig.dags_test(DAY_1)
     assert first.returncode == 0, explain(first)
-    serve_log = rig.home.parent / "serve.log"
-    with background([str(GRANK_BIN), "serve", "--port", str(port)], rig.env, serve_log):
+    logs = rig.home.parent
+    with (
+        background([str(GRANK_BIN), "serve", "--port", str(port)], rig.env, logs / "serve.log"),
+        lookups_meanwhile(rig.env, logs / "lookups.log") as lookups,
+    ):
         wait_until(lambda: serve_version(serve_url), 120, f"grank serve on {serve_url}")
         second = rig.dags_test(DAY_2, GRANK_SERVE_URL=serve_url)
         assert second.returncode == 0, explain(second)
         yield OneByOne(
-            rig, serve_url, tree_digest(rig.settings.features_dir), current_snapshot(rig.settings)
+            rig,
+            serve_url,
+            tree_digest(rig.settings.features_dir),
+            current_snapshot(rig.settings),
+            lookups,
         )
 
 
@@ -349,6 +444,33 @@ def test_two_days_succeed_and_serving_swaps_to_the_new_snapshot(one_by_one: OneB
         report = rig.settings.reports_dir / f"dt={day.isoformat()}"
         assert (report / "summary.json").is_file(), sorted(rig.settings.reports_dir.rglob("*"))
         assert list(report.rglob("*.html")), report
+
+
+def test_production_stores_answer_every_lookup_while_the_day_materializes(
+    one_by_one: OneByOne, production_stores: dict[str, str]
+) -> None:
+    import redis
+
+    rig = one_by_one.rig
+    run_id = rig.runs("manual")[DAY_2.isoformat()][0]
+    ((started, ended),) = rig.query(
+        "SELECT start_date, end_date FROM task_instance"
+        " WHERE dag_id = ? AND run_id = ? AND task_id = 'materialize_features'",
+        DAG_ID,
+        run_id,
+    )
+    # Airflow keeps UTC times; sqlite returns them as text, without the zone
+    window = [datetime.fromisoformat(t).replace(tzinfo=UTC).timestamp() for t in (started, ended)]
+    outcomes = one_by_one.lookups.outcomes
+    assert [error for _, error in outcomes if error] == []
+    during = [at for at, _ in outcomes if window[0] <= at <= window[1]]
+    assert len(during) >= 3, (window, len(outcomes))
+    assert all(one_by_one.lookups.last_values), one_by_one.lookups.last_values
+    # the rows live in Redis under the run's own project, the registry in its own database
+    project = production_stores["GRANK_FEAST__PROJECT"]
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    assert next(client.scan_iter(match=f"*{project}", count=1000), None) is not None
+    assert not (rig.settings.feast_dir / "registry.db").exists()
 
 
 def test_asset_events_carry_the_day_and_what_was_published(one_by_one: OneByOne) -> None:

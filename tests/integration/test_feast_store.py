@@ -7,6 +7,7 @@ Redis and PostgreSQL tests use the real services; with CI set they fail when unr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -289,9 +290,9 @@ def test_redis_online_store(features_dir: Path, tmp_path: Path) -> None:
         store.teardown()
 
 
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    """A fresh database for the SQL registry, dropped afterwards."""
+@contextlib.contextmanager
+def own_postgres_database() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL (SQLAlchemy URL), dropped afterwards."""
     require_service("127.0.0.1", 5432)
     import psycopg
 
@@ -304,6 +305,13 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A fresh database for the SQL registry, dropped afterwards."""
+    with own_postgres_database() as url:
+        yield url
 
 
 def test_sql_registry_on_postgres(
