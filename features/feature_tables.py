@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.atomic import fsync_dir, hidden_temp_dir, recover_swaps, staging_dir
-from features.lake import PARQUET_OPTIONS
+from common.atomic import fsync_dir, hidden_temp_dir, staging_dir
+from features.lake import PARQUET_OPTIONS, partition_days, partition_path
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -50,29 +51,46 @@ STATE_TABLES = (USER_STATE, ITEM_STATE, USER_DAILY, ITEM_DAILY)
 PART_FILE = "part-00000.parquet"
 
 
+@dataclass(frozen=True)
+class FeatureTables:
+    """The feature tables' on-disk layout (Contract 2), named once.
+
+    The feature job writes it; Feast, the quality gate, training and the CLI read it.
+    All of them take their paths from here instead of joining table names to folders.
+    """
+
+    root: Path
+
+    def table_dir(self, table: str) -> Path:
+        """Folder of one published table (``features/<table>``)."""
+        return self.root / table
+
+    def partition(self, table: str, day: date) -> Path:
+        """The day partition of a published table (``features/<table>/dt=YYYY-MM-DD``)."""
+        return partition_path(self.table_dir(table), day)
+
+    def days(self, table: str) -> list[date]:
+        """Days with a published partition of ``table``, oldest first."""
+        return partition_days(self.table_dir(table))
+
+    @property
+    def state_root(self) -> Path:
+        """The job's private state (``features/_state``), hidden from dataset discovery."""
+        return self.root / STATE_DIR
+
+    def state_dir(self, table: str) -> Path:
+        """Folder of one of the job's state tables (``features/_state/<table>``)."""
+        return self.state_root / table
+
+
 def table_dir(features_dir: Path, table: str) -> Path:
-    """Folder of one published table (``features/<table>``)."""
-    return features_dir / table
+    """Shorthand for ``FeatureTables(features_dir).table_dir(table)``."""
+    return FeatureTables(features_dir).table_dir(table)
 
 
 def state_dir(features_dir: Path, table: str) -> Path:
-    """Folder of one of the job's state tables (``features/_state/<table>``)."""
-    return features_dir / STATE_DIR / table
-
-
-def partition_path(folder: Path, day: date) -> Path:
-    """The ``dt=YYYY-MM-DD`` folder of ``day`` under a table folder."""
-    return folder / f"dt={day.isoformat()}"
-
-
-def partition_days(folder: Path) -> list[date]:
-    """Days that have a published partition, oldest first (hidden staging folders ignored)."""
-    if not folder.exists():
-        return []
-    recover_swaps(folder)
-    return sorted(
-        date.fromisoformat(p.name[3:]) for p in folder.iterdir() if p.name.startswith("dt=")
-    )
+    """Shorthand for ``FeatureTables(features_dir).state_dir(table)``."""
+    return FeatureTables(features_dir).state_dir(table)
 
 
 def write_partitions(

@@ -343,8 +343,7 @@ def to_lake_events(
 
 def dimension_path(lake_dir: Path, entity: str) -> Path:
     """The lake's dimension file of ``entity`` (``raw/items/items.parquet``, ...)."""
-    name = f"{entity}s"
-    return lake_dir / "raw" / name / f"{name}.parquet"
+    return lake.LakeLayout(lake_dir).dimension_file(f"{entity}s")
 
 
 def dimension_schema(entity: str, spec: DimensionSpec | None) -> pa.Schema:

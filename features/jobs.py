@@ -42,6 +42,7 @@ from features import feature_tables as ft
 from features import lineage
 from features.lake import (
     US_PER_DAY,
+    LakeLayout,
     data_files,
     day_start_us,
     landed_days,
@@ -133,12 +134,12 @@ class BuildPlan:
 
 def quarantined_raw_dir(quarantine_dir: Path, day: date) -> Path:
     """Where the raw gate moves a failed raw partition (same relative path as in the lake)."""
-    return quarantine_dir / "raw" / "events" / f"dt={day.isoformat()}"
+    return LakeLayout(quarantine_dir).events_partition(day)
 
 
 def quarantined_raw_days(quarantine_dir: Path) -> list[date]:
     """Raw days the gate moved to quarantine (their events are missing from the lake)."""
-    return ft.partition_days(quarantine_dir / "raw" / "events")
+    return ft.partition_days(LakeLayout(quarantine_dir).events_dir)
 
 
 def check_raw_partition(lake_dir: Path, quarantine_dir: Path, day: date) -> int:
@@ -385,12 +386,12 @@ def _publish(
     items = _read_state(spark, out, ft.ITEM_STATE, ITEM_STATE_DDL, day)
     user_daily = _read_daily(spark, (out, features_dir), ft.USER_DAILY, "user_id", day, longest)
     item_daily = _read_daily(spark, (out, features_dir), ft.ITEM_DAILY, "item_id", day, longest)
-    raw = spec.lake_dir / "raw"
+    layout = LakeLayout(spec.lake_dir)
     user_dimension = _read_dimension(
-        spark, raw / "users", dimension_ddl("user_id", spec.user_attributes)
+        spark, layout.dimension_dir("users"), dimension_ddl("user_id", spec.user_attributes)
     )
     item_dimension = _read_dimension(
-        spark, raw / "items", dimension_ddl("item_id", spec.item_attributes)
+        spark, layout.dimension_dir("items"), dimension_ddl("item_id", spec.item_attributes)
     )
     user_attributes = tuple(name for name, _ in spec.user_attributes)
     item_attributes = tuple(name for name, _ in spec.item_attributes)

@@ -85,24 +85,92 @@ def day_of_us(timestamp_us: int) -> date:
     return EPOCH + timedelta(days=timestamp_us // US_PER_DAY)
 
 
+def partition_path(folder: Path, day: date) -> Path:
+    """The ``dt=YYYY-MM-DD`` folder of ``day`` under a day-partitioned folder.
+
+    The one spelling of a day partition: the lake, the quarantine, the feature tables and
+    the job's state all use it, so readers and writers cannot drift apart.
+    """
+    return folder / f"dt={day.isoformat()}"
+
+
+def partition_days(folder: Path) -> list[date]:
+    """Days that have a published ``dt=`` partition under ``folder``, oldest first.
+
+    Hidden staging folders are ignored, and a swap a crash interrupted is finished first
+    (:func:`common.atomic.recover_swaps`), so a reader never misses a published day.
+    """
+    if not folder.is_dir():
+        return []
+    recover_swaps(folder)
+    return sorted(
+        date.fromisoformat(p.name[3:]) for p in folder.iterdir() if p.name.startswith("dt=")
+    )
+
+
+@dataclass(frozen=True)
+class LakeLayout:
+    """The lake's on-disk layout (module docstring), named once.
+
+    Everything that reads or writes the lake (ingest, the gates, the feature job,
+    training's catalogue, the CLI) takes its paths from here instead of joining strings.
+    A quarantine folder mirrors the lake, so it has a layout too.
+    """
+
+    root: Path
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def events_dir(self) -> Path:
+        """Folder of the day partitions of the event log."""
+        return self.raw_dir / "events"
+
+    def events_partition(self, day: date) -> Path:
+        """Folder of the events of ``day`` (``raw/events/dt=YYYY-MM-DD``)."""
+        return partition_path(self.events_dir, day)
+
+    def landed_days(self) -> list[date]:
+        """Days that have a complete partition, oldest first."""
+        return partition_days(self.events_dir)
+
+    def dimension_dir(self, name: str) -> Path:
+        """Folder of one dimension table (``items``, ``users``), replaced as a whole."""
+        return self.raw_dir / name
+
+    def dimension_file(self, name: str) -> Path:
+        """The Parquet file of one dimension table (``raw/items/items.parquet``, ...)."""
+        return self.dimension_dir(name) / f"{name}.parquet"
+
+    @property
+    def items_file(self) -> Path:
+        return self.dimension_file("items")
+
+    @property
+    def users_file(self) -> Path:
+        return self.dimension_file("users")
+
+    @property
+    def dataset_marker(self) -> Path:
+        """Which source landed here (``raw/_DATASET``)."""
+        return self.raw_dir / "_DATASET"
+
+
 def events_dir(lake_dir: Path) -> Path:
-    return lake_dir / "raw" / "events"
+    """Shorthand for ``LakeLayout(lake_dir).events_dir``."""
+    return LakeLayout(lake_dir).events_dir
 
 
 def partition_dir(lake_dir: Path, day: date) -> Path:
-    """Folder of the events of ``day`` (``dt=YYYY-MM-DD``)."""
-    return events_dir(lake_dir) / f"dt={day.isoformat()}"
+    """Shorthand for ``LakeLayout(lake_dir).events_partition(day)``."""
+    return LakeLayout(lake_dir).events_partition(day)
 
 
 def landed_days(lake_dir: Path) -> list[date]:
-    """Days that have a complete partition, oldest first (hidden staging folders ignored)."""
-    root = events_dir(lake_dir)
-    if not root.exists():
-        return []
-    recover_swaps(root)
-    return sorted(
-        date.fromisoformat(p.name[3:]) for p in root.iterdir() if p.name.startswith("dt=")
-    )
+    """Shorthand for ``LakeLayout(lake_dir).landed_days()``."""
+    return LakeLayout(lake_dir).landed_days()
 
 
 def read_partition(lake_dir: Path, day: date) -> pa.Table:
@@ -265,15 +333,17 @@ def land_days(
 
 def land_dimensions(lake_dir: Path, items: pa.Table, users: pa.Table) -> None:
     """Write the item and user dimension tables (whole-table replace, atomic)."""
+    layout = LakeLayout(lake_dir)
     for name, table, schema in (("items", items, ITEM_SCHEMA), ("users", users, USER_SCHEMA)):
-        with staging_dir(lake_dir / "raw" / name) as staging:
-            pq.write_table(table.cast(schema), staging / f"{name}.parquet", **PARQUET_OPTIONS)
+        target = layout.dimension_file(name)
+        with staging_dir(target.parent) as staging:
+            pq.write_table(table.cast(schema), staging / target.name, **PARQUET_OPTIONS)
 
 
 def claim_lake(lake_dir: Path, dataset: str) -> None:
     """Record which dataset this lake holds; refuse to mix two sources in one lake."""
     _check_writable(lake_dir)
-    marker = lake_dir / "raw" / "_DATASET"
+    marker = LakeLayout(lake_dir).dataset_marker
     if marker.exists():
         owner = marker.read_text().strip()
         if owner != dataset:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text, crash_point, fsync_dir, staging_dir
 from features import feature_tables as ft
-from features.lake import landed_days, partition_fingerprint
+from features.lake import landed_days, partition_fingerprint, partition_path
 
 LINEAGE_DIR = "_lineage"
 PENDING_DIR = "_pending"
@@ -61,7 +61,7 @@ class Staleness:
 
 
 def lineage_dir(features_dir: Path) -> Path:
-    return features_dir / ft.STATE_DIR / LINEAGE_DIR
+    return ft.FeatureTables(features_dir).state_root / LINEAGE_DIR
 
 
 def lineage_path(features_dir: Path, day: date) -> Path:
@@ -174,13 +174,18 @@ def first_stale_day(
 # --- committing a day: stage everything, then one manifest, then atomic swaps ----------
 
 
+def _pending_dir(features_dir: Path) -> Path:
+    """Where builds stage their days and their commit manifests (``_state/_pending``)."""
+    return ft.FeatureTables(features_dir).state_root / PENDING_DIR
+
+
 def staging_root(features_dir: Path, day: date) -> Path:
     """Where the build of ``day`` writes; laid out like ``features/`` (tables, ``_state/``)."""
-    return features_dir / ft.STATE_DIR / PENDING_DIR / f"dt={day.isoformat()}"
+    return partition_path(_pending_dir(features_dir), day)
 
 
 def _manifest_path(features_dir: Path, day: date) -> Path:
-    return features_dir / ft.STATE_DIR / PENDING_DIR / f"dt={day.isoformat()}.json"
+    return _pending_dir(features_dir) / f"dt={day.isoformat()}.json"
 
 
 def _staged_partitions(root: Path) -> list[str]:
@@ -238,7 +243,7 @@ def recover_commits(features_dir: Path) -> list[date]:
 
     Run before every build. Returns the days whose commit was finished here.
     """
-    pending = features_dir / ft.STATE_DIR / PENDING_DIR
+    pending = _pending_dir(features_dir)
     if not pending.is_dir():
         return []
     finished = []

@@ -37,7 +37,7 @@ from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lineage, quality_report
 from features.jobs import quarantined_raw_dir
-from features.lake import US_PER_DAY, day_start_us, landed_days, partition_dir
+from features.lake import US_PER_DAY, LakeLayout, day_start_us, landed_days, partition_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -172,7 +172,7 @@ def _utc(timestamp_us: int) -> datetime:
 
 
 def _known_item_ids(lake_dir: Path) -> list[int]:
-    items = lake_dir / "raw" / "items" / "items.parquet"
+    items = LakeLayout(lake_dir).items_file
     if not items.exists():
         raise UserFacingError(f"item dimension missing: {items} (run grank data land)")
     ids: list[int] = pq.read_table(items, columns=["item_id"])["item_id"].to_pylist()

@@ -23,6 +23,8 @@ from training.gate import GatePolicy
 from training.inputs import InputSpec
 
 if TYPE_CHECKING:
+    from features.feature_tables import FeatureTables
+    from features.lake import LakeLayout
     from training.registry import ModelRegistry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -265,6 +267,18 @@ class Settings(BaseSettings):
     def offline_dir(self) -> Path:
         """``grank offline-eval`` results: ``<protocol>/<variant>.json``."""
         return self.data_root / "offline"
+
+    def lake_layout(self) -> LakeLayout:
+        """The named paths of the raw lake (features/lake.py owns its layout)."""
+        from features.lake import LakeLayout
+
+        return LakeLayout(self.lake_dir)
+
+    def feature_tables(self) -> FeatureTables:
+        """The named paths of the feature tables (features/feature_tables.py owns them)."""
+        from features.feature_tables import FeatureTables
+
+        return FeatureTables(self.features_dir)
 
     def model_registry(self) -> ModelRegistry:
         """The one owner of everything under ``models_dir`` (training/registry.py)."""

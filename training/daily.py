@@ -37,6 +37,7 @@ import torch
 
 from common.atomic import staging_dir
 from common.errors import UserFacingError
+from features.feature_tables import TRAINING_EXAMPLES, FeatureTables
 from features.lake import EPOCH, US_PER_DAY
 from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
@@ -196,9 +197,9 @@ def train_day(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
     Under data parallelism only rank 0 commits and returns it; the other ranks get None.
     """
     day = job.test_day
-    if not (job.features_dir / "training_examples" / f"dt={day.isoformat()}").is_dir():
+    if not FeatureTables(job.features_dir).partition(TRAINING_EXAMPLES, day).is_dir():
         raise UserFacingError(
-            f"no training_examples for the test day {day}: build its features first"
+            f"no {TRAINING_EXAMPLES} for the test day {day}: build its features first"
         )
     base = None if job.from_scratch else job.registry.base_for(day)
     if base is not None:

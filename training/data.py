@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.errors import UserFacingError
-from features.lake import EPOCH, US_PER_DAY
+from features.feature_tables import TRAINING_EXAMPLES, FeatureTables
+from features.lake import EPOCH, US_PER_DAY, LakeLayout
 
-TABLE = "training_examples"
+TABLE = TRAINING_EXAMPLES
 COLUMNS = [
     "event_id",
     "user_id",
@@ -129,12 +130,7 @@ class Queries:
 
 def partition_days(features_dir: Path) -> list[date]:
     """Days with a complete ``training_examples`` partition, oldest first."""
-    root = features_dir / TABLE
-    if not root.is_dir():
-        return []
-    return sorted(
-        date.fromisoformat(p.name[3:]) for p in root.iterdir() if p.name.startswith("dt=")
-    )
+    return FeatureTables(features_dir).days(TABLE)
 
 
 def day_number(day: date) -> int:
@@ -160,12 +156,13 @@ def read_timelines(
     two histories together). ``landed`` (the raw lake's days) tells the gaps that are
     real days without events (ML-100K has two) from days whose features are missing.
     """
-    available = [d for d in partition_days(features_dir) if (first is None or d >= first)]
+    tables = FeatureTables(features_dir)
+    available = [d for d in tables.days(TABLE) if (first is None or d >= first)]
     days = [d for d in available if d <= last]
     if not days:
         span = f"{first or 'the start'}..{last}"
         raise UserFacingError(
-            f"no {TABLE} partitions for {span} under {features_dir / TABLE}: "
+            f"no {TABLE} partitions for {span} under {tables.table_dir(TABLE)}: "
             "run `grank features build` first"
         )
     span_days = {days[0] + timedelta(n) for n in range((days[-1] - days[0]).days + 1)}
@@ -174,7 +171,7 @@ def read_timelines(
         raise UserFacingError(f"{TABLE} has gaps in {days[0]}..{days[-1]}: missing {missing[:3]}")
     pieces = _Pieces()
     for day in days:
-        _read_partition(features_dir / TABLE / f"dt={day.isoformat()}", pieces)
+        _read_partition(tables.partition(TABLE, day), pieces)
     if not pieces.targets:
         raise UserFacingError(f"{TABLE} partitions for {days[0]}..{days[-1]} hold no rows")
     return _assemble(pieces, days[0], days[-1])
@@ -510,7 +507,7 @@ def catalogue_max_id(lake_dir: Path) -> int:
     Serving refreshes vectors for the whole catalogue, so every catalogue item gets a
     row even before anyone interacted with it (it keeps its small initial vector).
     """
-    path = lake_dir / "raw" / "items" / "items.parquet"
+    path = LakeLayout(lake_dir).items_file
     if not path.is_file():
         return 0
     ids = pq.read_table(path, columns=["item_id"])["item_id"]

@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 import torch
 
 from common.errors import UserFacingError
+from features.feature_tables import ITEM_FEATURES, USER_FEATURES, FeatureTables
 from features.lake import EPOCH
 from training.inputs import InputSpec, hash_category, scale_numeric, standardize_items
 from training.model import UserContext
 
-USER_TABLE = "user_features"
-ITEM_TABLE = "item_features"
+USER_TABLE = USER_FEATURES
+ITEM_TABLE = ITEM_FEATURES
 
 
 @dataclass(frozen=True)
@@ -134,17 +135,19 @@ def read_feature_history(
     A missing partition (a day without events, hence without a build) is filled from the
     latest earlier one while it is within ``ttl_days``, as Feast's TTL serves it online.
     """
+    tables = FeatureTables(features_dir)
     asof_first = first - timedelta(days=1)
     n_days = (last - first).days + 1
     user_cols = [*spec.user_numeric, *spec.user_categorical]
     user_tables = (
-        _read_days(features_dir / USER_TABLE, asof_first, n_days, ttl_days, user_cols, "user_id")
+        _read_days(tables, USER_TABLE, asof_first, n_days, ttl_days, user_cols, "user_id")
         if user_cols
         else [None] * n_days
     )
     item_tables = (
         _read_days(
-            features_dir / ITEM_TABLE,
+            tables,
+            ITEM_TABLE,
             asof_first,
             n_days,
             ttl_days,
@@ -200,14 +203,20 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _read_days(
-    folder: Path, first: date, n_days: int, ttl_days: int, columns: list[str], key: str
+    feature_tables: FeatureTables,
+    table: str,
+    first: date,
+    n_days: int,
+    ttl_days: int,
+    columns: list[str],
+    key: str,
 ) -> list[pa.Table | None]:
     """The partition serving each as-of day ``first + i`` (None: nothing within the TTL)."""
     tables: list[pa.Table | None] = []
     latest: tuple[date, pa.Table] | None = None
     for i in range(n_days):
         day = first + timedelta(days=i)
-        path = folder / f"dt={day.isoformat()}"
+        path = feature_tables.partition(table, day)
         if path.is_dir():
             try:
                 latest = (day, pq.read_table(path, columns=[key, *columns]))

@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from features.feature_tables import FeatureTables
+
 if TYPE_CHECKING:
     from feast import FileSource
     from feast.feast_object import FeastObject
@@ -73,7 +75,7 @@ def _source(features_dir: Path, table: str) -> FileSource:
 
     return FileSource(
         name=table,
-        path=str(features_dir / table),
+        path=str(FeatureTables(features_dir).table_dir(table)),
         timestamp_field="event_timestamp",
         created_timestamp_column="created",
         description=f"Spark feature table {table} (features/<table>/dt=YYYY-MM-DD/)",

@@ -48,14 +48,16 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    items_path = settings.lake_dir / "raw" / "items" / "items.parquet"
+    from features.feature_tables import ITEM_FEATURES
+
+    items_path = settings.lake_layout().items_file
     if not items_path.is_file():
         raise UserFacingError(f"no item catalogue at {items_path}: run `grank data land` first")
     catalogue = pq.read_table(items_path, columns=["item_id"]).column("item_id").to_pylist()
-    features_path = settings.features_dir / "item_features" / f"dt={day.isoformat()}"
+    features_path = settings.feature_tables().partition(ITEM_FEATURES, day)
     if not features_path.is_dir():
         raise UserFacingError(
-            f"no item_features for {day} at {features_path}: run `grank features build` first"
+            f"no {ITEM_FEATURES} for {day} at {features_path}: run `grank features build` first"
         )
     table = pq.read_table(features_path, columns=["item_id", "pop_7d", "pop_total"])
     order = pc.sort_indices(
@@ -295,7 +297,7 @@ def recommend(settings: Settings, user_id: str, string_id: bool, k: int, url: st
     if answer.status_code != 200:
         raise UserFacingError(f"{base} answered {answer.status_code}: {answer.text}")
     body = answer.json()
-    items_path = settings.lake_dir / "raw" / "items" / "items.parquet"
+    items_path = settings.lake_layout().items_file
     titles: dict[int | str, str] = {}
     if items_path.is_file() and "title" in pq.read_schema(items_path).names:
         from common import idmap

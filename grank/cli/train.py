@@ -53,7 +53,7 @@ def daily_job(
 
     t = settings.train
     bf16 = _use_bf16(t.bf16)
-    items = settings.lake_dir / "raw" / "items" / "items.parquet"
+    items = settings.lake_layout().items_file
     catalogue = (
         pq.read_table(items, columns=["item_id"])["item_id"].to_numpy()
         if items.is_file()
