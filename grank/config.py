@@ -109,6 +109,9 @@ class TrainSettings(BaseModel):
     # ...within this budget (0 = none). A budget that ends training makes the weights
     # depend on the machine's speed: a re-run of that day may not reproduce its model.
     max_minutes: float = 30.0
+    # train the query token also as it serves: from the history up to the day before,
+    # one of the day's events as target (docs/model.md, "Data and windows")
+    next_day_windows: bool = False
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # data-parallel training processes `grank train` starts on this machine (torchrun);
     # the global batch stays batch_size, each process trains on batch_size / processes

@@ -59,6 +59,7 @@ class FitConfig:
     max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
     keep_best: bool = True  # end on the best validation epoch (False: on the last one)
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
+    next_day_windows: bool = False  # add serving-situation windows (data.make_windows)
     progress: bool = True
 
 
@@ -114,8 +115,13 @@ def train_batch(
         for a in (windows.short, windows.long, windows.labels, windows.targets)
     )
     features = inputs.features
+    query = (
+        None
+        if windows.query_labels is None
+        else torch.as_tensor(windows.query_labels[rows], device=device)
+    )
     if features is None:
-        return TrainBatch(short, long, labels, targets)
+        return TrainBatch(short, long, labels, targets, query_labels=query)
     days = windows.days[rows]
     user = features.user_context(
         windows.long[rows],
@@ -124,7 +130,9 @@ def train_batch(
         days,
         device,
     )
-    return TrainBatch(short, long, labels, targets, user, lambda c: features.item_features(days, c))
+    return TrainBatch(
+        short, long, labels, targets, user, lambda c: features.item_features(days, c), query
+    )
 
 
 def train_epoch(
@@ -222,7 +230,14 @@ def fit(
     stale = 0
     for epoch in range(1, config.max_epochs + 1):
         windows = make_windows(
-            timelines, train_end, spec.short_len, spec.long_len, config.stride, rng, inputs.flags
+            timelines,
+            train_end,
+            spec.short_len,
+            spec.long_len,
+            config.stride,
+            rng,
+            inputs.flags,
+            config.next_day_windows,
         )
         epoch_start = time.perf_counter()
         try:

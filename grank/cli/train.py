@@ -87,6 +87,7 @@ def daily_job(
         val_metric=t.val_metric,
         max_seconds=t.max_minutes * 60 or None,
         bf16=_use_bf16(t.bf16),
+        next_day_windows=t.next_day_windows,
     )
     items = settings.lake_dir / "raw" / "items" / "items.parquet"
     catalogue = (
