@@ -111,7 +111,7 @@ class TrainSettings(BaseModel):
     max_minutes: float = 30.0
     # train the query token also as it serves: from the history up to the day before,
     # one of the day's events as target (docs/model.md, "Data and windows")
-    next_day_windows: bool = False
+    next_day_windows: bool = True
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # data-parallel training processes `grank train` starts on this machine (torchrun);
     # the global batch stays batch_size, each process trains on batch_size / processes

@@ -15,7 +15,7 @@ Splits (docs/model.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -391,6 +391,26 @@ def single_target_queries(
         days=timelines.days[positions].astype(np.int64),
         weights=weights,
     )
+
+
+def from_day_start(timelines: Timelines, queries: Queries) -> Queries:
+    """The same queries with each history cut back to the start of its prediction day.
+
+    Serving reads the sequence as of the day before all day long; a model whose query
+    token learns only that situation (``make_windows(next_day=True)``) is validated in it.
+    Queries without an event before their day are dropped.
+    """
+    cuts = np.array(
+        [
+            np.searchsorted(
+                timelines.days[timelines.offsets[u] : timelines.offsets[u] + cut], day, "left"
+            )
+            for u, cut, day in zip(queries.users, queries.cuts, queries.days, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    kept = queries.select(np.flatnonzero(cuts > 0))
+    return replace(kept, cuts=cuts[cuts > 0])
 
 
 # ----------------------------------------------------------------------- batches

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
-from training.data import Queries, Timelines, Windows, item_counts, make_windows
+from training.data import Queries, Timelines, Windows, from_day_start, item_counts, make_windows
 from training.distributed import (
     SINGLE,
     DataParallel,
@@ -59,7 +59,7 @@ class FitConfig:
     max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
     keep_best: bool = True  # end on the best validation epoch (False: on the last one)
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
-    next_day_windows: bool = False  # add serving-situation windows (data.make_windows)
+    next_day_windows: bool = False  # U learns as it serves (data.make_windows)
     progress: bool = True
 
 
@@ -214,6 +214,13 @@ def fit(
     UserFacingError naming the epoch and step. With ``parallel`` active, this runs on
     every rank; the result's scores are rank 0's, broadcast.
     """
+    if config.next_day_windows:  # the query token learns, and is judged, as it serves
+        validation = from_day_start(timelines, validation)
+        if len(validation) == 0:
+            raise UserFacingError(
+                "no validation user has an event before their target's day: train without"
+                " next-day windows (GRANK_TRAIN__NEXT_DAY_WINDOWS=false) or on more history"
+            )
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)  # the same windows and batches on every rank
     model.to(device)
