@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from training.baselines import TwoTower
+from training.distributed import sum_over_ranks
 from training.model import GRank, UserContext
 
 
@@ -188,6 +189,10 @@ def joint_loss(
             log_q,
         )
         parts = {"ntp": float(total.detach())}
+        # U's term is the mean over the global batch's served rows: a process whose share
+        # has few or none must not weigh its rows as a whole batch's (data parallel)
+        served_here = served.sum().double()
+        served_all, ranks = sum_over_ranks(served_here)
         if served.any():
             query_loss = ntp_loss(
                 query[served],
@@ -197,7 +202,8 @@ def joint_loss(
                 weights,
                 log_q,
             )
-            total = total + weights.ntp * query_loss
+            share = (served_here * ranks / served_all).to(query_loss.dtype)
+            total = total + weights.ntp * query_loss * share
             parts["ntp_u"] = float(query_loss.detach())
     if aux_scores is not None:
         logits = aux_scores if correction is None else aux_scores - correction
