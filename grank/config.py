@@ -132,6 +132,8 @@ class TrainSettings(BaseModel):
     # the bootstrap's budget (0 = none). A budget that ends training makes the weights
     # depend on the machine's speed: a re-run of that day may not reproduce its model.
     max_minutes: float = 30.0
+    # train the query token also as it serves (docs/model.md, "Data and windows")
+    next_day_windows: bool = FitConfig.next_day_windows
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # data-parallel training processes `grank train` starts on this machine (torchrun);
     # the global batch stays batch_size, each process trains on batch_size / processes

@@ -95,6 +95,9 @@ class FitConfig:
     max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
     keep_best: bool = True  # end on the best validation epoch (False: on the last one)
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
+    # the query token also learns, and is judged, as it serves: from the history up to the
+    # day before, one of the day's events as target (data.make_windows, docs/model.md)
+    next_day_windows: bool = True
     progress: bool = True
 
 

@@ -467,12 +467,7 @@ def _pooled_evidence(job: DailyJob, evidence: pa.Table) -> pa.Table:
         for i in range(job.gate.window_days - 1)
     ]
     earlier = read_evidence(pooled_folders, day_number(window_first), day_number(day))
-    in_window = _in_window(evidence, day_number(window_first))
-    if earlier is None:
-        return in_window
-    return pa.concat_tables(
-        [earlier.select(in_window.column_names).cast(in_window.schema), in_window]
-    )
+    return pool_evidence(earlier, _in_window(evidence, day_number(window_first)))
 
 
 def _write_report(
@@ -504,6 +499,22 @@ def _write_report(
         write_evidence(staging, evidence.all)
         (staging / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         write_chart(staging / "chart.png", summary, evidence.losses)
+
+
+def pool_evidence(earlier: pa.Table | None, current: pa.Table) -> pa.Table:
+    """The gate's window: ``current`` (this candidate's own records, its bootstrap's
+    walk-forward included) plus the earlier evaluations' records of the days it lacks.
+
+    A day the candidate scored itself is never counted twice: after a refused bootstrap
+    the next day bootstraps again and walks forward over the same days, and the earlier
+    candidate's records of them would both double the queries (an interval tighter than
+    the evidence) and mix another model into the candidate's column.
+    """
+    if earlier is None:
+        return current
+    covered = np.isin(earlier["day"].to_numpy(), np.unique(current["day"].to_numpy()))
+    rest = earlier.filter(pa.array(~covered)).select(current.column_names).cast(current.schema)
+    return pa.concat_tables([rest, current])
 
 
 def _in_window(records: pa.Table, first_day: int) -> pa.Table:

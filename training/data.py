@@ -15,7 +15,7 @@ Splits (docs/model.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -390,6 +390,26 @@ def single_target_queries(
     )
 
 
+def from_day_start(timelines: Timelines, queries: Queries) -> Queries:
+    """The same queries with each history cut back to the start of its prediction day.
+
+    Serving reads the sequence as of the day before all day long; a model whose query
+    token learns only that situation (``make_windows(next_day=True)``) is validated in it.
+    Queries without an event before their day are dropped.
+    """
+    cuts = np.array(
+        [
+            np.searchsorted(
+                timelines.days[timelines.offsets[u] : timelines.offsets[u] + cut], day, "left"
+            )
+            for u, cut, day in zip(queries.users, queries.cuts, queries.days, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    kept = queries.select(np.flatnonzero(cuts > 0))
+    return replace(kept, cuts=cuts[cuts > 0])
+
+
 # ----------------------------------------------------------------------- batches
 @dataclass(frozen=True)
 class Windows:
@@ -408,6 +428,8 @@ class Windows:
     users: np.ndarray  # timeline row of each window's user
     days: np.ndarray  # UTC day number of each window's target
     long_flags: np.ndarray | None = None  # behaviour bitmasks aligned with ``long``
+    # what the query token U learns to predict (0: nothing); None: every window's target
+    query_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -429,15 +451,22 @@ def make_windows(
     stride: int,
     rng: np.random.Generator,
     flags: np.ndarray | None = None,
+    next_day: bool = False,
 ) -> Windows:
     """Cut training windows ending at every ``stride``-th training target (random phase).
 
     The random phase (drawn from ``rng``, so deterministic by seed) moves the window
     boundaries each epoch, a cheap augmentation; ``stride=1`` yields one example per event.
     ``flags`` (behaviour bitmasks per timeline position) add ``long_flags`` to the windows.
+
+    ``next_day`` adds, per user and day with training targets and an earlier history, one
+    window in the serving situation: its input ends with the day before (what the online
+    sequence holds all day), its target is one of that day's events (drawn from ``rng``).
+    The query token U then learns from these windows only (``query_labels``), the history
+    tokens from the others: U is what serving reads, always at a day's start.
     """
     short_rows, long_rows, label_rows, targets, flag_rows = [], [], [], [], []
-    users, positions = [], []
+    users, positions, query_labels = [], [], []
     for u in range(timelines.n_users):
         seq = timelines.sequence(u)
         lo, hi = int(timelines.first_target[u]), int(train_end[u])
@@ -453,11 +482,31 @@ def make_windows(
             long_rows.append(_left_padded(seq[:end], long_len))
             label_rows.append(_left_padded(supervised[1 : end + 1], short_len))
             targets.append(seq[end])
+            query_labels.append(0)  # U serves from the day before: it learns below
             users.append(u)
             positions.append(timelines.offsets[u] + end)
             if flags is not None:
                 start = timelines.offsets[u]
                 flag_rows.append(_left_padded(flags[start : start + end], long_len))
+        if not next_day:
+            continue
+        days = timelines.days[timelines.offsets[u] : timelines.offsets[u + 1]]
+        for day in np.unique(days[lo:hi]):
+            cut = int(np.searchsorted(days, day, side="left"))  # the day's first event
+            if cut == 0:  # no history before the day: nothing to serve from
+                continue
+            stop = min(int(np.searchsorted(days, day, side="right")), hi)
+            end = int(rng.integers(max(cut, lo), stop))
+            short_rows.append(_left_padded(seq[:cut], short_len))
+            long_rows.append(_left_padded(seq[:cut], long_len))
+            label_rows.append(np.zeros(short_len, dtype=np.int64))
+            targets.append(seq[end])
+            query_labels.append(seq[end])
+            users.append(u)
+            positions.append(timelines.offsets[u] + end)
+            if flags is not None:
+                start = timelines.offsets[u]
+                flag_rows.append(_left_padded(flags[start : start + cut], long_len))
     if not targets:
         raise UserFacingError("the training window holds no training events")
     return Windows(
@@ -468,6 +517,7 @@ def make_windows(
         users=np.array(users, dtype=np.int64),
         days=timelines.days[np.array(positions, dtype=np.int64)],
         long_flags=np.stack(flag_rows) if flags is not None else None,
+        query_labels=np.array(query_labels, dtype=np.int64) if next_day else None,
     )
 
 

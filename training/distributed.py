@@ -172,6 +172,19 @@ def mean_over_ranks(value: float, parallel: DataParallel) -> float:
     return float(total.item()) / parallel.world_size
 
 
+def sum_over_ranks(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``value`` summed over the training processes, their number); alone: (value, 1).
+
+    For a loss term whose mean must be over the global batch, not each process' share:
+    every process calls it at the same step (a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return value, 1
+    total = value.detach().to(_collective_device(), torch.float64).clone()
+    dist.all_reduce(total)
+    return total.to(value.device), dist.get_world_size()
+
+
 def from_main(value: float, parallel: DataParallel) -> float:
     """Rank 0's ``value`` on every rank."""
     if not parallel.active:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from training.baselines import TwoTower
 from training.config import LossWeights
+from training.distributed import sum_over_ranks
 from training.model import GRank, UserContext
 
 
@@ -48,6 +49,9 @@ class TrainBatch:
     targets: torch.Tensor
     user: UserContext | None = None
     item_features: Callable[[torch.Tensor], torch.Tensor | None] = _no_item_features
+    # what U predicts per row (0: nothing) as a loss term of its own; None: the target, as
+    # one more next-token slot
+    query_labels: torch.Tensor | None = None
 
 
 BatchLoss = Callable[[torch.nn.Module, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
@@ -146,12 +150,47 @@ def joint_loss(
     states, aux_scores = model.generator(
         batch.short, candidates if config.use_aux else None, user=batch.user
     )
-    slot_labels = torch.cat([batch.labels, targets[:, None]], dim=1)  # U predicts the target
-    supervised = slot_labels > 0
-    total = weights.ntp * ntp_loss(
-        states[supervised], slot_labels[supervised], model.item_vectors(), targets, weights, log_q
-    )
-    parts = {"ntp": float(total.detach())}
+    if batch.query_labels is None:
+        slot_labels = torch.cat([batch.labels, targets[:, None]], dim=1)  # U predicts the target
+        supervised = slot_labels > 0
+        total = weights.ntp * ntp_loss(
+            states[supervised],
+            slot_labels[supervised],
+            model.item_vectors(),
+            targets,
+            weights,
+            log_q,
+        )
+        parts = {"ntp": float(total.detach())}
+    else:
+        # U's few serving-situation targets weigh as much as every history slot together
+        history, query = states[:, :-1], states[:, -1]
+        supervised, served = batch.labels > 0, batch.query_labels > 0
+        total = weights.ntp * ntp_loss(
+            history[supervised],
+            batch.labels[supervised],
+            model.item_vectors(),
+            targets,
+            weights,
+            log_q,
+        )
+        parts = {"ntp": float(total.detach())}
+        # U's term is the mean over the global batch's served rows: a process whose share
+        # has few or none must not weigh its rows as a whole batch's (data parallel)
+        served_here = served.sum().double()
+        served_all, ranks = sum_over_ranks(served_here)
+        if served.any():
+            query_loss = ntp_loss(
+                query[served],
+                batch.query_labels[served],
+                model.item_vectors(),
+                targets,
+                weights,
+                log_q,
+            )
+            share = (served_here * ranks / served_all).to(query_loss.dtype)
+            total = total + weights.ntp * query_loss * share
+            parts["ntp_u"] = float(query_loss.detach())
     if aux_scores is not None:
         logits = aux_scores if correction is None else aux_scores - correction
         sa = softmax_first(logits, collides)

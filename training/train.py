@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common.errors import UserFacingError
 from training.config import EvalConfig, FitConfig
-from training.data import Queries, Timelines, Windows, item_counts, make_windows
+from training.data import Queries, Timelines, Windows, from_day_start, item_counts, make_windows
 from training.distributed import (
     SINGLE,
     DataParallel,
@@ -94,8 +94,13 @@ def train_batch(
         for a in (windows.short, windows.long, windows.labels, windows.targets)
     )
     features = inputs.features
+    query = (
+        None
+        if windows.query_labels is None
+        else torch.as_tensor(windows.query_labels[rows], device=device)
+    )
     if features is None:
-        return TrainBatch(short, long, labels, targets)
+        return TrainBatch(short, long, labels, targets, query_labels=query)
     days = windows.days[rows]
     user = features.user_context(
         windows.long[rows],
@@ -104,7 +109,9 @@ def train_batch(
         days,
         device,
     )
-    return TrainBatch(short, long, labels, targets, user, lambda c: features.item_features(days, c))
+    return TrainBatch(
+        short, long, labels, targets, user, lambda c: features.item_features(days, c), query
+    )
 
 
 def train_epoch(
@@ -187,6 +194,13 @@ def fit(
     and step. With ``parallel`` active, this runs on every rank; the result's scores are
     rank 0's, broadcast.
     """
+    if config.next_day_windows:  # the query token learns, and is judged, as it serves
+        validation = from_day_start(timelines, validation)
+        if len(validation) == 0:
+            raise UserFacingError(
+                "no validation user has an event before their target's day: train without"
+                " next-day windows (GRANK_TRAIN__NEXT_DAY_WINDOWS=false) or on more history"
+            )
     seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)  # the same windows and batches on every rank
     model.to(device)
@@ -263,6 +277,7 @@ class _Fit:
             config.stride,
             self.rng,
             self.inputs.flags,
+            config.next_day_windows,
         )
         self.epoch_started = time.perf_counter()
         try:

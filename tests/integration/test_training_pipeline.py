@@ -98,6 +98,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
         plateau_lr_factor=plateau_lr_factor,
         stride=16,
         val_metric="recall@10",
+        next_day_windows=False,  # leave-last-out validation: the next item, not the next day
         progress=False,
     )
     result = fit(
@@ -148,6 +149,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
         patience=5,
         stride=16,
         val_metric="recall@10",
+        next_day_windows=False,  # leave-last-out validation: the next item, not the next day
         progress=False,
     )
     spec = EvalConfig(16, 32, 50)

@@ -77,6 +77,26 @@ def test_too_few_queries_give_no_verdict():
     assert not decide(None, BASELINES, POLICY).publishable
 
 
+def test_a_day_the_candidate_scored_itself_is_pooled_once():
+    """After a refused bootstrap the next one walks forward over the same days: its own
+    records of them replace the earlier candidate's, they are not added to them."""
+    from training.daily import pool_evidence
+
+    def day(number: int, candidate: float, n: int = 3) -> pa.Table:
+        table = records(np.full(n, candidate), np.full(n, 0.1))
+        return table.set_column(0, "day", pa.array(np.full(n, number, dtype=np.int64)))
+
+    earlier = pa.concat_tables([day(1, 0.0), day(2, 0.0), day(3, 0.0)])  # days 1-3, refused
+    current = pa.concat_tables([day(2, 0.5), day(3, 0.5), day(4, 0.5)])  # re-walked 2-3, new 4
+    pooled = pool_evidence(earlier, current)
+    assert pooled.num_rows == 12  # day 1 from before, days 2-4 from the candidate itself
+    assert sorted(pooled["day"].to_pylist()) == [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3
+    scores = pooled[f"{CANDIDATE}.ndcg@10"].to_pylist()
+    by_day = dict(zip(pooled["day"].to_pylist(), scores, strict=True))
+    assert by_day == {1: 0.0, 2: 0.5, 3: 0.5, 4: 0.5}
+    assert pool_evidence(None, current).num_rows == current.num_rows
+
+
 def test_the_bootstrap_resamples_users_not_queries():
     # one user with 100 identical wins and 99 users at zero: 100 queries of evidence look
     # convincing query by query, but it is one user, so the interval must include 0

@@ -11,7 +11,15 @@ import torch
 
 from common.errors import UserFacingError
 from features.lake import US_PER_DAY
-from training.data import Timelines, day_number, leave_last_out, make_windows, next_day
+from training.data import (
+    Timelines,
+    day_number,
+    from_day_start,
+    leave_last_out,
+    make_windows,
+    next_day,
+    single_target_queries,
+)
 from training.losses import (
     LossWeights,
     generator_hard_negatives,
@@ -118,3 +126,50 @@ def test_next_day_split_and_pre_window_history_is_not_a_target():
         next_day(tl, date(2000, 1, 5))
     with pytest.raises(UserFacingError, match="no training events"):
         make_windows(tl, np.array([2, 0]), 4, 4, 4, np.random.default_rng(0))
+
+
+def test_next_day_windows_serve_from_the_day_before():
+    d = day_number(date(2000, 1, 1))
+    # user 0: items 1, 2 on day d (2 is a training target), 3, 4 on d+1, 5, 6 on d+2
+    tl = timelines([[1, 2, 3, 4, 5, 6]], [[d, d, d + 1, d + 1, d + 2, d + 2]], [1])
+    plain = make_windows(tl, np.array([6]), 4, 4, 4, np.random.default_rng(0))
+    windows = make_windows(tl, np.array([6]), 4, 4, 4, np.random.default_rng(0), next_day=True)
+    extra = slice(len(plain), None)
+    # the regular windows first, unchanged
+    assert windows.targets[: len(plain)].tolist() == plain.targets.tolist()
+    # one window per day with a history before it: day d has none; the input ends with
+    # the day before, the target is one of the day's events, only the query token learns
+    assert windows.short[extra].tolist() == [[0, 0, 1, 2], [1, 2, 3, 4]]
+    assert windows.days[extra].tolist() == [d + 1, d + 2]
+    assert windows.labels[extra].tolist() == [[0] * 4, [0] * 4]
+    drawn = {
+        tuple(make_windows(tl, np.array([6]), 4, 4, 4, rng, next_day=True).targets[extra])
+        for rng in (np.random.default_rng(seed) for seed in range(20))
+    }
+    assert {t[0] for t in drawn} == {3, 4} and {t[1] for t in drawn} == {5, 6}
+    # U learns from the next-day windows only; the history tokens from the regular ones
+    assert windows.query_labels is not None and plain.query_labels is None
+    assert windows.query_labels[: len(plain)].tolist() == [0] * len(plain)
+    assert windows.query_labels[extra].tolist() == windows.targets[extra].tolist()
+    # an event before the training window (first_target) is never a next-day target
+    after_history = timelines([[1, 2, 3, 4]], [[d, d, d + 1, d + 1]], [3])
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        only = make_windows(after_history, np.array([4]), 4, 4, 4, rng, next_day=True)
+        assert only.targets.tolist() == [4, 4] and only.short[1].tolist() == [0, 0, 1, 2]
+
+
+def test_validation_from_the_day_start_sees_what_serving_sees():
+    d = day_number(date(2000, 1, 1))
+    tl = timelines(
+        [[1, 2, 3, 4], [5, 6], [7, 8, 9]],
+        [[d, d, d + 1, d + 1], [d, d], [d, d + 2, d + 3]],
+        [0] * 3,
+    )
+    # targets: user 0's item 4 (day d+1), user 1's item 6 (day d, no earlier day), user 2's 9
+    queries = single_target_queries(tl, np.array([0, 1, 2]), np.array([3, 1, 2]))
+    served = from_day_start(tl, queries)
+    assert served.users.tolist() == [0, 2]  # user 1 has nothing before the day: dropped
+    assert served.cuts.tolist() == [2, 2]  # user 0 loses item 3, rated on the target's day
+    assert served.relevant_items.tolist() == [4, 9]
+    assert served.days.tolist() == [d + 1, d + 3]

@@ -176,6 +176,33 @@ def test_hard_negatives_only_add_ranker_columns():
     assert parts[0]["ca"] != parts[5]["ca"]
 
 
+def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
+    """With ``query_labels`` U learns only from the rows that have one, weighted as much as
+    every history slot together; without them it is one more next-token slot."""
+    short = torch.randint(1, 40, (6, 6))
+    long = torch.randint(1, 40, (6, 8))
+    labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
+    weights = LossWeights(candidates=4, hard_negatives=0)
+    torch.manual_seed(1)
+    model = tiny().eval()
+    _, plain = joint_loss(model, TrainBatch(short, long, labels, targets), weights, None)
+    assert "ntp_u" not in plain
+    none = torch.zeros(6, dtype=torch.long)
+    _, unsupervised = joint_loss(
+        model, TrainBatch(short, long, labels, targets, query_labels=none), weights, None
+    )
+    assert "ntp_u" not in unsupervised and unsupervised["ntp"] != plain["ntp"]
+    some = torch.tensor([0, 0, 0, 21, 22, 23])
+    loss, parts = joint_loss(
+        model, TrainBatch(short, long, labels, targets, query_labels=some), weights, None
+    )
+    assert parts["ntp"] == unsupervised["ntp"] and parts["ntp_u"] > 0
+    assert float(loss) == pytest.approx(
+        parts["ntp"] + parts["ntp_u"] + weights.sa * parts["sa"] + weights.ca * parts["ca"],
+        rel=1e-4,
+    )
+
+
 def test_features_reach_the_query_token_and_the_ranker():
     """Each feature group changes what it should, and only that: the profile and the pooled
     behaviours move the user vector, item features move the Ranker's scores."""
