@@ -197,7 +197,7 @@ def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
         model, TrainBatch(short, long, labels, targets, query_labels=some), weights, None
     )
     assert parts["ntp"] == unsupervised["ntp"] and parts["ntp_u"] > 0
-    assert float(loss) == pytest.approx(
+    assert float(loss.detach()) == pytest.approx(
         parts["ntp"] + parts["ntp_u"] + weights.sa * parts["sa"] + weights.ca * parts["ca"],
         rel=1e-4,
     )
