@@ -9,7 +9,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 GRANK := .venv/bin/grank
 PY := .venv/bin/python
 
-.PHONY: setup data run test lint typecheck unit
+.PHONY: setup data run test test-full lint typecheck unit
 
 setup:            ## create/update both pinned environments (idempotent, seconds when unchanged)
 	scripts/setup.sh
@@ -31,8 +31,12 @@ typecheck: setup
 unit: setup      ## the fast tests (tests/unit: no Spark, no servers; under a minute)
 	$(PY) -m pytest tests/unit
 
-test: setup lint typecheck  ## everything CI runs, the backfill/re-run DAG checks included
+test: setup lint typecheck  ## everything CI runs (under 20 minutes on two cores)
 	$(GRANK) data fetch ml-1m ml-100k
 	# two workers, one test file each at a time: the long DAG runs (tests/e2e, collected
 	# first) overlap the rest, whose Spark and process start-ups leave a core idle
+	$(PY) -m pytest -n 2 --dist loadfile
+
+test-full: setup lint typecheck  ## make test plus the DAG's re-run and backfill runs (+10 min)
+	$(GRANK) data fetch ml-1m ml-100k
 	GRANK_E2E_FULL=1 $(PY) -m pytest -n 2 --dist loadfile
