@@ -33,11 +33,10 @@ unit: setup      ## the fast tests (tests/unit: no Spark, no servers; under a mi
 
 test: setup lint typecheck  ## everything CI runs (under 20 minutes on two cores)
 	$(GRANK) data fetch ml-1m ml-100k
-	# three workers, one test file each at a time: the suite mostly waits (process and
-	# Spark start-ups, servers, Airflow's polling: with two workers it used 0.6 of a core
-	# on average), so the long DAG runs (tests/e2e, collected first) overlap the rest
-	$(PY) -m pytest -n 3 --dist loadfile
+	# two workers, one test file each at a time: the long DAG runs (tests/e2e, collected
+	# first) overlap the rest, whose process and Spark start-ups leave a core idle
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-full: setup lint typecheck  ## make test plus the DAG's re-run and backfill runs (+10 min)
 	$(GRANK) data fetch ml-1m ml-100k
-	GRANK_E2E_FULL=1 $(PY) -m pytest -n 3 --dist loadfile
+	GRANK_E2E_FULL=1 $(PY) -m pytest -n 2 --dist loadfile
