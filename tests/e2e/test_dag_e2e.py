@@ -53,7 +53,8 @@ from tests.e2e.test_dag_integrity import CHAIN
 from tests.integration.test_feast_server import lookup_server
 from tests.integration.test_feast_store import own_postgres_database, require_service
 
-pytestmark = pytest.mark.slow
+# the module fixture runs two DAG days and a bad day (10-15 min on two shared cores)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 AIRFLOW_SH = REPO_ROOT / "scripts" / "airflow.sh"
 GRANK_BIN = REPO_ROOT / ".venv" / "bin" / "grank"
