@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import common
 import features
+from common.processes import stop_process_group
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -121,18 +121,6 @@ def _wait_for_log(log: Path, text: str, process: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"{log}: no {text!r} within {timeout:g}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop the process group of one daemon (a worker's executors included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def standalone_cluster(
     folder: Path,
@@ -209,4 +197,4 @@ def standalone_cluster(
         yield url
     finally:
         for process in reversed(processes):
-            _stop_group(process)
+            stop_process_group(process, grace_seconds=20)

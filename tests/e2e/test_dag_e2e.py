@@ -28,7 +28,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import socket
 import socketserver
 import sqlite3
@@ -47,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.processes import stop_process_group
 from features import lake
 from grank.config import REPO_ROOT, Settings
 from tests.e2e.test_dag_integrity import CHAIN
@@ -202,14 +202,7 @@ def background(command: list[str], env: dict[str, str], log: Path) -> Iterator[N
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process, grace_seconds=30)
 
 
 def wait_until(check: Any, timeout: float, what: str) -> Any:
