@@ -9,8 +9,8 @@ data fetch ml-100k``; the feature build uses Spark) gives real GX results (raw e
 the four feature tables); their result JSON and the summary are then copied to
 ``--days`` consecutive days, with every mention of the date replaced (run names, data
 assets, day bounds), as if each day had been validated. Then, best of three:
-``publish_day`` (what every ``grank features validate`` does after the gate: that day's
-pages and the home page, which reads every day's results) and ``publish_all`` (``grank
+``render_day`` (what every ``grank features validate`` does after the gate: that day's
+pages and the home page, which reads every day's results) and ``render_all`` (``grank
 features report``: every page, each written atomically and synced to disk).
 """
 
@@ -47,10 +47,10 @@ def main() -> None:
     json_bytes = sum(p.stat().st_size for p in reports.rglob("*.json"))
     last = first + timedelta(days=args.days - 1)
     print(f"{args.days} days, {json_bytes / 1e6:.1f} MB of result JSON and summaries")
-    one_day = best(lambda: quality_report.publish_day(reports, last))
-    print(f"publish_day (after each gate run): {one_day:.2f} s")
-    every_page = best(lambda: quality_report.publish_all(reports))
-    print(f"publish_all (grank features report): {every_page:.2f} s")
+    one_day = best(lambda: quality_report.render_day(reports, last))
+    print(f"render_day (after each gate run): {one_day:.2f} s")
+    every_page = best(lambda: quality_report.render_all(reports))
+    print(f"render_all (grank features report): {every_page:.2f} s")
 
 
 def one_real_day(workdir: Path, reports: Path) -> Path:

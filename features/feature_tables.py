@@ -1,7 +1,7 @@
-"""Where the feature tables live and how a Spark DataFrame becomes published ``dt=`` partitions.
+"""Where the feature tables live and how a Spark DataFrame becomes committed ``dt=`` partitions.
 
 Contract 2 of docs/architecture.md fixes the table names and the folder layout
-``features/<table>/dt=YYYY-MM-DD/``. Published partitions must be byte-identical when a
+``features/<table>/dt=YYYY-MM-DD/``. Committed partitions must be byte-identical when a
 day is re-run (Feast, training and the quality gate all read them), so every partition
 is written as ONE sorted Parquet file named ``part-00000.parquet``, by pyarrow (whose
 output is deterministic, unlike parquet-mr's), and swapped into place atomically:
@@ -39,7 +39,8 @@ USER_BEHAVIOR_SEQUENCES = "user_behavior_sequences"
 ITEM_FEATURES = "item_features"
 USER_FEATURES = "user_features"
 TRAINING_EXAMPLES = "training_examples"
-PUBLISHED_TABLES = (USER_BEHAVIOR_SEQUENCES, ITEM_FEATURES, USER_FEATURES, TRAINING_EXAMPLES)
+# the public tables (Contract 2) other layers read, beside the job's private state below
+PUBLIC_TABLES = (USER_BEHAVIOR_SEQUENCES, ITEM_FEATURES, USER_FEATURES, TRAINING_EXAMPLES)
 
 STATE_DIR = "_state"
 USER_STATE = "user_state"
@@ -62,15 +63,15 @@ class FeatureTables:
     root: Path
 
     def table_dir(self, table: str) -> Path:
-        """Folder of one published table (``features/<table>``)."""
+        """Folder of one public table (``features/<table>``)."""
         return self.root / table
 
     def partition(self, table: str, day: date) -> Path:
-        """The day partition of a published table (``features/<table>/dt=YYYY-MM-DD``)."""
+        """The day partition of a public table (``features/<table>/dt=YYYY-MM-DD``)."""
         return partition_path(self.table_dir(table), day)
 
     def days(self, table: str) -> list[date]:
-        """Days with a published partition of ``table``, oldest first."""
+        """Days with a committed partition of ``table``, oldest first."""
         return partition_days(self.table_dir(table))
 
     @property
@@ -96,10 +97,10 @@ def state_dir(features_dir: Path, table: str) -> Path:
 def write_partitions(
     frame: DataFrame, folder: Path, sort_by: Iterable[str], many_days: bool = False
 ) -> list[date]:
-    """Publish ``frame`` (with a ``dt`` date column) as one sorted file per ``dt`` partition.
+    """Write ``frame`` (with a ``dt`` date column) as one sorted file per ``dt`` partition.
 
     One Spark job sorts the rows and hands them, as Arrow batches, to a pyarrow writer
-    that fills a hidden staging folder; then each ``dt=`` folder replaces its published
+    that fills a hidden staging folder; then each ``dt=`` folder replaces its committed
     twin atomically; partitions of other days are left alone. ``many_days`` spreads the
     days over tasks (a rebuild's training examples); otherwise one task writes everything,
     which spares a shuffle. Returns the days written.
@@ -185,7 +186,7 @@ class _DayFile:
     column is chunked, and a re-run must give the same bytes whatever Spark's batch sizes
     were; with groups cut every ``ROW_GROUP_ROWS`` rows the bytes depend on the rows only.
     The folder must not exist yet: a day split across two tasks fails here rather than
-    publish half of its rows.
+    commit half of its rows.
     """
 
     def __init__(self, staging: Path, metadata: dict[bytes, bytes], first: pa.RecordBatch):

@@ -307,7 +307,7 @@ def build_one(
 
     Everything is written to the day's staging folder first and committed in one step
     with its lineage record (features/lineage.py): a failure before the commit leaves
-    every published partition, of this day and of any other, as it was.
+    every committed partition, of this day and of any other, as it was.
     """
     lineage.recover_commits(spec.features_dir)
     events_today = check_raw_partition(spec.lake_dir, spec.quarantine_dir, day)
@@ -334,8 +334,8 @@ def build_one(
     try:
         result = BuildResult(day=day, mode=mode, events=total, reason=reason)
         history = [d for d in batch_days if d != day] if previous is None else []
-        result.example_days = _publish(spark, spec, day, previous, events, history)
-    except BaseException:  # nothing was published: every day stays as it was
+        result.example_days = _stage_tables(spark, spec, day, previous, events, history)
+    except BaseException:  # nothing was committed: every day stays as it was
         lineage.discard_staging(spec.features_dir, day)
         raise
     finally:
@@ -354,7 +354,7 @@ def read_raw(spark: SparkSession, lake_dir: Path, days: list[date]) -> DataFrame
     return spark.read.schema(RAW_EVENTS_DDL).parquet(*paths)
 
 
-def _publish(
+def _stage_tables(
     spark: SparkSession,
     spec: BuildSpec,
     day: date,
@@ -362,7 +362,7 @@ def _publish(
     events: DataFrame,
     history: list[date],
 ) -> list[date]:
-    """Write training examples, the new state, then the day's feature tables (read from state).
+    """Stage training examples, the new state, then the day's feature tables (read from state).
 
     A rebuild also writes the user and item features of every earlier day of its batch
     (``history``): training reads each example's features as of the day before it, so

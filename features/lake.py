@@ -95,10 +95,10 @@ def partition_path(folder: Path, day: date) -> Path:
 
 
 def partition_days(folder: Path) -> list[date]:
-    """Days that have a published ``dt=`` partition under ``folder``, oldest first.
+    """Days that have a complete ``dt=`` partition under ``folder``, oldest first.
 
     Hidden staging folders are ignored, and a swap a crash interrupted is finished first
-    (:func:`common.atomic.recover_swaps`), so a reader never misses a published day.
+    (:func:`common.atomic.recover_swaps`), so a reader never misses a day swapped in.
     """
     if not folder.is_dir():
         return []

@@ -13,7 +13,7 @@ day from there, in order. A day without a lineage record is not built.
 A day's tables and state are committed together. The build writes every partition it
 produces (the day's tables, its state, and a rebuild's earlier days) into a staging
 folder, ``features/_state/_pending/dt=D/``, laid out like ``features/``; nothing
-published changes while Spark runs, so a build that fails leaves the previous complete
+committed changes while Spark runs, so a build that fails leaves the previous complete
 version of every day as it was. Then :func:`commit_day` writes the commit manifest
 ``_pending/dt=D.json`` (the lineage record and the staged partitions): that write is
 the commit point. Applying it swaps each staged partition in atomically (its lineage
@@ -190,7 +190,7 @@ def _manifest_path(features_dir: Path, day: date) -> Path:
 
 def _staged_partitions(root: Path) -> list[str]:
     """The partitions under a staging root, as paths relative to it (tables, then state)."""
-    folders = [ft.table_dir(root, t) for t in ft.PUBLISHED_TABLES]
+    folders = [ft.table_dir(root, t) for t in ft.PUBLIC_TABLES]
     folders += [ft.state_dir(root, t) for t in ft.STATE_TABLES]
     return [
         ft.partition_path(folder, d).relative_to(root).as_posix()
@@ -200,14 +200,14 @@ def _staged_partitions(root: Path) -> list[str]:
 
 
 def discard_staging(features_dir: Path, day: date) -> None:
-    """Drop what a build of ``day`` staged before its commit point (nothing was published)."""
+    """Drop what a build of ``day`` staged before its commit point (nothing was committed)."""
     shutil.rmtree(staging_root(features_dir, day), ignore_errors=True)
 
 
 def commit_day(features_dir: Path, lineage: Lineage) -> None:
     """Commit everything staged for ``lineage.day`` with its lineage record, as one step.
 
-    Writing the manifest is the commit point; :func:`_apply` then publishes it.
+    Writing the manifest is the commit point; :func:`_apply` then swaps the staged partitions in.
     """
     root = staging_root(features_dir, lineage.day)
     manifest = {"lineage": _as_record(lineage), "partitions": _staged_partitions(root)}

@@ -127,7 +127,7 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         ft.move_partition(folder, destination)
         outcome.quarantined.append(destination)
     _write_summary(spec.reports_dir, day, "raw", outcome)
-    quality_report.publish_day(spec.reports_dir, day)
+    quality_report.render_day(spec.reports_dir, day)
     return outcome
 
 
@@ -157,7 +157,7 @@ def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
                 ft.move_partition(source, destination)
                 outcome.quarantined.append(destination)
     _write_summary(spec.reports_dir, day, "features", outcome)
-    quality_report.publish_day(spec.reports_dir, day)
+    quality_report.render_day(spec.reports_dir, day)
     return outcome
 
 

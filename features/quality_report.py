@@ -15,8 +15,8 @@ Layout (every link relative, so the folder can be copied or served anywhere)::
     reports/dt=D/validations/.../<batch>.json GX's result (one suite on one partition)
     reports/dt=D/validations/.../<batch>.html its page, beside it
 
-A gate run rebuilds its day and the home page (``publish_day``); ``grank features report``
-rebuilds everything (``publish_all``).
+A gate run rebuilds its day and the home page (``render_day``); ``grank features report``
+rebuilds everything (``render_all``).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _status(success: bool, warned: bool) -> str:
     return "passed with warnings" if warned else "passed"
 
 
-def publish_day(reports_dir: Path, day: date) -> Path:
+def render_day(reports_dir: Path, day: date) -> Path:
     """Render the pages of ``day`` and the home page (after a gate run); returns the home."""
     days = load_days(reports_dir)
     for report in days:
@@ -232,7 +232,7 @@ def publish_day(reports_dir: Path, day: date) -> Path:
     return _write_home(reports_dir, days)
 
 
-def publish_all(reports_dir: Path) -> Path:
+def render_all(reports_dir: Path) -> Path:
     """Render every page from the stored results; returns the home page."""
     days = load_days(reports_dir)
     if not days:

@@ -139,12 +139,12 @@ def validate(settings: Settings, day: date, stage: str) -> None:
             f" quarantined under {settings.quarantine_dir}; {where}"
         )
     click.echo(f"{stage} quality gate passed for {day}; {where}")
-    if stage == "features":  # the day's partitions are now published
-        from features.feature_tables import PUBLISHED_TABLES, partition_path, table_dir
+    if stage == "features":  # the day's partitions passed: the asset event names them
+        from features.feature_tables import PUBLIC_TABLES, partition_path, table_dir
 
         partitions = {
             table: partition_path(table_dir(settings.features_dir, table), day)
-            for table in PUBLISHED_TABLES
+            for table in PUBLIC_TABLES
         }
         echo_published({"logical_date": day, "paths": partitions, "report": outcome.report})
 
@@ -153,9 +153,9 @@ def validate(settings: Settings, day: date, stage: str) -> None:
 @click.pass_obj
 def report(settings: Settings) -> None:
     """Rebuild every quality report page (all days, the trend) from the stored GX results."""
-    from features.quality_report import publish_all
+    from features.quality_report import render_all
 
-    home = publish_all(settings.reports_dir)
+    home = render_all(settings.reports_dir)
     click.echo(f"quality report of all days: {home}")
 
 

@@ -307,7 +307,7 @@ def test_ml100k_incremental_equals_rebuild_and_reruns_are_byte_identical(
     days = ft.partition_days(ft.table_dir(rebuild.features_dir, ft.TRAINING_EXAMPLES))
     assert days == ft.partition_days(ft.table_dir(incremental.features_dir, ft.TRAINING_EXAMPLES))
     assert days[0] >= first and days[-1] == last
-    for table in ft.PUBLISHED_TABLES:
+    for table in ft.PUBLIC_TABLES:
         if table == ft.USER_BEHAVIOR_SEQUENCES:
             continue  # a delta table: compared as of the last day below
         table_days = days if table == ft.TRAINING_EXAMPLES else [last]

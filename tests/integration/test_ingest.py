@@ -246,7 +246,7 @@ def test_ml100k_replay_through_the_config_equals_the_previous_replay(
             result = runner.invoke(cli, ["features", "build", "--date", day.isoformat()], env=env)
             assert result.exit_code == 0, result.output
     built = files(before.features_dir)
-    for table in ft.PUBLISHED_TABLES:
+    for table in ft.PUBLIC_TABLES:
         assert any(name.startswith(table) for name in built), table
     assert built == files(after.features_dir)
 

@@ -103,7 +103,7 @@ def references(
         build_one(spark, rebuild_spec, day, rebuild=True)
         rebuilt.update(partition_hashes(rebuild_spec, REBUILD_TABLES, [day]))
         build_one(spark, daily_spec, day)
-    daily = partition_hashes(daily_spec, (*ft.PUBLISHED_TABLES, ft.USER_DAILY), DAYS)
+    daily = partition_hashes(daily_spec, (*ft.PUBLIC_TABLES, ft.USER_DAILY), DAYS)
     return rebuilt, daily
 
 
@@ -112,7 +112,7 @@ def assert_matches(spec: BuildSpec, references: tuple[Hashes, Hashes]) -> None:
     rebuilt, daily = references
     assert lineage.built_days(spec.features_dir) == DAYS
     assert partition_hashes(spec, REBUILD_TABLES, DAYS) == rebuilt
-    assert partition_hashes(spec, (*ft.PUBLISHED_TABLES, ft.USER_DAILY), DAYS) == daily
+    assert partition_hashes(spec, (*ft.PUBLIC_TABLES, ft.USER_DAILY), DAYS) == daily
     current = lineage.current_raw(spec.lake_dir, DAYS[-1])
     assert lineage.first_stale_day(spec.features_dir, current, set()) is None
 
@@ -311,7 +311,7 @@ def test_null_values_and_a_failed_build_leave_the_previous_complete_day(
         build_one(spark, spec, D2)
     assert lineage.built_days(spec.features_dir) == [D1]
     for folder in [
-        *(ft.table_dir(spec.features_dir, t) for t in ft.PUBLISHED_TABLES),
+        *(ft.table_dir(spec.features_dir, t) for t in ft.PUBLIC_TABLES),
         *(ft.state_dir(spec.features_dir, t) for t in ft.STATE_TABLES),
     ]:
         assert D2 not in ft.partition_days(folder), folder
@@ -325,7 +325,7 @@ def committed_files(spec: BuildSpec) -> dict[str, str]:
     """Every published and state file under ``features/`` with its sha256, and the lineage
     records' text: what readers and the next build see."""
     files = {}
-    folders = [ft.table_dir(spec.features_dir, t) for t in ft.PUBLISHED_TABLES]
+    folders = [ft.table_dir(spec.features_dir, t) for t in ft.PUBLIC_TABLES]
     folders += [ft.state_dir(spec.features_dir, t) for t in ft.STATE_TABLES]
     for folder in folders:
         for day in ft.partition_days(folder):

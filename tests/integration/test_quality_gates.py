@@ -244,14 +244,14 @@ def test_feature_gate_passes_built_day_and_quarantines_a_bad_one(spark, tmp_path
     original = checksums(users)
     yesterday = {
         t: checksums(ft.partition_path(ft.table_dir(build.features_dir, t), D1))
-        for t in ft.PUBLISHED_TABLES
+        for t in ft.PUBLIC_TABLES
     }
 
     outcome = validate_features(spec, D2)
 
     assert not outcome.success
     assert outcome.failures == ["user_features: expect_column_values_to_be_unique(user_id)"]
-    for table_name in ft.PUBLISHED_TABLES:
+    for table_name in ft.PUBLIC_TABLES:
         assert not ft.partition_path(ft.table_dir(build.features_dir, table_name), D2).exists()
         day_one = ft.partition_path(ft.table_dir(build.features_dir, table_name), D1)
         assert checksums(day_one) == yesterday[table_name]
