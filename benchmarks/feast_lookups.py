@@ -32,7 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.feature_store import StoreConfig, materialize_window, open_store, register
+from features.config import StoreConfig
+from features.feature_store import materialize_window, open_store, register
 from features.lake import US_PER_DAY, day_start_us
 
 DAY = date(2003, 2, 28)

@@ -30,6 +30,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from features.config import SparkConfig
 from features.jobs import BuildSpec, build_day
 from features.lake import landed_days, partition_dir
 from features.quality import QualitySpec, validate_raw
@@ -181,7 +182,9 @@ def timed_scenario(
     name: str, root: Path, driver_memory: str, shuffle_partitions: int
 ) -> dict[str, float | int | str]:
     spark = get_session(
-        master="local[2]", shuffle_partitions=shuffle_partitions, driver_memory=driver_memory
+        SparkConfig(
+            master="local[2]", shuffle_partitions=shuffle_partitions, driver_memory=driver_memory
+        )
     )
     lake_dir = root / "lake"
     days = landed_days(lake_dir)

@@ -19,17 +19,16 @@ row of window ``first..last`` is written unless the stored row's event time fall
 day after ``last`` (it came from a later day); rows of the same or earlier days are
 replaced, so a re-materialized corrected day overwrites what it corrects.
 
-Everything here takes plain values (:class:`StoreConfig`); the CLI builds them from the
-settings. Feast is imported inside functions: ``import feast`` costs ~6 s.
+Everything here takes plain values (:class:`features.config.StoreConfig`); the CLI has the
+settings build them. Feast is imported inside functions: ``import feast`` costs ~6 s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 
 from common.atomic import atomic_write_text
 from common.errors import UserFacingError
+from features.config import StoreConfig
 from features.feast_repo import ONLINE_VIEWS, build_definitions
 from features.feast_repo.definitions import USER_SEQUENCES
 from features.feature_tables import partition_days, partition_path, table_dir
@@ -46,19 +46,6 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 SEQUENCE_FIELDS: tuple[str, ...] = ("item_seq", "short_item_seq", "ts_seq", "seq_len")
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Where the store lives and which backends it uses (built by the CLI from settings)."""
-
-    repo_dir: Path
-    project: str = "grank"
-    online_store: Literal["sqlite", "redis"] = "sqlite"
-    redis_connection_string: str = "127.0.0.1:6379"
-    registry: Literal["file", "sql"] = "file"
-    registry_sql_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    registry_cache_ttl_seconds: int = 60
 
 
 def store_yaml(config: StoreConfig) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lineage
+from features.config import BuildConfig
 from features.lake import (
     US_PER_DAY,
     LakeLayout,
@@ -102,19 +103,18 @@ RAW_COLUMNS = {
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """Where the job reads and writes, and the shapes of its tables (plain values from Settings)."""
+    """Where the job reads and writes, the shapes of its tables and the dataset's attributes.
+
+    ``config`` holds the knobs a deployment sets (features/config.py); the CLI hands
+    them over from the settings in one piece.
+    """
 
     lake_dir: Path
     features_dir: Path
     quarantine_dir: Path
-    long_seq_len: int = 200
-    short_seq_len: int = 64
-    windows_days: tuple[int, ...] = (1, 7, 30)
+    config: BuildConfig = field(default_factory=BuildConfig)
     item_attributes: tuple[tuple[str, str], ...] = ITEM_ATTRIBUTES
     user_attributes: tuple[tuple[str, str], ...] = USER_ATTRIBUTES
-    # states of built days up to this many days before the newest one are kept, so a raw
-    # day landing (or corrected) that late cascades from a state instead of a rebuild
-    keep_state_days: int = 7
 
 
 def dimension_ddl(key: str, attributes: tuple[tuple[str, str], ...]) -> str:
@@ -344,7 +344,7 @@ def build_one(
         spec.features_dir,
         lineage.Lineage(day=day, mode=mode, previous=previous, raw=consumed),
     )
-    _prune_state(spec.features_dir, day, previous, spec.keep_state_days)
+    _prune_state(spec.features_dir, day, previous, spec.config.keep_state_days)
     return result
 
 
@@ -377,15 +377,19 @@ def _stage_tables(
     prev_users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, previous)
     prev_items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, previous)
     example_days = ft.write_partitions(
-        training_examples(prev_users, events, spec.long_seq_len),
+        training_examples(prev_users, events, spec.config.long_seq_len),
         ft.table_dir(out, ft.TRAINING_EXAMPLES),
         ["event_timestamp", "event_id"],
         many_days=previous is None,
     )
-    longest = max(spec.windows_days)
+    longest = max(spec.config.windows_days)
     recent = F.col("dt") > F.lit(day - timedelta(days=longest))
     for table, key, state in (
-        (ft.USER_STATE, "user_id", advance_user_state(prev_users, events, spec.long_seq_len)),
+        (
+            ft.USER_STATE,
+            "user_id",
+            advance_user_state(prev_users, events, spec.config.long_seq_len),
+        ),
         (ft.ITEM_STATE, "item_id", advance_item_state(prev_items, events)),
         (ft.USER_DAILY, "user_id", daily_counts(events, "user_id").where(recent)),
         (ft.ITEM_DAILY, "item_id", daily_counts(events, "item_id").where(recent)),
@@ -410,7 +414,7 @@ def _stage_tables(
         (
             ft.USER_BEHAVIOR_SEQUENCES,
             "user_id",
-            behavior_sequences(users, day, spec.short_seq_len, everyone=previous is None),
+            behavior_sequences(users, day, spec.config.short_seq_len, everyone=previous is None),
         ),
         (
             ft.USER_FEATURES,
@@ -420,7 +424,7 @@ def _stage_tables(
                 user_daily,
                 user_dimension,
                 day,
-                spec.windows_days,
+                spec.config.windows_days,
                 user_attributes,
             ),
         ),
@@ -432,7 +436,7 @@ def _stage_tables(
                 item_daily,
                 item_dimension,
                 day,
-                spec.windows_days,
+                spec.config.windows_days,
                 item_attributes,
             ),
         ),
@@ -445,9 +449,9 @@ def _stage_tables(
                 ft.USER_FEATURES,
                 "user_id",
                 user_feature_rows(
-                    user_history(events, days, spec.windows_days),
+                    user_history(events, days, spec.config.windows_days),
                     user_dimension,
-                    spec.windows_days,
+                    spec.config.windows_days,
                     user_attributes,
                 ),
             ),
@@ -455,8 +459,10 @@ def _stage_tables(
                 ft.ITEM_FEATURES,
                 "item_id",
                 item_feature_rows(
-                    item_history(events, item_dimension, days, spec.windows_days, item_attributes),
-                    spec.windows_days,
+                    item_history(
+                        events, item_dimension, days, spec.config.windows_days, item_attributes
+                    ),
+                    spec.config.windows_days,
                     item_attributes,
                 ),
             ),

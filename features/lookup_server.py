@@ -20,13 +20,14 @@ annotations must resolve at runtime); Feast only inside :func:`create_app`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from features.config import LookupLimits
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
@@ -43,14 +44,6 @@ READ_ONLY_DETAIL = (
     "read-only lookup server: features are written only by the daily"
     " `grank features materialize` run"
 )
-
-
-@dataclass(frozen=True)
-class LookupLimits:
-    """What one request may ask for (built by the CLI from ``FeastSettings``)."""
-
-    max_entities: int = 1_000
-    max_body_bytes: int = 1 << 20
 
 
 class LookupRequest(BaseModel):

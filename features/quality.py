@@ -36,6 +36,7 @@ from common.atomic import atomic_write_text
 from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lineage, quality_report
+from features.config import BuildConfig, QualityConfig
 from features.jobs import quarantined_raw_dir
 from features.lake import US_PER_DAY, LakeLayout, day_start_us, landed_days, partition_dir
 
@@ -54,21 +55,22 @@ FEATURE_SUITES = (
 
 @dataclass(frozen=True)
 class QualitySpec:
-    """Where the gates read, quarantine and report, and their thresholds (plain values)."""
+    """Where the gates read, quarantine and report, and what they check against.
+
+    ``config`` holds the thresholds a deployment sets (features/config.py); the CLI
+    hands them over from the settings in one piece.
+    """
 
     lake_dir: Path
     features_dir: Path
     quarantine_dir: Path
     reports_dir: Path
-    long_seq_len: int = 200
-    volume_trailing_days: int = 7
-    volume_low_ratio: float = 0.2
-    volume_high_ratio: float = 5.0
+    config: QualityConfig = field(default_factory=QualityConfig)
+    long_seq_len: int = BuildConfig.long_seq_len
     # what the dataset config allows (features/dataset_config.py)
     event_types: tuple[str, ...] = ("click", "rating")
     value_min: float = 0.0
     value_max: float = 5.0
-    max_user_events: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
     frame, read_error = _read_frame(folder, raw_checks=True)
     volume = VolumeBaseline(
         trailing_average_rows=_trailing_average_rows(spec, day),
-        low_ratio=spec.volume_low_ratio,
-        high_ratio=spec.volume_high_ratio,
+        low_ratio=spec.config.volume_low_ratio,
+        high_ratio=spec.config.volume_high_ratio,
     )
     low, high = _volume_band(volume)
     parameters: dict[str, Any] = {
@@ -118,7 +120,7 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "event_types": list(spec.event_types),
         "value_min": spec.value_min,
         "value_max": spec.value_max,
-        "max_user_events": spec.max_user_events,
+        "max_user_events": spec.config.max_user_events,
     }
     outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
     outcome.volume = volume
@@ -189,7 +191,8 @@ def _volume_band(volume: VolumeBaseline) -> tuple[int, int | None]:
 
 def _trailing_average_rows(spec: QualitySpec, day: date) -> float | None:
     """Average row count of the trailing landed days before ``day`` (None: no such day)."""
-    trailing = [d for d in landed_days(spec.lake_dir) if d < day][-spec.volume_trailing_days :]
+    earlier = [d for d in landed_days(spec.lake_dir) if d < day]
+    trailing = earlier[-spec.config.volume_trailing_days :]
     counts = []
     for previous in trailing:
         try:

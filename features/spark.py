@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import common
 import features
 from common.processes import stop_process_group
+from features.config import SparkConfig
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -29,23 +30,16 @@ LISTING_TASKS = 8
 EXECUTOR_PACKAGES = (features, common)
 
 
-def get_session(
-    master: str = "local[*]",
-    shuffle_partitions: int = 8,
-    driver_memory: str = "4g",
-    driver_host: str = "127.0.0.1",
-    executor_python: str = "",
-    executor_memory: str = "4g",
-) -> SparkSession:
+def get_session(config: SparkConfig) -> SparkSession:
     """Return the process' SparkSession, creating it with UTC time.
 
     UTC session time zone: day boundaries and timestamps must not depend on the host's
     zone. Spark itself writes no Parquet: ``features.feature_tables`` writes with pyarrow
-    in Python workers on the executors. Those run ``executor_python`` (default: this
+    in Python workers on the executors. Those run ``config.executor_python`` (default: this
     interpreter's path, right for ``local[*]`` and for workers whose app environment sits
     at the same path); it needs pyarrow and numpy, not this package: the session ships
     our code to every executor (:func:`ship_packages`), so executors always run the
-    driver's version of it. ``driver_host`` is the address executors reach the driver
+    driver's version of it. ``config.driver_host`` is the address executors reach the driver
     at: loopback for ``local[*]`` and for a cluster on this machine, the host or service
     name when workers run elsewhere (the driver binds it too).
 
@@ -53,21 +47,21 @@ def get_session(
     Spark job of ``LISTING_TASKS`` tasks instead of one task per folder, whose overhead
     was ~6 s on two cores.
     """
-    os.environ.setdefault("SPARK_LOCAL_IP", driver_host)
-    if executor_python:
-        os.environ["PYSPARK_PYTHON"] = executor_python
+    os.environ.setdefault("SPARK_LOCAL_IP", config.driver_host)
+    if config.executor_python:
+        os.environ["PYSPARK_PYTHON"] = config.executor_python
     else:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     session = (
-        SparkSession.builder.master(master)
+        SparkSession.builder.master(config.master)
         .appName("grank-features")
-        .config("spark.driver.host", driver_host)
+        .config("spark.driver.host", config.driver_host)
         .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
-        .config("spark.driver.memory", driver_memory)
-        .config("spark.executor.memory", executor_memory)
+        .config("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
+        .config("spark.driver.memory", config.driver_memory)
+        .config("spark.executor.memory", config.executor_memory)
         .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", str(LISTING_TASKS))
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")

@@ -2,9 +2,10 @@
 
 Every setting can be overridden with ``GRANK_<SECTION>__<FIELD>`` (for example
 ``GRANK_SPARK__MASTER=spark://host:7077``) and the data root with ``GRANK_DATA_ROOT``.
-Each layer defines its own knobs and their defaults (``training/config.py``,
-``serving/config.py``); this module composes them, and builds the values a layer takes
-from the settings. Layers never read this module: the CLI passes those values in.
+Each layer defines its own knobs and their defaults (``features/config.py``,
+``training/config.py``, ``serving/config.py``); this module composes them, and builds
+the values a layer takes from the settings. Layers never read this module: the CLI
+passes those values in.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
 from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.gate import GatePolicy
@@ -33,59 +35,65 @@ DatasetName = Literal["ml-1m", "ml-100k"]
 
 
 class SparkSettings(BaseModel):
-    """Where Spark runs; ``local[*]`` on one machine, ``spark://...`` in the compose stack."""
+    """Where Spark runs (features/config.py's SparkConfig defines each knob and its default).
 
-    master: str = "local[*]"
-    driver_memory: str = "4g"
-    shuffle_partitions: int = 8
-    # the address executors reach the driver at (and the driver binds): loopback for
-    # local[*] and a cluster on this machine, the host/service name across machines
-    driver_host: str = "127.0.0.1"
-    # the Python the executors run (needs pyarrow and numpy; our code is shipped with the
-    # job); empty = the driver's interpreter path, which workers must then have too
-    executor_python: str = ""
-    # heap of each executor on a cluster (local[*] runs the tasks in the driver's heap)
-    executor_memory: str = "4g"
+    :meth:`Settings.spark_config` hands them back.
+    """
+
+    master: str = SparkConfig.master
+    driver_memory: str = SparkConfig.driver_memory
+    shuffle_partitions: int = SparkConfig.shuffle_partitions
+    driver_host: str = SparkConfig.driver_host
+    executor_python: str = SparkConfig.executor_python
+    executor_memory: str = SparkConfig.executor_memory
 
 
 class FeatureSettings(BaseModel):
-    """Shapes of the feature tables built by ``features/``."""
+    """Shapes of the feature tables built by ``features/``.
 
-    long_seq_len: int = 200
-    short_seq_len: int = 64
-    popularity_windows_days: tuple[int, ...] = (1, 7, 30)
+    The build's knobs are defined, with their defaults, by features/config.py's
+    BuildConfig; :meth:`Settings.build_config` hands them back.
+    """
+
+    long_seq_len: int = BuildConfig.long_seq_len
+    short_seq_len: int = BuildConfig.short_seq_len
+    popularity_windows_days: tuple[int, ...] = BuildConfig.windows_days
     # how long a daily feature row stays valid online (Feast TTL) and in training reads
     daily_ttl_days: int = 2
-    # states of built days kept this many days back: a raw day landing or corrected up to
-    # this late cascades from a kept state; older ones restart the cascade from a rebuild
-    keep_state_days: int = Field(default=7, ge=0)
+    keep_state_days: int = Field(default=BuildConfig.keep_state_days, ge=0)
 
 
 class QualitySettings(BaseModel):
-    """Great Expectations gates: which deviations are fatal and which only warn."""
+    """Great Expectations gates: which deviations are fatal and which only warn.
 
-    volume_trailing_days: int = 7
-    volume_low_ratio: float = 0.2
-    volume_high_ratio: float = 5.0
-    # a user with more events than this in one day is reported (warning), and still built
-    max_user_events: int = Field(default=10_000, ge=1)
+    The thresholds are defined, with their defaults, by features/config.py's
+    QualityConfig; :meth:`Settings.quality_config` hands them back.
+    """
+
+    volume_trailing_days: int = QualityConfig.volume_trailing_days
+    volume_low_ratio: float = QualityConfig.volume_low_ratio
+    volume_high_ratio: float = QualityConfig.volume_high_ratio
+    max_user_events: int = Field(default=QualityConfig.max_user_events, ge=1)
 
 
 class FeastSettings(BaseModel):
-    """Feast stores: embedded defaults, production stores by configuration."""
+    """Feast stores: embedded defaults, production stores by configuration.
 
-    project: str = "grank"
-    online_store: Literal["sqlite", "redis"] = "sqlite"
-    redis_connection_string: str = "127.0.0.1:6379"
-    registry: Literal["file", "sql"] = "file"
-    registry_sql_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    registry_cache_ttl_seconds: int = 60
+    The store's and the lookup server's knobs are defined, with their defaults, by
+    features/config.py's StoreConfig and LookupLimits; :meth:`Settings.store_config` and
+    :meth:`Settings.lookup_limits` hand them back.
+    """
+
+    project: str = StoreConfig.project
+    online_store: Literal["sqlite", "redis"] = StoreConfig.online_store
+    redis_connection_string: str = StoreConfig.redis_connection_string
+    registry: Literal["file", "sql"] = StoreConfig.registry
+    registry_sql_url: str = StoreConfig.registry_sql_url
+    registry_cache_ttl_seconds: int = StoreConfig.registry_cache_ttl_seconds
     server_host: str = "127.0.0.1"
     server_port: int = 6566
-    # per-request limits of the lookup server (413 beyond): 10,000 users of
-    # grank_ranker_v1 in one request held a worker for 3-5 s (docs/feature-lookups.md)
-    server_max_entities: int = Field(default=1_000, ge=1)
-    server_max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    server_max_entities: int = Field(default=LookupLimits.max_entities, ge=1)
+    server_max_body_bytes: int = Field(default=LookupLimits.max_body_bytes, ge=1024)
     write_batch_rows: int = 1000
 
 
@@ -289,6 +297,26 @@ class Settings(BaseSettings):
         return ModelRegistry(self.models_dir)
 
     # --- the values each layer takes, composed from the sections above ---
+    def spark_config(self) -> SparkConfig:
+        return SparkConfig(**_same_named(SparkConfig, self.spark))
+
+    def build_config(self) -> BuildConfig:
+        """The build's knobs (the popularity windows are named for what they count here)."""
+        f = self.features
+        return BuildConfig(**_same_named(BuildConfig, f, windows_days=f.popularity_windows_days))
+
+    def quality_config(self) -> QualityConfig:
+        return QualityConfig(**_same_named(QualityConfig, self.quality))
+
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(**_same_named(StoreConfig, self.feast, repo_dir=self.feast_dir))
+
+    def lookup_limits(self) -> LookupLimits:
+        feast = self.feast
+        return LookupLimits(
+            max_entities=feast.server_max_entities, max_body_bytes=feast.server_max_body_bytes
+        )
+
     def grank_config(self, inputs: InputSpec) -> GRankConfig:
         """A fresh model's architecture reading ``inputs`` (n_item_rows comes from the data)."""
         return GRankConfig(

@@ -78,9 +78,10 @@ def ml100k_settings(tmp_path_factory: pytest.TempPathFactory, datasets_dir: Path
 @pytest.fixture(scope="session")
 def spark() -> Iterator[SparkSession]:
     """One local Spark session for the whole test run (starting one costs ~5 s)."""
+    from features.config import SparkConfig
     from features.spark import get_session
 
-    session = get_session(master="local[2]", shuffle_partitions=4, driver_memory="2g")
+    session = get_session(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="2g"))
     yield session
     session.stop()
 

@@ -11,22 +11,7 @@ from grank.cli.options import DATE, date_window, each_day, echo_published
 from grank.config import Settings
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
     from features.jobs import BuildSpec
-
-
-def _session(settings: Settings) -> SparkSession:
-    from features.spark import get_session
-
-    return get_session(
-        master=settings.spark.master,
-        shuffle_partitions=settings.spark.shuffle_partitions,
-        driver_memory=settings.spark.driver_memory,
-        driver_host=settings.spark.driver_host,
-        executor_python=settings.spark.executor_python,
-        executor_memory=settings.spark.executor_memory,
-    )
 
 
 def build_spec(settings: Settings) -> BuildSpec:
@@ -39,12 +24,9 @@ def build_spec(settings: Settings) -> BuildSpec:
         lake_dir=settings.lake_dir,
         features_dir=settings.features_dir,
         quarantine_dir=settings.quarantine_dir,
-        long_seq_len=settings.features.long_seq_len,
-        short_seq_len=settings.features.short_seq_len,
-        windows_days=settings.features.popularity_windows_days,
+        config=settings.build_config(),
         item_attributes=spark_attributes(dataset.item_attributes),
         user_attributes=spark_attributes(dataset.user_attributes),
-        keep_state_days=settings.features.keep_state_days,
     )
 
 
@@ -66,6 +48,7 @@ def build(
     """
     from features.jobs import BuildResult, build, quarantined_raw_days
     from features.lake import landed_days
+    from features.spark import get_session
 
     first, last = date_window(day, first, last)
     if first == last:
@@ -76,7 +59,7 @@ def build(
         days = [d for d in each_day(first, last) if d in known]
         click.echo(f"backfill {first}..{last}: {len(days)} landed days to build")
     spec = build_spec(settings)
-    spark = _session(settings)
+    spark = get_session(settings.spark_config())
 
     done: set[date] = set()
 
@@ -120,14 +103,11 @@ def validate(settings: Settings, day: date, stage: str) -> None:
         features_dir=settings.features_dir,
         quarantine_dir=settings.quarantine_dir,
         reports_dir=settings.reports_dir,
+        config=settings.quality_config(),
         long_seq_len=settings.features.long_seq_len,
-        volume_trailing_days=settings.quality.volume_trailing_days,
-        volume_low_ratio=settings.quality.volume_low_ratio,
-        volume_high_ratio=settings.quality.volume_high_ratio,
         event_types=dataset.events.lake_types,
         value_min=dataset.values.min,
         value_max=dataset.values.max,
-        max_user_events=settings.quality.max_user_events,
     )
     outcome = validate_raw(spec, day) if stage == "raw" else validate_features(spec, day)
     for warning in outcome.warnings:

@@ -7,31 +7,11 @@ store) and ``serve`` (the read-only lookup server other teams call).
 from __future__ import annotations
 
 from datetime import date
-from typing import TYPE_CHECKING
 
 import click
 
 from grank.cli.options import DATE, date_window, echo_published
 from grank.config import Settings
-
-if TYPE_CHECKING:
-    from features.feature_store import StoreConfig
-
-
-def store_config(settings: Settings) -> StoreConfig:
-    """Plain store arguments from the settings (layers never read ``grank.config``)."""
-    from features.feature_store import StoreConfig
-
-    feast = settings.feast
-    return StoreConfig(
-        repo_dir=settings.feast_dir,
-        project=feast.project,
-        online_store=feast.online_store,
-        redis_connection_string=feast.redis_connection_string,
-        registry=feast.registry,
-        registry_sql_url=feast.registry_sql_url,
-        registry_cache_ttl_seconds=feast.registry_cache_ttl_seconds,
-    )
 
 
 @click.command()
@@ -42,7 +22,7 @@ def register(settings: Settings) -> None:
     from features.feature_store import register as apply_definitions
     from grank.dataset import lake_config
 
-    config = store_config(settings)
+    config = settings.store_config()
     dataset = lake_config(settings)
     registered = apply_definitions(
         open_store(config),
@@ -91,7 +71,7 @@ def materialize(
     if later:
         click.echo(f"later days are built: the window extends to {later[-1]}")
         last = later[-1]
-    store = open_store(store_config(settings))
+    store = open_store(settings.store_config())
     written = materialize_window(
         store, settings.features_dir, first, last, batch_rows=settings.feast.write_batch_rows
     )
@@ -131,13 +111,9 @@ def serve(settings: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from features.feature_store import connect
-    from features.lookup_server import LookupLimits, create_app
+    from features.lookup_server import create_app
 
-    limits = LookupLimits(
-        max_entities=settings.feast.server_max_entities,
-        max_body_bytes=settings.feast.server_max_body_bytes,
-    )
-    app = create_app(connect(store_config(settings)), limits)
+    app = create_app(connect(settings.store_config()), settings.lookup_limits())
     uvicorn.run(
         app,
         host=host or settings.feast.server_host,

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from features.config import StoreConfig
 from features.feature_store import (
-    StoreConfig,
     materialize_window,
     online_sequences,
     open_store,

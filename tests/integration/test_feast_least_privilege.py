@@ -31,7 +31,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from features.feature_store import StoreConfig, connect
+from features.config import StoreConfig
+from features.feature_store import connect
 from grank.cli import cli
 from grank.config import REPO_ROOT
 from tests.integration.test_feast_server import _free_port, lookup_server

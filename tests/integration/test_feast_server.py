@@ -24,7 +24,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from features.feature_store import StoreConfig, materialize_day, open_store
+from features.config import StoreConfig
+from features.feature_store import materialize_day, open_store
 from features.lookup_server import WRITE_ENDPOINTS
 from grank.cli import cli
 from tests.integration.test_feast_store import DAY1, DAY2, sequence_of, write_feature_tables

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import UserFacingError
+from features.config import StoreConfig
 from features.feast_repo import FEATURE_SERVICES
 from features.feature_store import (
-    StoreConfig,
     day_window,
     latest_rows,
     materialize_day,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from common.atomic import sha256_file
 from common.errors import UserFacingError
 from features import feature_tables as ft
+from features.config import BuildConfig
 from features.jobs import BuildSpec, build_day, previous_state_day
 from features.lake import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, land_dimensions, partition_dir
 from grank.cli import cli
@@ -114,9 +116,7 @@ def hand_made_lake(root: Path) -> BuildSpec:
         lake_dir=settings.lake_dir,
         features_dir=settings.features_dir,
         quarantine_dir=settings.quarantine_dir,
-        long_seq_len=3,
-        short_seq_len=2,
-        windows_days=(1, 7, 30),
+        config=BuildConfig(long_seq_len=3, short_seq_len=2, windows_days=(1, 7, 30)),
     )
 
 
@@ -202,8 +202,7 @@ def test_histories_equal_a_direct_computation_across_ties_truncation_and_state(s
         lake_dir=settings.lake_dir,
         features_dir=settings.features_dir,
         quarantine_dir=settings.quarantine_dir,
-        long_seq_len=4,
-        short_seq_len=2,
+        config=BuildConfig(long_seq_len=4, short_seq_len=2),
     )
     assert build_day(spark, spec, D1).mode == "rebuild"
     assert build_day(spark, spec, D2).mode == "incremental"
@@ -370,6 +369,6 @@ def test_ml100k_incremental_equals_rebuild_and_reruns_are_byte_identical(
     # states within keep_state_days (7) of the newest are kept, for cascades; older go
     state = ft.state_dir(incremental.features_dir, ft.USER_STATE)
     assert ft.partition_days(state) == [bootstrap, date(1998, 3, 29), date(1998, 3, 30), last]
-    spec = BuildSpec(**{**spec.__dict__, "keep_state_days": 0})
+    spec = replace(spec, config=replace(spec.config, keep_state_days=0))
     assert build_day(spark, spec, last).mode == "incremental"
     assert ft.partition_days(state) == [date(1998, 3, 30), last]

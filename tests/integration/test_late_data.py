@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_cascade_without_the_state_it_needs_restarts_from_a_rebuild_and_says_so(
     spark, tmp_path: Path, ml100k_settings: Settings, references: tuple[Hashes, Hashes]
 ) -> None:
     _, spec = new_root(tmp_path, ml100k_settings)
-    spec = BuildSpec(**{**spec.__dict__, "keep_state_days": 0})
+    spec = replace(spec, config=replace(spec.config, keep_state_days=0))
     for day in DAYS:
         land_and_build(spark, spec, day, final_events(ml100k_settings, day))
     assert ft.partition_days(ft.state_dir(spec.features_dir, ft.USER_STATE)) == DAYS[-2:]

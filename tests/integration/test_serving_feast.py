@@ -7,7 +7,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from features.feature_store import StoreConfig, materialize_window, open_store, register
+from features.config import StoreConfig
+from features.feature_store import materialize_window, open_store, register
 from serving.sequences import FeastUserSource, UserHistory
 from tests.integration.test_feast_store import DAY1, sequence_of, write_feature_tables
 from tests.integration.test_serving_app import running_server

@@ -7,11 +7,12 @@ values back. No Spark, no data: milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
+from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
 from grank.config import Settings
 from serving.config import ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
@@ -56,6 +57,39 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
         features.short_seq_len, features.long_seq_len, seen_len=features.long_seq_len
     )
     assert settings.serve_config(None) == ServeConfig(snapshots_dir=tmp_path / "snapshots")
+    assert settings.spark_config() == SparkConfig()
+    assert settings.build_config() == BuildConfig()
+    assert settings.quality_config() == QualityConfig()
+    assert settings.store_config() == StoreConfig(repo_dir=tmp_path / "feast")
+    assert settings.lookup_limits() == LookupLimits()
+
+
+@pytest.mark.parametrize(
+    ("layer", "section", "renamed"),
+    [
+        (SparkConfig, "spark", {}),
+        (BuildConfig, "features", {"windows_days": "popularity_windows_days"}),
+        (QualityConfig, "quality", {}),
+        (StoreConfig, "feast", {}),
+        (
+            LookupLimits,
+            "feast",
+            {"max_entities": "server_max_entities", "max_body_bytes": "server_max_body_bytes"},
+        ),
+    ],
+)
+def test_every_features_knob_is_a_setting_with_the_layers_default(
+    clean_env, tmp_path: Path, layer: type, section: str, renamed: dict[str, str]
+) -> None:
+    """A knob added to a features config class without its setting (or a default edited on
+    one side only) fails here: the settings section names each field, with its default."""
+    settings = getattr(Settings(data_root=tmp_path), section)
+    for knob in fields(layer):
+        if knob.name == "repo_dir":  # a derived location (Settings.feast_dir), not a knob
+            continue
+        name = renamed.get(knob.name, knob.name)
+        assert name in type(settings).model_fields, f"{layer.__name__}.{knob.name}: no setting"
+        assert getattr(settings, name) == knob.default, f"{section}.{name}: another default"
 
 
 def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Path) -> None:
@@ -71,6 +105,15 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
         "GRANK_TRAIN__K1": "50",
         "GRANK_TRAIN__GATE__BASELINE_MARGIN": "-0.5",
         "GRANK_FEATURES__SHORT_SEQ_LEN": "16",
+        "GRANK_FEATURES__POPULARITY_WINDOWS_DAYS": "[1, 14]",
+        "GRANK_FEATURES__KEEP_STATE_DAYS": "3",
+        "GRANK_SPARK__MASTER": "spark://spark-master:7077",
+        "GRANK_SPARK__EXECUTOR_MEMORY": "2g",
+        "GRANK_QUALITY__VOLUME_LOW_RATIO": "0.5",
+        "GRANK_QUALITY__MAX_USER_EVENTS": "99",
+        "GRANK_FEAST__ONLINE_STORE": "redis",
+        "GRANK_FEAST__REGISTRY_CACHE_TTL_SECONDS": "5",
+        "GRANK_FEAST__SERVER_MAX_ENTITIES": "12",
         "GRANK_SERVE__MAX_BATCH": "9",
         "GRANK_SERVE__DEVICE": "cpu",
     }
@@ -95,3 +138,12 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     assert settings.train.gate.baseline_margin == -0.5
     serve = settings.serve_config(None)
     assert (serve.max_batch, serve.device, serve.mips.device) == (9, "cpu", "cpu")
+    spark = settings.spark_config()
+    assert (spark.master, spark.executor_memory) == ("spark://spark-master:7077", "2g")
+    build = settings.build_config()
+    assert (build.short_seq_len, build.windows_days, build.keep_state_days) == (16, (1, 14), 3)
+    quality = settings.quality_config()
+    assert (quality.volume_low_ratio, quality.max_user_events) == (0.5, 99)
+    store = settings.store_config()
+    assert (store.online_store, store.registry_cache_ttl_seconds) == ("redis", 5)
+    assert settings.lookup_limits().max_entities == 12
