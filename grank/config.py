@@ -1,7 +1,9 @@
 """All paths, dates and knobs in one typed place, overridable by environment variables.
 
 Every setting can be overridden with ``GRANK_<SECTION>__<FIELD>`` (for example
-``GRANK_SPARK__MASTER=spark://host:7077``) and the data root with ``GRANK_DATA_ROOT``.
+``GRANK_SPARK__MASTER=spark://host:7077``) and the data root with ``GRANK_DATA_ROOT`` (a
+path or a ``file://`` URL). :func:`load_settings` reads them for the CLI: a bad value is
+one :class:`UserFacingError` naming its variable.
 Each layer defines its own knobs and their defaults (``features/config.py``,
 ``training/config.py``, ``serving/config.py``); this module composes them, and builds
 the values a layer takes from the settings. Layers never read this module: the CLI
@@ -10,14 +12,17 @@ passes those values in.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, replace
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.errors import UserFacingError
 from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
 from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
@@ -206,6 +211,40 @@ def _same_named(layer: type[Any], section: BaseModel, **overrides: Any) -> dict[
     return {**{name: getattr(section, name) for name in names}, **overrides}
 
 
+# ``scheme://...``, or ``file:`` in any of its forms: what the data root reads as a URL
+_URL = re.compile(r"^(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://|file:)", re.IGNORECASE)
+
+_SHARED_POSIX = (
+    "the data root must be a shared POSIX filesystem (NFS, EFS, CephFS, ...) mounted at the"
+    " same path on the driver and every worker, because day files and snapshots are"
+    " committed by atomic renames; give its mount path or a file:///path URL"
+)
+
+
+def _data_root_path(value: object) -> object:
+    """The directory a ``GRANK_DATA_ROOT`` URL names; anything but a URL passes unchanged.
+
+    Spark executors write the day files through the same paths as the driver, which then
+    publishes them by renaming folders, so only a local path can name the data root: a
+    ``file://`` URL without a host (or with ``localhost``) is one. An object store
+    (``s3a://``, ``gs://``, ...) has no atomic rename, and a ``file://`` URL of another
+    host is not the same path on every worker: refused here, before any step writes.
+    """
+    if not isinstance(value, str) or (match := _URL.match(value)) is None:
+        return value
+    scheme = (match["scheme"] or "file").lower()
+    if scheme != "file":
+        raise ValueError(f"{scheme}:// is not supported: {_SHARED_POSIX}")
+    url = urlsplit(value)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError(f"{value} names the host {url.netloc!r}: {_SHARED_POSIX}")
+    if url.query or url.fragment or not url.path.startswith("/"):
+        raise ValueError(
+            f"{value} is not a file URL of an absolute path (write ? and # as %3F and %23)"
+        )
+    return Path(unquote(url.path))
+
+
 class Settings(BaseSettings):
     """Root settings object; one instance per CLI invocation."""
 
@@ -221,6 +260,8 @@ class Settings(BaseSettings):
     feast: FeastSettings = Field(default_factory=FeastSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    _local_data_root = field_validator("data_root", mode="before")(_data_root_path)
 
     # --- derived locations (one definition each; docs/architecture.md lists them) ---
     @property
@@ -382,6 +423,24 @@ class Settings(BaseSettings):
                 ServeConfig, self.serve, snapshots_dir=self.snapshots_dir, idmaps_dir=idmaps_dir
             )
         )
+
+
+def load_settings() -> Settings:
+    """The settings of this process's environment; a bad value is one readable error.
+
+    Each problem is named by the environment variable that sets it (``GRANK_TRAIN__DIM``),
+    all on one line, instead of pydantic's multi-line report and a traceback.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            # a tuple's element (an int in the location) is named by the tuple's variable
+            name = "__".join(part.upper() for part in error["loc"] if isinstance(part, str))
+            cause = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+            problems.append(f"GRANK_{name}: {cause or error['msg']}")
+        raise UserFacingError("; ".join(problems)) from None
 
 
 def parse_date(value: str) -> date:

@@ -16,14 +16,14 @@ from grank.cli.data import data
 from grank.cli.features import features
 from grank.cli.serving import embeddings, recommend, serve, snapshot
 from grank.cli.train import evaluate, model, offline_eval, train
-from grank.config import Settings
+from grank.config import load_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """GRank feature store and daily batch pipeline."""
-    ctx.obj = Settings()
+    ctx.obj = load_settings()
 
 
 cli.add_command(data)

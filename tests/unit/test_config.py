@@ -7,12 +7,15 @@ values back. No Spark, no data: milliseconds.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
+from grank.cli import main
 from grank.config import Settings
 from serving.config import ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
@@ -147,3 +150,46 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     store = settings.store_config()
     assert (store.online_store, store.registry_cache_ttl_seconds) == ("redis", 5)
     assert settings.lookup_limits().max_entities == 12
+
+
+def test_a_file_url_and_a_plain_path_name_the_same_data_root(clean_env, tmp_path: Path) -> None:
+    plain = Settings(data_root=str(tmp_path))
+    for url in (tmp_path.as_uri(), f"file://localhost{tmp_path}/"):
+        settings = Settings(data_root=url)
+        assert settings.data_root == plain.data_root == tmp_path, url
+        assert settings.lake_layout() == plain.lake_layout()
+        assert settings.feature_tables() == plain.feature_tables()
+    clean_env.setenv("GRANK_DATA_ROOT", tmp_path.as_uri())
+    assert Settings().features_dir == plain.features_dir
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("s3a://bucket/grank", "s3a://"),
+        ("gs://bucket/grank", "gs://"),
+        ("file://otherhost/shared/grank", "the host 'otherhost'"),
+    ],
+)
+def test_a_data_root_without_rename_or_not_the_same_path_everywhere_is_refused(
+    clean_env, value: str, named: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(data_root=value)
+    assert named in str(refused.value)
+    assert "shared POSIX filesystem" in str(refused.value)
+    assert "atomic renames" in str(refused.value)
+
+
+def test_the_cli_refuses_an_object_store_data_root_in_one_line(
+    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("GRANK_DATA_ROOT", "s3a://bucket/grank")
+    monkeypatch.setattr(sys, "argv", ["grank", "data", "landed", "--date", "2000-01-01"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("error: GRANK_DATA_ROOT: s3a:// is not supported: the data root")
