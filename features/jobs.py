@@ -354,6 +354,27 @@ def read_raw(spark: SparkSession, lake_dir: Path, days: list[date]) -> DataFrame
     return spark.read.schema(RAW_EVENTS_DDL).parquet(*paths)
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One table's rows for the staging folder, each with its ``dt``, sorted by ``key``."""
+
+    name: str
+    key: str
+    frame: DataFrame
+
+
+@dataclass(frozen=True)
+class _DayInputs:
+    """What the day's feature tables are computed from (:func:`_read_day_inputs`)."""
+
+    users: DataFrame
+    items: DataFrame
+    user_daily: DataFrame
+    item_daily: DataFrame
+    user_dimension: DataFrame
+    item_dimension: DataFrame
+
+
 def _stage_tables(
     spark: SparkSession,
     spec: BuildSpec,
@@ -368,107 +389,188 @@ def _stage_tables(
     (``history``): training reads each example's features as of the day before it, so
     a bootstrap needs every day's snapshot, exactly as the daily runs would have built it.
     Every partition goes to the day's staging folder (``out``); committed partitions are
-    only read (the previous state, earlier daily counts).
+    only read (the previous state, earlier daily counts). Returns the examples' days.
     """
-    from pyspark.sql import functions as F
+    out = lineage.staging_root(spec.features_dir, day)
+    prev_users = _read_state(spark, spec.features_dir, ft.USER_STATE, USER_STATE_DDL, previous)
+    prev_items = _read_state(spark, spec.features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, previous)
+    example_days = _stage_examples(spec, out, prev_users, events, many_days=previous is None)
+    _write_tables(out, ft.state_dir, _next_state(spec, day, prev_users, prev_items, events))
+    inputs = _read_day_inputs(spark, spec, out, day)
+    _write_tables(out, ft.table_dir, _day_tables(spec, day, inputs, everyone=previous is None))
+    if history:
+        frames = _history_tables(spark, spec, events, inputs, history)
+        _write_tables(out, ft.table_dir, frames, many_days=True)
+    return example_days
 
-    features_dir = spec.features_dir
-    out = lineage.staging_root(features_dir, day)
-    prev_users = _read_state(spark, features_dir, ft.USER_STATE, USER_STATE_DDL, previous)
-    prev_items = _read_state(spark, features_dir, ft.ITEM_STATE, ITEM_STATE_DDL, previous)
-    example_days = ft.write_partitions(
+
+def _stage_examples(
+    spec: BuildSpec, out: Path, prev_users: DataFrame, events: DataFrame, many_days: bool
+) -> list[date]:
+    """Stage the batch's training examples; return their days.
+
+    An example's history is what its user did strictly before it: the previous state
+    (never the state of ``day``, which already holds the batch) plus the batch's earlier
+    events. ``many_days`` (a rebuild's batch of every day) spreads the days over tasks.
+    """
+    return ft.write_partitions(
         training_examples(prev_users, events, spec.config.long_seq_len),
         ft.table_dir(out, ft.TRAINING_EXAMPLES),
         ["event_timestamp", "event_id"],
-        many_days=previous is None,
+        many_days=many_days,
     )
-    longest = max(spec.config.windows_days)
-    recent = F.col("dt") > F.lit(day - timedelta(days=longest))
-    for table, key, state in (
-        (
-            ft.USER_STATE,
-            "user_id",
-            advance_user_state(prev_users, events, spec.config.long_seq_len),
-        ),
-        (ft.ITEM_STATE, "item_id", advance_item_state(prev_items, events)),
-        (ft.USER_DAILY, "user_id", daily_counts(events, "user_id").where(recent)),
-        (ft.ITEM_DAILY, "item_id", daily_counts(events, "item_id").where(recent)),
-    ):
-        dated = state if "dt" in state.columns else state.withColumn("dt", F.lit(day))
-        ft.write_partitions(dated, ft.state_dir(out, table), [key])
 
-    users = _read_state(spark, out, ft.USER_STATE, USER_STATE_DDL, day)
-    items = _read_state(spark, out, ft.ITEM_STATE, ITEM_STATE_DDL, day)
-    user_daily = _read_daily(spark, (out, features_dir), ft.USER_DAILY, "user_id", day, longest)
-    item_daily = _read_daily(spark, (out, features_dir), ft.ITEM_DAILY, "item_id", day, longest)
+
+def _next_state(
+    spec: BuildSpec, day: date, prev_users: DataFrame, prev_items: DataFrame, events: DataFrame
+) -> list[_Table]:
+    """The state of ``day`` (what the build of D+1 continues from) and the batch's daily counts.
+
+    Only the daily counts that a window ending on ``day`` or later can reach are kept:
+    a rebuild's batch holds every landed day, whose older counts no window ever reads.
+    """
+    from pyspark.sql import functions as F
+
+    recent = F.col("dt") > F.lit(day - timedelta(days=max(spec.config.windows_days)))
+    users = advance_user_state(prev_users, events, spec.config.long_seq_len)
+    return [
+        _Table(ft.USER_STATE, "user_id", users.withColumn("dt", F.lit(day))),
+        _Table(
+            ft.ITEM_STATE,
+            "item_id",
+            advance_item_state(prev_items, events).withColumn("dt", F.lit(day)),
+        ),
+        _Table(ft.USER_DAILY, "user_id", daily_counts(events, "user_id").where(recent)),
+        _Table(ft.ITEM_DAILY, "item_id", daily_counts(events, "item_id").where(recent)),
+    ]
+
+
+def _read_day_inputs(spark: SparkSession, spec: BuildSpec, out: Path, day: date) -> _DayInputs:
+    """Read back the staged state of ``day``, the windows' daily counts and the dimensions.
+
+    The day's tables are computed from the state as written, the very snapshot D+1 will
+    continue from, and Spark reads it from its files instead of re-running the joins
+    that produced it. The windows' earlier daily counts are committed; the batch's are
+    staged, and a staged day wins.
+    """
+    longest = max(spec.config.windows_days)
     layout = LakeLayout(spec.lake_dir)
-    user_dimension = _read_dimension(
-        spark, layout.dimension_dir("users"), dimension_ddl("user_id", spec.user_attributes)
+    return _DayInputs(
+        users=_read_state(spark, out, ft.USER_STATE, USER_STATE_DDL, day),
+        items=_read_state(spark, out, ft.ITEM_STATE, ITEM_STATE_DDL, day),
+        user_daily=_read_daily(
+            spark, (out, spec.features_dir), ft.USER_DAILY, "user_id", day, longest
+        ),
+        item_daily=_read_daily(
+            spark, (out, spec.features_dir), ft.ITEM_DAILY, "item_id", day, longest
+        ),
+        user_dimension=_read_dimension(
+            spark, layout.dimension_dir("users"), dimension_ddl("user_id", spec.user_attributes)
+        ),
+        item_dimension=_read_dimension(
+            spark, layout.dimension_dir("items"), dimension_ddl("item_id", spec.item_attributes)
+        ),
     )
-    item_dimension = _read_dimension(
-        spark, layout.dimension_dir("items"), dimension_ddl("item_id", spec.item_attributes)
-    )
-    user_attributes = tuple(name for name, _ in spec.user_attributes)
-    item_attributes = tuple(name for name, _ in spec.item_attributes)
-    for table, key, frame in (
-        (
+
+
+def _day_tables(spec: BuildSpec, day: date, inputs: _DayInputs, everyone: bool) -> list[_Table]:
+    """The day's behaviour sequences, user features and item features, dated ``day``.
+
+    ``everyone`` (a rebuild) puts every known user in the sequences; a daily run writes
+    only the users the day changed (the table holds deltas).
+    """
+    from pyspark.sql import functions as F
+
+    config = spec.config
+    frames = [
+        _Table(
             ft.USER_BEHAVIOR_SEQUENCES,
             "user_id",
-            behavior_sequences(users, day, spec.config.short_seq_len, everyone=previous is None),
+            behavior_sequences(inputs.users, day, config.short_seq_len, everyone=everyone),
         ),
-        (
+        _Table(
             ft.USER_FEATURES,
             "user_id",
             user_features(
-                users,
-                user_daily,
-                user_dimension,
+                inputs.users,
+                inputs.user_daily,
+                inputs.user_dimension,
                 day,
-                spec.config.windows_days,
-                user_attributes,
+                config.windows_days,
+                _names(spec.user_attributes),
             ),
         ),
-        (
+        _Table(
             ft.ITEM_FEATURES,
             "item_id",
             item_features(
-                items,
-                item_daily,
-                item_dimension,
+                inputs.items,
+                inputs.item_daily,
+                inputs.item_dimension,
                 day,
-                spec.config.windows_days,
+                config.windows_days,
+                _names(spec.item_attributes),
+            ),
+        ),
+    ]
+    return [_Table(t.name, t.key, t.frame.withColumn("dt", F.lit(day))) for t in frames]
+
+
+def _history_tables(
+    spark: SparkSession,
+    spec: BuildSpec,
+    events: DataFrame,
+    inputs: _DayInputs,
+    history: list[date],
+) -> list[_Table]:
+    """A rebuild's user and item features of every earlier day of its batch (``history``).
+
+    A rebuild keeps no state of those days, so they come from the batch's events
+    directly, each day as of its end: byte for byte the snapshots the daily runs write.
+    """
+    windows = spec.config.windows_days
+    item_attributes = _names(spec.item_attributes)
+    days = spark.createDataFrame([(d,) for d in history], "dt DATE NOT NULL")
+    return [
+        _Table(
+            ft.USER_FEATURES,
+            "user_id",
+            user_feature_rows(
+                user_history(events, days, windows),
+                inputs.user_dimension,
+                windows,
+                _names(spec.user_attributes),
+            ),
+        ),
+        _Table(
+            ft.ITEM_FEATURES,
+            "item_id",
+            item_feature_rows(
+                item_history(events, inputs.item_dimension, days, windows, item_attributes),
+                windows,
                 item_attributes,
             ),
         ),
-    ):
-        ft.write_partitions(frame.withColumn("dt", F.lit(day)), ft.table_dir(out, table), [key])
-    if history:
-        days = spark.createDataFrame([(d,) for d in history], "dt DATE NOT NULL")
-        for table, key, frame in (
-            (
-                ft.USER_FEATURES,
-                "user_id",
-                user_feature_rows(
-                    user_history(events, days, spec.config.windows_days),
-                    user_dimension,
-                    spec.config.windows_days,
-                    user_attributes,
-                ),
-            ),
-            (
-                ft.ITEM_FEATURES,
-                "item_id",
-                item_feature_rows(
-                    item_history(
-                        events, item_dimension, days, spec.config.windows_days, item_attributes
-                    ),
-                    spec.config.windows_days,
-                    item_attributes,
-                ),
-            ),
-        ):
-            ft.write_partitions(frame, ft.table_dir(out, table), [key], many_days=True)
-    return example_days
+    ]
+
+
+def _write_tables(
+    out: Path,
+    folder: Callable[[Path, str], Path],
+    tables: list[_Table],
+    many_days: bool = False,
+) -> None:
+    """Write each table into its ``folder`` under ``out`` (a public table's or a state's).
+
+    In the order given, one Spark job each: the callers' order is the job's write order.
+    """
+    for table in tables:
+        ft.write_partitions(table.frame, folder(out, table.name), [table.key], many_days=many_days)
+
+
+def _names(attributes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """The column names of a dimension's attributes."""
+    return tuple(name for name, _ in attributes)
 
 
 def _read_state(
