@@ -131,6 +131,7 @@ class TrainSettings(BaseModel):
     logq_correction: bool = LossWeights.logq
     candidates_per_row: int = LossWeights.candidates
     ranker_hard_negatives: int = LossWeights.hard_negatives
+    ranker_on_served: bool = LossWeights.ranker_on_served
     # optimisation
     batch_size: int = FitConfig.batch_size
     lr: float = FitConfig.lr
@@ -147,6 +148,7 @@ class TrainSettings(BaseModel):
     max_minutes: float = 30.0
     # train the query token also as it serves (docs/model.md, "Data and windows")
     next_day_windows: bool = FitConfig.next_day_windows
+    next_day_targets: int = Field(default=FitConfig.next_day_targets, ge=1)
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # data-parallel training processes `grank train` starts on this machine (torchrun);
     # the global batch stays batch_size, each process trains on batch_size / processes
@@ -383,6 +385,7 @@ class Settings(BaseSettings):
             candidates=t.candidates_per_row,
             hard_negatives=t.ranker_hard_negatives,
             hard_pool=t.k1,  # the candidates the Ranker will reorder
+            ranker_on_served=t.ranker_on_served,
         )
 
     def fit_config(self, bf16: bool) -> FitConfig:

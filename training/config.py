@@ -73,6 +73,8 @@ class LossWeights:
     # Generator's own order)
     hard_negatives: int = 16
     hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
+    # with next-day windows, L_CA learns from U's served rows only (losses._ranker_loss)
+    ranker_on_served: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class FitConfig:
     # the query token also learns, and is judged, as it serves: from the history up to the
     # day before, one of the day's events as target (data.make_windows, docs/model.md)
     next_day_windows: bool = True
+    # the day's distinct items U learns per next-day window (training/data.make_windows)
+    next_day_targets: int = 1
     progress: bool = True
 
 

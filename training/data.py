@@ -428,7 +428,8 @@ class Windows:
     users: np.ndarray  # timeline row of each window's user
     days: np.ndarray  # UTC day number of each window's target
     long_flags: np.ndarray | None = None  # behaviour bitmasks aligned with ``long``
-    # what the query token U learns to predict (0: nothing); None: every window's target
+    # [N, M]: what the query token U learns to predict (0: nothing); None: every window's
+    # target, as one more next-token slot
     query_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -452,6 +453,7 @@ def make_windows(
     rng: np.random.Generator,
     flags: np.ndarray | None = None,
     next_day: bool = False,
+    next_day_targets: int = 1,
 ) -> Windows:
     """Cut training windows ending at every ``stride``-th training target (random phase).
 
@@ -461,12 +463,16 @@ def make_windows(
 
     ``next_day`` adds, per user and day with training targets and an earlier history, one
     window in the serving situation: its input ends with the day before (what the online
-    sequence holds all day), its target is one of that day's events (drawn from ``rng``).
-    The query token U then learns from these windows only (``query_labels``), the history
-    tokens from the others: U is what serving reads, always at a day's start.
+    sequence holds all day), its targets are up to ``next_day_targets`` distinct items of
+    that day (drawn from ``rng``; the first is the window's target). The query token U
+    then learns from these windows only (``query_labels``), the history tokens from the
+    others: U is what serving reads, always at a day's start, and the day's items are
+    what it is judged on. One U per user and day scores them all: more targets cost
+    next to nothing and tell U about the day rather than one event of it.
     """
     short_rows, long_rows, label_rows, targets, flag_rows = [], [], [], [], []
     users, positions, query_labels = [], [], []
+    no_labels = np.zeros(next_day_targets, dtype=np.int64)
     for u in range(timelines.n_users):
         seq = timelines.sequence(u)
         lo, hi = int(timelines.first_target[u]), int(train_end[u])
@@ -482,7 +488,7 @@ def make_windows(
             long_rows.append(_left_padded(seq[:end], long_len))
             label_rows.append(_left_padded(supervised[1 : end + 1], short_len))
             targets.append(seq[end])
-            query_labels.append(0)  # U serves from the day before: it learns below
+            query_labels.append(no_labels)  # U serves from the day before: it learns below
             users.append(u)
             positions.append(timelines.offsets[u] + end)
             if flags is not None:
@@ -496,12 +502,18 @@ def make_windows(
             if cut == 0:  # no history before the day: nothing to serve from
                 continue
             stop = min(int(np.searchsorted(days, day, side="right")), hi)
-            end = int(rng.integers(max(cut, lo), stop))
+            day_first = max(cut, lo)
+            picked = rng.permutation(stop - day_first)[: next_day_targets * 2] + day_first
+            _, first_seen = np.unique(seq[picked], return_index=True)  # distinct items
+            picked = picked[np.sort(first_seen)][:next_day_targets]
+            end = int(picked[0])
+            labels = no_labels.copy()
+            labels[: len(picked)] = seq[picked]
             short_rows.append(_left_padded(seq[:cut], short_len))
             long_rows.append(_left_padded(seq[:cut], long_len))
             label_rows.append(np.zeros(short_len, dtype=np.int64))
             targets.append(seq[end])
-            query_labels.append(seq[end])
+            query_labels.append(labels)
             users.append(u)
             positions.append(timelines.offsets[u] + end)
             if flags is not None:
@@ -517,7 +529,7 @@ def make_windows(
         users=np.array(users, dtype=np.int64),
         days=timelines.days[np.array(positions, dtype=np.int64)],
         long_flags=np.stack(flag_rows) if flags is not None else None,
-        query_labels=np.array(query_labels, dtype=np.int64) if next_day else None,
+        query_labels=np.stack(query_labels) if next_day else None,
     )
 
 

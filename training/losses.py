@@ -49,8 +49,8 @@ class TrainBatch:
     targets: torch.Tensor
     user: UserContext | None = None
     item_features: Callable[[torch.Tensor], torch.Tensor | None] = _no_item_features
-    # what U predicts per row (0: nothing) as a loss term of its own; None: the target, as
-    # one more next-token slot
+    # [B, M]: what U predicts per row (0: nothing) as a loss term of its own; None: the
+    # target, as one more next-token slot
     query_labels: torch.Tensor | None = None
 
 
@@ -100,10 +100,13 @@ def generator_hard_negatives(
         return pool.gather(1, pick.to(pool.device))
 
 
-def softmax_first(logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with the positive in column 0 and ``masked`` columns removed."""
+def softmax_first(
+    logits: torch.Tensor, masked: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy with the positive in column 0 and ``masked`` columns removed."""
     logits = logits.masked_fill(masked, float("-inf"))
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    positive = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, positive, reduction=reduction)
 
 
 def ntp_loss(
@@ -175,13 +178,14 @@ def joint_loss(
             log_q,
         )
         parts = {"ntp": float(total.detach())}
-        # U's term is the mean over the global batch's served rows: a process whose share
-        # has few or none must not weigh its rows as a whole batch's (data parallel)
+        # U's term is the mean over the global batch's (row, label) pairs: a process whose
+        # share has few or none must not weigh its pairs as a whole batch's (data parallel)
         served_here = served.sum().double()
         served_all, ranks = sum_over_ranks(served_here)
         if served.any():
+            rows, _ = served.nonzero(as_tuple=True)  # U scores each of its day's items
             query_loss = ntp_loss(
-                query[served],
+                query[rows],
                 batch.query_labels[served],
                 model.item_vectors(),
                 targets,
@@ -210,10 +214,28 @@ def joint_loss(
         base = model.generator_scores(states[:, -1], ranked).detach()
         scores = model.rank_scores(batch.long, ranked, base, batch.item_features(ranked))
         logits = scores if ranked_q is None else scores - ranked_q
-        ca = softmax_first(logits, masked)
+        ca = _ranker_loss(logits, masked, batch.query_labels if weights.ranker_on_served else None)
         total = total + weights.ca * ca
         parts["ca"] = float(ca.detach())
     return total, parts
+
+
+def _ranker_loss(
+    logits: torch.Tensor, masked: torch.Tensor, query_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """L_CA over every row, or (``query_labels`` given) over U's served rows only.
+
+    Serving hands the Ranker the top ``k1`` of U at a day's start; the regular windows
+    ask it to reorder for the same visit's next item, from a query token that never
+    learned them. As U's term, the served rows' loss is their mean over the global batch;
+    every row stays in the graph (weight 0), so each process' Ranker gets a gradient.
+    """
+    if query_labels is None:
+        return softmax_first(logits, masked)
+    per_row = softmax_first(logits, masked, reduction="none")
+    served = (query_labels > 0).any(-1).to(per_row.dtype)
+    served_all, ranks = sum_over_ranks(served.sum().double())
+    return (per_row * served).sum() * (ranks / served_all.clamp(min=1)).to(per_row.dtype)
 
 
 def grank_batch_loss(weights: LossWeights, log_q: torch.Tensor | None) -> BatchLoss:

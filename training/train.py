@@ -278,6 +278,7 @@ class _Fit:
             self.rng,
             self.inputs.flags,
             config.next_day_windows,
+            config.next_day_targets,
         )
         self.epoch_started = time.perf_counter()
         try:

@@ -149,8 +149,14 @@ def test_next_day_windows_serve_from_the_day_before():
     assert {t[0] for t in drawn} == {3, 4} and {t[1] for t in drawn} == {5, 6}
     # U learns from the next-day windows only; the history tokens from the regular ones
     assert windows.query_labels is not None and plain.query_labels is None
-    assert windows.query_labels[: len(plain)].tolist() == [0] * len(plain)
-    assert windows.query_labels[extra].tolist() == windows.targets[extra].tolist()
+    assert windows.query_labels[: len(plain)].tolist() == [[0]] * len(plain)
+    assert windows.query_labels[extra].tolist() == [[t] for t in windows.targets[extra]]
+    # with several targets, U learns the day's distinct items (the target among them first)
+    every = make_windows(tl, np.array([6]), 4, 4, 4, np.random.default_rng(0), None, True, 3)
+    assert every.query_labels is not None
+    assert every.query_labels[: len(plain)].tolist() == [[0, 0, 0]] * len(plain)
+    assert [sorted(row[row > 0].tolist()) for row in every.query_labels[extra]] == [[3, 4], [5, 6]]
+    assert every.query_labels[extra][:, 0].tolist() == every.targets[extra].tolist()
     # an event before the training window (first_target) is never a next-day target
     after_history = timelines([[1, 2, 3, 4]], [[d, d, d + 1, d + 1]], [3])
     for seed in range(10):

@@ -187,20 +187,52 @@ def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
     model = tiny().eval()
     _, plain = joint_loss(model, TrainBatch(short, long, labels, targets), weights, None)
     assert "ntp_u" not in plain
-    none = torch.zeros(6, dtype=torch.long)
+    none = torch.zeros(6, 2, dtype=torch.long)
     _, unsupervised = joint_loss(
         model, TrainBatch(short, long, labels, targets, query_labels=none), weights, None
     )
     assert "ntp_u" not in unsupervised and unsupervised["ntp"] != plain["ntp"]
-    some = torch.tensor([0, 0, 0, 21, 22, 23])
+    some = torch.tensor([[0, 0], [0, 0], [0, 0], [21, 0], [22, 0], [23, 0]])
     loss, parts = joint_loss(
         model, TrainBatch(short, long, labels, targets, query_labels=some), weights, None
     )
     assert parts["ntp"] == unsupervised["ntp"] and parts["ntp_u"] > 0
+    # a second label of a row is one more (row, label) pair of U's term, not another row
+    more = some.clone()
+    more[3, 1] = 24
+    _, two = joint_loss(
+        model, TrainBatch(short, long, labels, targets, query_labels=more), weights, None
+    )
+    assert two["ntp_u"] != parts["ntp_u"] and two["ca"] == parts["ca"]
     assert float(loss.detach()) == pytest.approx(
         parts["ntp"] + parts["ntp_u"] + weights.sa * parts["sa"] + weights.ca * parts["ca"],
         rel=1e-4,
     )
+
+
+def test_the_ranker_can_learn_from_the_served_rows_only():
+    """``ranker_on_served``: L_CA is the mean over U's next-day rows; the others weigh 0."""
+    short, long = torch.randint(1, 40, (6, 6)), torch.randint(1, 40, (6, 8))
+    labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
+    served = LossWeights(candidates=4, hard_negatives=0, ranker_on_served=True)
+    torch.manual_seed(1)
+    model = tiny().eval()
+    none = torch.zeros(6, 1, dtype=torch.long)
+    _, unserved = joint_loss(
+        model, TrainBatch(short, long, labels, targets, query_labels=none), served, None
+    )
+    _, everywhere = joint_loss(
+        model,
+        TrainBatch(short, long, labels, targets, query_labels=none),
+        LossWeights(candidates=4, hard_negatives=0),
+        None,
+    )
+    assert unserved["ca"] == 0.0 and everywhere["ca"] > 0
+    last = torch.tensor([[0], [0], [0], [0], [0], [15]])
+    _, one_row = joint_loss(
+        model, TrainBatch(short, long, labels, targets, query_labels=last), served, None
+    )
+    assert 0 < one_row["ca"] != everywhere["ca"]
 
 
 def test_features_reach_the_query_token_and_the_ranker():
