@@ -74,7 +74,7 @@ class LossWeights:
     hard_negatives: int = 16
     hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
     # with next-day windows, L_CA learns from U's served rows only (losses._ranker_loss)
-    ranker_on_served: bool = False
+    ranker_on_served: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class FitConfig:
     # day before, one of the day's events as target (data.make_windows, docs/model.md)
     next_day_windows: bool = True
     # the day's distinct items U learns per next-day window (training/data.make_windows)
-    next_day_targets: int = 1
+    next_day_targets: int = 8
     progress: bool = True
 
 

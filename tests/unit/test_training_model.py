@@ -224,7 +224,7 @@ def test_the_ranker_can_learn_from_the_served_rows_only():
     _, everywhere = joint_loss(
         model,
         TrainBatch(short, long, labels, targets, query_labels=none),
-        LossWeights(candidates=4, hard_negatives=0),
+        LossWeights(candidates=4, hard_negatives=0, ranker_on_served=False),
         None,
     )
     assert unserved["ca"] == 0.0 and everywhere["ca"] > 0
