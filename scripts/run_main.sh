@@ -75,7 +75,8 @@ show_progress() { # show_progress LOGFILE
         line=${line%% \[airflow.task.hooks*}
         case $line in
           error:* | warning:* | *"quality gate "* | trained* | published* | refreshed* | \
-            checkpoint:* | metrics:* | "example lookup"* | "model "* | "grank "* | "popularity "* | [0-9][0-9][0-9][0-9]-*:*)
+            checkpoint:* | metrics:* | "example lookup"* | "model "* | "grank "* | popularity* | \
+            candidate* | refused:* | "gate passed:"* | [0-9][0-9][0-9][0-9]-*:*)
             printf '      | %s\n' "$line"
             ;;
         esac
@@ -201,6 +202,8 @@ for day in days:
     passed = report["gate"]["publishable"]
     serving = "candidate" if passed else ("published" if "published" in results else None)
     rows = [(f"published ({'new' if passed else 'kept'})", results.get(serving or "", {}))]
+    if not passed:  # what the gate refused, for comparison
+        rows.append(("candidate (refused)", results.get("candidate", {})))
     rows += [(name, results[name]) for name in ("popularity_7d", "popularity_all_time")]
     for name, row in rows:
         cells = " ".join(f"{row[m]:9.4f}" if m in row else f"{'-':>9}" for m in metrics)
