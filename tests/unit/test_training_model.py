@@ -210,6 +210,25 @@ def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
     )
 
 
+def test_a_batch_with_no_history_slot_still_has_a_finite_loss():
+    """A batch of next-day windows with nothing before their day (a last batch of one row)
+    still trains U: the empty history term is 0, not an empty mean's NaN."""
+    short, long = torch.randint(1, 40, (1, 6)), torch.randint(1, 40, (1, 8))
+    labels, targets = torch.zeros(1, 6, dtype=torch.long), torch.tensor([12])
+    torch.manual_seed(1)
+    model = tiny().train()
+    loss, parts = joint_loss(
+        model,
+        TrainBatch(short, long, labels, targets, query_labels=torch.tensor([[12, 30]])),
+        LossWeights(candidates=4, hard_negatives=0),
+        None,
+    )
+    assert parts["ntp"] == 0.0 and parts["ntp_u"] > 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_the_ranker_can_learn_from_the_served_rows_only():
     """``ranker_on_served``: L_CA is the mean over U's next-day rows; the others weigh 0."""
     short, long = torch.randint(1, 40, (6, 6)), torch.randint(1, 40, (6, 8))
