@@ -11,7 +11,9 @@ so the gate always judges it on data it never saw.
   each day between T_val and D is scored next-day by the model trained through the day
   before (evidence for the gate), then trained on; what it serves tomorrow has seen
   yesterday.
-- **Warm start**: fine-tune the published model on the days after its last training day.
+- **Warm start**: fine-tune the published model on the days after its last training day;
+  while no model has passed the gate yet, the latest refused candidate instead
+  (``ModelRegistry.warm_start_base``): training accumulates until one passes.
 
 Data parallel (``training/distributed.py``): with several processes every rank reads the
 run's data and trains; rank 0 alone backtests, writes the checkpoint and returns the
@@ -201,7 +203,7 @@ def train_day(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
         raise UserFacingError(
             f"no {TRAINING_EXAMPLES} for the test day {day}: build its features first"
         )
-    base = None if job.from_scratch else job.registry.base_for(day)
+    base = None if job.from_scratch else job.registry.warm_start_base(day)
     if base is not None:
         return _warm_start(job, base, device)
     return _bootstrap(job, device)
@@ -505,10 +507,10 @@ def pool_evidence(earlier: pa.Table | None, current: pa.Table) -> pa.Table:
     """The gate's window: ``current`` (this candidate's own records, its bootstrap's
     walk-forward included) plus the earlier evaluations' records of the days it lacks.
 
-    A day the candidate scored itself is never counted twice: after a refused bootstrap
-    the next day bootstraps again and walks forward over the same days, and the earlier
-    candidate's records of them would both double the queries (an interval tighter than
-    the evidence) and mix another model into the candidate's column.
+    A day the candidate scored itself is never counted twice: a bootstrap (``--from-scratch``
+    after a refused one, or a re-run) walks forward over days an earlier candidate scored,
+    and that candidate's records of them would both double the queries (an interval
+    tighter than the evidence) and mix another model into the candidate's column.
     """
     if earlier is None:
         return current

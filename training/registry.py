@@ -7,6 +7,8 @@ Layout under ``models_dir``::
     candidates/<test day>        the checkpoint id the last `grank train` produced for that day
     evaluations/<test day>/      the gate's report for that day's candidate (metrics, chart)
     PUBLISHED                    the id of the checkpoint that serving and warm starts use
+                                 (before any model passed: warm starts continue the
+                                 latest candidate, :meth:`ModelRegistry.warm_start_base`)
     published.log                append-only JSON lines: every move of PUBLISHED, and why
     .scratch/                    checkpoints being written (hidden; a killed writer leaves
                                  only a hidden folder here, never a half checkpoint)
@@ -25,6 +27,7 @@ next day's warm start). Moving it anywhere else takes an explicit, logged
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -260,6 +263,32 @@ class ModelRegistry:
             except (ValueError, TypeError):
                 continue
         return moves
+
+    def warm_start_base(self, day: date) -> str | None:
+        """The model a run for ``day`` continues: :meth:`base_for`, or, while no model has
+        ever passed the gate, the candidate of the latest day before ``day``.
+
+        A refused bootstrap is the best model there is and only lacked training time; the
+        next day continues it (a warm start on the new days) instead of starting over, so
+        training accumulates across days until a candidate clears the gate. Days are
+        taken in order, so a re-run of ``day`` finds the same candidate as its first run.
+        """
+        base = self.base_for(day)
+        if base is not None or self.published() is not None:
+            return base
+        earlier = [d for d in self.candidate_days() if d < day]
+        return self.candidate(earlier[-1]) if earlier else None
+
+    def candidate_days(self) -> list[date]:
+        """The days a candidate was trained for, oldest first."""
+        folder = self._candidate_file(date.min).parent
+        if not folder.is_dir():
+            return []
+        days = []
+        for path in folder.iterdir():
+            with contextlib.suppress(ValueError):  # a stray file is not a candidate
+                days.append(date.fromisoformat(path.name))
+        return sorted(days)
 
     def base_for(self, day: date) -> str | None:
         """The model a run for ``day`` warm-starts from and is compared with.

@@ -231,6 +231,29 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert "PUBLISHED stays" in out and registry.published() == second
 
 
+def test_a_refused_bootstrap_is_continued_until_a_model_passes(built_root, tmp_path):
+    """While nothing is published, the next day warm-starts from the refused candidate."""
+    root = models_root(built_root, tmp_path)
+    env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
+    strict = {**env, "GRANK_TRAIN__GATE__BASELINE_MARGIN": "0.5"}
+    registry = ModelRegistry(root / "models")
+    assert grank(["train", "--date", "1998-04-03"], env)[0] == 0
+    first = registry.candidate(date(1998, 4, 3))
+    code, out = grank(["evaluate", "--date", "1998-04-03"], strict)
+    assert code == 99 and registry.published() is None, out
+    code, out = grank(["train", "--date", "1998-04-04"], env)
+    assert code == 0 and f"warm start from {first}" in out, out
+    second = registry.candidate(date(1998, 4, 4))
+    assert registry.manifest(second)["warm_start_from"] == first
+    # a re-run of the first day still starts from scratch: nothing came before it
+    code, out = grank(["train", "--date", "1998-04-03"], env)
+    assert code == 0 and "from scratch" in out and registry.candidate(date(1998, 4, 3)) == first
+    # once a model passed, warm starts follow PUBLISHED again, never a refused candidate
+    assert grank(["evaluate", "--date", "1998-04-03"], env)[0] == 0
+    assert registry.published() == first
+    assert registry.warm_start_base(date(1998, 4, 5)) == first
+
+
 def test_bad_inputs_fail_with_one_clear_line(built_root, tmp_path):
     root = models_root(built_root, tmp_path)
     env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
