@@ -82,6 +82,7 @@ def main() -> None:
             "gate": "passed" if code == 0 else "refused",
             "queries": report["n_queries"],
             "published_model": {m: serving.get(m) for m in METRICS},
+            "candidate": {m: results.get("candidate", {}).get(m) for m in METRICS},
             "previous_model": {m: results.get("published", {}).get(m) for m in METRICS},
             "popularity_all_time": results["popularity_all_time"],
             "popularity_7d": results["popularity_7d"],
@@ -101,7 +102,7 @@ def _line(row: dict[str, Any]) -> str:
 
     return (
         f"{row['day']} {row['gate']:8} q={row['queries']:3d}"
-        f" | published {cell(row['published_model'])}"
+        f" | published {cell(row['published_model'])} | candidate {cell(row['candidate'])}"
         f" | previous {cell(row['previous_model'])} | pop7d {cell(row['popularity_7d'])}"
         f" | pop_all {cell(row['popularity_all_time'])} | train {row['seconds']['train']:.0f}s"
     )
@@ -128,6 +129,7 @@ def summarize(rows: list[dict[str, Any]], chart: Path) -> None:
         )
         print(
             f"{metric}: pooled published {pooled('published_model', metric):.4f}"
+            f" candidate {pooled('candidate', metric):.4f}"
             f" pop7d {pooled('popularity_7d', metric):.4f}"
             f" pop_all {pooled('popularity_all_time', metric):.4f};"
             f" published beats both baselines on {wins} of {len(rows)} days"
@@ -137,6 +139,7 @@ def summarize(rows: list[dict[str, Any]], chart: Path) -> None:
     for ax, metric in zip(axes, METRICS, strict=True):
         for key, style in (
             ("published_model", "o-"),
+            ("candidate", "d-"),
             ("previous_model", "x--"),
             ("popularity_7d", "s:"),
             ("popularity_all_time", "^:"),
