@@ -121,7 +121,11 @@ def ntp_loss(
 
     ``full``: against every item (exact softmax). ``in_batch``: against ``negatives`` [M]
     (the batch's targets; N·M·d instead of N·n_items·d), logQ-corrected, collisions masked.
+    No slot (N = 0: a batch of next-day windows with nothing before their day) is a loss of
+    0 that stays in the graph, not an empty mean's NaN.
     """
+    if len(labels) == 0:
+        return states.sum() * 0.0
     if weights.ntp_negatives == "full":
         logits = states @ item_table.T / weights.temperature
         logits[:, 0] = float("-inf")  # padding is never an answer
@@ -169,18 +173,14 @@ def joint_loss(
         # U's few serving-situation targets weigh as much as every history slot together
         history, query = states[:, :-1], states[:, -1]
         supervised, served = batch.labels > 0, batch.query_labels > 0
-        # a batch can hold only windows with nothing before their day (a user's first day,
-        # or a last batch of one row): an empty mean is NaN, so the term is then 0
-        total = history.sum() * 0.0
-        if supervised.any():
-            total = weights.ntp * ntp_loss(
-                history[supervised],
-                batch.labels[supervised],
-                model.item_vectors(),
-                targets,
-                weights,
-                log_q,
-            )
+        total = weights.ntp * ntp_loss(
+            history[supervised],
+            batch.labels[supervised],
+            model.item_vectors(),
+            targets,
+            weights,
+            log_q,
+        )
         parts = {"ntp": float(total.detach())}
         # U's term is the mean over the global batch's (row, label) pairs: a process whose
         # share has few or none must not weigh its pairs as a whole batch's (data parallel)

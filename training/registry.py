@@ -92,8 +92,12 @@ class ModelRegistry:
         """Where the gate writes its report for the candidate of ``day``."""
         return self.root / "evaluations" / day.isoformat()
 
+    @property
+    def candidates_dir(self) -> Path:
+        return self.root / "candidates"
+
     def _candidate_file(self, day: date) -> Path:
-        return self.root / "candidates" / day.isoformat()
+        return self.candidates_dir / day.isoformat()
 
     # ----------------------------------------------------------- checkpoints
     @contextmanager
@@ -273,19 +277,17 @@ class ModelRegistry:
         training accumulates across days until a candidate clears the gate. Days are
         taken in order, so a re-run of ``day`` finds the same candidate as its first run.
         """
-        base = self.base_for(day)
-        if base is not None or self.published() is not None:
-            return base
-        earlier = [d for d in self.candidate_days() if d < day]
+        if self.published() is not None:
+            return self.base_for(day)
+        earlier = [d for d in self._candidate_days() if d < day]
         return self.candidate(earlier[-1]) if earlier else None
 
-    def candidate_days(self) -> list[date]:
+    def _candidate_days(self) -> list[date]:
         """The days a candidate was trained for, oldest first."""
-        folder = self._candidate_file(date.min).parent
-        if not folder.is_dir():
+        if not self.candidates_dir.is_dir():
             return []
         days = []
-        for path in folder.iterdir():
+        for path in self.candidates_dir.iterdir():
             with contextlib.suppress(ValueError):  # a stray file is not a candidate
                 days.append(date.fromisoformat(path.name))
         return sorted(days)
