@@ -8,7 +8,8 @@ settings a deployment overrides (``GRANK_SPARK__<FIELD>``, ``GRANK_FEATURES__<FI
 ``GRANK_QUALITY__<FIELD>``, ``GRANK_FEAST__<FIELD>``), taking each default from here,
 and hands them back. They sit in one module of their own, not beside the code that reads
 them, because those modules import pyarrow, Great Expectations or FastAPI, and reading the
-settings must stay cheap for every CLI command.
+settings must stay cheap for every CLI command. The names of the window count columns sit
+here too, beside the windows they follow, for every layer that names one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,36 @@ class SparkConfig:
     executor_python: str = ""
     # heap of each executor on a cluster (local[*] runs the tasks in the driver's heap)
     executor_memory: str = "4g"
+
+
+# The feature tables' event counts: ``pop_*`` of an item, ``events_*`` of a user, one
+# ``<prefix>_<w>d`` per window of BuildConfig.windows_days and the all-time ``<prefix>_total``.
+POPULARITY = "pop"
+ACTIVITY = "events"
+
+
+def window_column(prefix: str, days: int) -> str:
+    """The count of the ``days`` days ending with the row's day: ``pop_7d``, ``events_30d``."""
+    return f"{prefix}_{days}d"
+
+
+def count_columns(prefix: str, windows_days: tuple[int, ...]) -> tuple[str, ...]:
+    """The count columns of ``prefix``: one per window, in order, then ``<prefix>_total``."""
+    return (*(window_column(prefix, w) for w in windows_days), f"{prefix}_total")
+
+
+def user_profile_columns(windows_days: tuple[int, ...]) -> tuple[str, ...]:
+    """The activity of a user that the profile serves and a model reads besides the sequences.
+
+    No one-day count: that is the day's own activity, which the sequence already carries.
+    """
+    longer = tuple(w for w in windows_days if w > 1)
+    return (*count_columns(ACTIVITY, longer), "mean_value", "tenure_days")
+
+
+def item_context_columns(windows_days: tuple[int, ...]) -> tuple[str, ...]:
+    """The popularity and age of an item that a model reads besides its embedding."""
+    return (*count_columns(POPULARITY, windows_days), "age_days")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ The MovieLens replays are two such configs (``features/datasets/ml-1m.toml`` and
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import UserFacingError
+from features.config import ACTIVITY, POPULARITY
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "datasets"
 # where the lake keeps the config it was ingested with (later steps read it from there)
@@ -31,6 +33,8 @@ AttributeType = Literal["string", "int32", "int64", "float32", "float64", "bool"
 TimeUnit = Literal["s", "ms", "us", "ns"]
 FileFormat = Literal["parquet", "csv", "jsonl"]
 IdKind = Literal["dense", "string", "int64"]
+# a window count column of the feature tables, of any window (``pop_7d``, ``events_14d``)
+_WINDOW_COLUMN = re.compile(rf"^(?:{POPULARITY}|{ACTIVITY})_\d+d$")
 
 
 class _Strict(BaseModel):
@@ -151,13 +155,13 @@ class DimensionSpec(_Strict):
     @field_validator("attributes")
     @classmethod
     def _free_names(cls, value: dict[str, str]) -> dict[str, str]:
-        # the feature tables' own columns (docs/architecture.md, Contract 2)
+        # the feature tables' own columns (docs/architecture.md, Contract 2), and the counts
+        # of every window: the windows are a setting, and a config is validated without it
         reserved = {
             *("user_id", "item_id", "event_timestamp", "created", "dt", "first_seen_ts"),
-            *("events_1d", "events_7d", "events_30d", "events_total", "mean_value"),
-            *("tenure_days", "pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+            *("events_total", "mean_value", "tenure_days", "pop_total", "age_days"),
         }
-        clash = sorted(set(value) & reserved)
+        clash = sorted(n for n in value if n in reserved or _WINDOW_COLUMN.match(n))
         if clash:
             raise ValueError(f"attribute names {clash} are reserved by the feature tables")
         return value

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from common.atomic import atomic_write_text
 from common.errors import UserFacingError
-from features.config import StoreConfig
+from features.config import BuildConfig, StoreConfig
 from features.feast_repo import ONLINE_VIEWS, build_definitions
 from features.feast_repo.definitions import USER_SEQUENCES
 from features.feature_tables import partition_days, partition_path, table_dir
@@ -111,8 +111,10 @@ def register(
     features_dir: Path,
     user_attributes: dict[str, str] | None = None,
     item_attributes: dict[str, str] | None = None,
+    windows_days: tuple[int, ...] = BuildConfig.windows_days,
 ) -> dict[str, list[str]]:
-    """``feast apply`` of the project's definitions; repeatable (apply is an upsert).
+    """``feast apply`` of the project's definitions over tables built with ``windows_days``;
+    repeatable (apply is an upsert).
 
     Returns the registered names by kind (entities, feature views, feature services).
     """
@@ -129,7 +131,7 @@ def register(
         for k, v in (("user_attributes", user_attributes), ("item_attributes", item_attributes))
         if v is not None
     }
-    objects = build_definitions(features_dir, **attributes)
+    objects = build_definitions(features_dir, **attributes, windows_days=windows_days)
     store.apply(objects)
     kinds = {"entities": Entity, "feature views": FeatureView, "feature services": FeatureService}
     return {

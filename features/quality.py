@@ -1,12 +1,14 @@
 """Great Expectations gates on the raw events of a day and on the feature partitions built for it.
 
-The suites are committed JSON under ``features/gx/expectations/`` (one per table); values
-that depend on the day (its bounds, the known item ids, the volume band of the trailing
-average) are suite parameters filled in here. Each run copies the committed context to a
-temporary folder (GX persists data sources and checkpoints into its context, and the
-repository must stay untouched), validates pandas frames (a day's partition fits in
-memory and pandas avoids a Spark session; docs/features.md has the measurement), and
-stores GX's result JSON under ``reports/dt=D/validations/`` plus the gate's verdict in
+The suites are committed JSON under ``features/gx/expectations/`` (one per table), but
+for the checks of the window counts, whose columns follow the configured windows
+(:func:`window_expectations`); values that depend on the day (its bounds, the known item
+ids, the volume band of the trailing average) are suite parameters filled in here. Each
+run copies the committed context to a temporary folder (GX persists data sources and
+checkpoints into its context, and the repository must stay untouched), adds the window
+checks there, validates pandas frames (a day's partition fits in memory and pandas
+avoids a Spark session; docs/features.md has the measurement), and stores GX's result
+JSON under ``reports/dt=D/validations/`` plus the gate's verdict in
 ``reports/dt=D/summary.json``; features/quality_report.py then renders the report site
 from them. Each run is named after the day and stage (``2000-12-08 raw``) and each data
 asset after the table and partition (``raw_events dt=2000-12-08``), so every result says
@@ -22,8 +24,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +40,7 @@ from common.atomic import atomic_write_text
 from common.errors import UserFacingError
 from features import feature_tables as ft
 from features import lineage, quality_report
-from features.config import BuildConfig, QualityConfig
+from features.config import ACTIVITY, POPULARITY, BuildConfig, QualityConfig, count_columns
 from features.jobs import quarantined_raw_dir
 from features.lake import US_PER_DAY, LakeLayout, day_start_us, landed_days, partition_dir
 
@@ -67,6 +71,7 @@ class QualitySpec:
     reports_dir: Path
     config: QualityConfig = field(default_factory=QualityConfig)
     long_seq_len: int = BuildConfig.long_seq_len
+    windows_days: tuple[int, ...] = BuildConfig.windows_days
     # what the dataset config allows (features/dataset_config.py)
     event_types: tuple[str, ...] = ("click", "rating")
     value_min: float = 0.0
@@ -122,7 +127,8 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "value_max": spec.value_max,
         "max_user_events": spec.config.max_user_events,
     }
-    outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
+    frames = {RAW_SUITE: (frame, read_error)}
+    outcome = _run_gate(spec.reports_dir, day, "raw", frames, parameters, spec.windows_days)
     outcome.volume = volume
     if not outcome.success:
         destination = quarantined_raw_dir(spec.quarantine_dir, day)
@@ -146,7 +152,7 @@ def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
         )
     frames = {t: _read_frame(f, with_checks=True) for t, f in folders.items()}
     parameters = {**_day_bounds(day), "long_seq_len": spec.long_seq_len}
-    outcome = _run_gate(spec.reports_dir, day, "features", frames, parameters)
+    outcome = _run_gate(spec.reports_dir, day, "features", frames, parameters, spec.windows_days)
     if not outcome.success:
         state = {
             f"{ft.STATE_DIR}/{t}": ft.partition_path(ft.state_dir(spec.features_dir, t), day)
@@ -308,12 +314,65 @@ def _last_elements(column: pa.ChunkedArray) -> pa.Array:
     return pa.array(last)
 
 
+def window_expectations(windows_days: tuple[int, ...]) -> dict[str, list[dict[str, Any]]]:
+    """Suite -> the checks of its window counts (as GX suite JSON), for these windows.
+
+    A count over a longer span holds every shorter one: an item's shortest window is >= 0,
+    each window >= the one before and the all-time count >= the longest window; a user's
+    all-time count >= the longest window (its own floor, 1, is in the committed suite).
+    Each check's id derives from what it checks, so a report names it the same every run.
+    """
+    windows = tuple(sorted(windows_days))
+    items = count_columns(POPULARITY, windows)
+    checks = {
+        ft.ITEM_FEATURES: [
+            ("expect_column_values_to_be_between", {"column": items[0], "min_value": 0.0}),
+            *_nested(items),
+        ],
+        ft.USER_FEATURES: _nested(count_columns(ACTIVITY, windows[-1:])),
+    }
+    return {
+        suite: [
+            {
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{suite}/{kind}/{json.dumps(kwargs)}")),
+                "kwargs": kwargs,
+                "meta": {},
+                "severity": "critical",
+                "type": kind,
+            }
+            for kind, kwargs in expectations
+        ]
+        for suite, expectations in checks.items()
+    }
+
+
+def _nested(columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """Each count of ``columns`` (shortest span first) >= the one before it."""
+    return [
+        (
+            "expect_column_pair_values_a_to_be_greater_than_b",
+            {"column_A": longer, "column_B": shorter, "or_equal": True},
+        )
+        for shorter, longer in pairwise(columns)
+    ]
+
+
+def _add_window_expectations(gx_dir: Path, windows_days: tuple[int, ...]) -> None:
+    """Append the window counts' checks to the suites of the context copy at ``gx_dir``."""
+    for suite, expectations in window_expectations(windows_days).items():
+        path = gx_dir / "expectations" / f"{suite}.json"
+        content = json.loads(path.read_text())
+        content["expectations"] += expectations
+        path.write_text(json.dumps(content, indent=2))
+
+
 def _run_gate(
     reports_dir: Path,
     day: date,
     stage: str,
     frames: dict[str, tuple[pd.DataFrame, str | None]],
     parameters: dict[str, Any],
+    windows_days: tuple[int, ...],
 ) -> GateOutcome:
     """Validate each suite's frame (results stored as GX JSON), classify failures by severity."""
     import great_expectations as gx
@@ -328,6 +387,7 @@ def _run_gate(
     )
     with tempfile.TemporaryDirectory(prefix="grank-gx-") as scratch:
         shutil.copytree(GX_DIR, Path(scratch) / "gx")
+        _add_window_expectations(Path(scratch) / "gx", windows_days)
         context = gx.get_context(
             mode="file",
             project_root_dir=scratch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
+from features.config import ACTIVITY, POPULARITY, window_column
 from features.lake import US_PER_DAY, day_start_us
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def _windowed(
         *(
             F.sum(F.when(F.col("dt") > F.lit(day - timedelta(days=w)), F.col("n")).otherwise(0))
             .cast("bigint")
-            .alias(f"{prefix}_{w}d")
+            .alias(window_column(prefix, w))
             for w in windows
         )
     )
@@ -255,7 +256,7 @@ def user_features(
     with the user dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
-    counts = _windowed(daily, "user_id", day, windows, "events")
+    counts = _windowed(daily, "user_id", day, windows, ACTIVITY)
     dated = users.join(counts, "user_id", "left").withColumn("dt", F.lit(day))
     return user_feature_rows(dated, dimension, windows, attributes).drop("dt")
 
@@ -269,9 +270,8 @@ def user_feature_rows(
     """
     from pyspark.sql import functions as F
 
-    window_cols = [
-        F.coalesce(f"events_{w}d", F.lit(0)).cast("bigint").alias(f"events_{w}d") for w in windows
-    ]
+    names = [window_column(ACTIVITY, w) for w in windows]
+    window_cols = [F.coalesce(n, F.lit(0)).cast("bigint").alias(n) for n in names]
     return users.join(dimension.select("user_id", *attributes), "user_id", "left").select(
         "user_id",
         *window_cols,
@@ -302,7 +302,7 @@ def item_features(
     with the item dimension's ``attributes``."""
     from pyspark.sql import functions as F
 
-    counts = _windowed(daily, "item_id", day, windows, "pop")
+    counts = _windowed(daily, "item_id", day, windows, POPULARITY)
     dated = (
         items.join(dimension.select("item_id", *attributes), "item_id", "full_outer")
         .join(counts, "item_id", "left")
@@ -317,9 +317,8 @@ def item_feature_rows(
     """The item_features columns of each item's state as of its row's ``dt`` (see users)."""
     from pyspark.sql import functions as F
 
-    window_cols = [
-        F.coalesce(f"pop_{w}d", F.lit(0)).cast("bigint").alias(f"pop_{w}d") for w in windows
-    ]
+    names = [window_column(POPULARITY, w) for w in windows]
+    window_cols = [F.coalesce(n, F.lit(0)).cast("bigint").alias(n) for n in names]
     return items.select(
         "item_id",
         *window_cols,
@@ -377,7 +376,7 @@ def _running_windows(
     return frame.select(
         "*",
         *(
-            F.sum("n").over(by_day.rangeBetween(-(w - 1), 0)).alias(f"{prefix}_{w}d")
+            F.sum("n").over(by_day.rangeBetween(-(w - 1), 0)).alias(window_column(prefix, w))
             for w in windows
         ),
     )
@@ -404,7 +403,7 @@ def user_history(events: DataFrame, days: DataFrame, windows: tuple[int, ...]) -
         F.sum("vcnt").over(upto).alias("value_count"),
         F.min("first_ts").over(upto).alias("first_seen_ts"),
     )
-    return _running_windows(_as_of_days(running, "user_id", days), "user_id", windows, "events")
+    return _running_windows(_as_of_days(running, "user_id", days), "user_id", windows, ACTIVITY)
 
 
 def item_history(
@@ -429,7 +428,7 @@ def item_history(
         F.sum("n").over(upto).alias("pop_total"),
         F.min("first_ts").over(upto).alias("first_seen_ts"),
     )
-    seen = _running_windows(_as_of_days(running, "item_id", days), "item_id", windows, "pop")
+    seen = _running_windows(_as_of_days(running, "item_id", days), "item_id", windows, POPULARITY)
     catalogue = dimension.select("item_id", *attributes)
     # every catalogue item every day, and each seen item from its first day (no outer join:
     # it would make ``dt`` nullable, and the files' schema differ from the daily ones)

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import UserFacingError
-from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
+from features.config import (
+    BuildConfig,
+    LookupLimits,
+    QualityConfig,
+    SparkConfig,
+    StoreConfig,
+    item_context_columns,
+    user_profile_columns,
+)
 from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.gate import GatePolicy
@@ -102,6 +110,14 @@ class FeastSettings(BaseModel):
     write_batch_rows: int = 1000
 
 
+def _feature_inputs(windows_days: tuple[int, ...]) -> InputSpec:
+    """The feature job's own columns a model could read, in tables built with these windows."""
+    return InputSpec(
+        user_numeric=user_profile_columns(windows_days),
+        item_numeric=item_context_columns(windows_days),
+    )
+
+
 class TrainSettings(BaseModel):
     """GRank hyper-parameters and the recall gate (docs/model.md explains each choice).
 
@@ -163,13 +179,9 @@ class TrainSettings(BaseModel):
     catchup_epochs: int = 1  # epochs over the events between T_val and the test day
     # every feature group the model could read besides the item sequences; the behaviour
     # types and the categorical user attributes come from the dataset config
-    # (grank/dataset.py), these are the feature job's own columns...
-    inputs: InputSpec = Field(
-        default_factory=lambda: InputSpec(
-            user_numeric=("events_7d", "events_30d", "events_total", "mean_value", "tenure_days"),
-            item_numeric=("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
-        )
-    )
+    # (grank/dataset.py), these are the feature job's own columns (unless set: those of
+    # features.popularity_windows_days, which Settings fills in)...
+    inputs: InputSpec = Field(default_factory=lambda: _feature_inputs(BuildConfig.windows_days))
     # ...and the ones it does read: those that won on the global temporal split
     # (the ablation in docs/benchmarks.md, "Model")
     feature_groups: tuple[Literal["behaviors", "user_profile", "item_features"], ...] = (
@@ -260,10 +272,28 @@ class Settings(BaseSettings):
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     feast: FeastSettings = Field(default_factory=FeastSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings, validate_default=True)
     serve: ServeSettings = Field(default_factory=ServeSettings)
 
     _local_data_root = field_validator("data_root", mode="before")(_data_root_path)
+
+    @field_validator("train")
+    @classmethod
+    def _train_on_the_windows(cls, train: TrainSettings, info: ValidationInfo) -> TrainSettings:
+        """Training reads the window columns the feature job writes: the default inputs are
+        those of ``features.popularity_windows_days``, and the recent-popularity baseline's
+        window must be one of them."""
+        if "features" not in info.data:  # invalid itself, and reported as such
+            return train
+        windows = info.data["features"].popularity_windows_days
+        if train.recent_popularity_days not in windows:
+            raise ValueError(
+                f"recent_popularity_days={train.recent_popularity_days} is not one of the"
+                f" popularity windows {windows} (GRANK_FEATURES__POPULARITY_WINDOWS_DAYS)"
+            )
+        if "inputs" in train.model_fields_set:
+            return train
+        return train.model_copy(update={"inputs": _feature_inputs(windows)})
 
     # --- derived locations (one definition each; docs/architecture.md lists them) ---
     @property

@@ -11,6 +11,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from features.config import (
+    ACTIVITY,
+    POPULARITY,
+    BuildConfig,
+    count_columns,
+    item_context_columns,
+    user_profile_columns,
+)
 from features.feature_tables import FeatureTables
 
 if TYPE_CHECKING:
@@ -29,18 +37,19 @@ ONLINE_VIEWS: tuple[str, ...] = (USER_SEQUENCES, USER_FEATURES, ITEM_FEATURES)
 Attributes = dict[str, str]
 USER_ATTRIBUTES: Attributes = {"age": "int32", "gender": "string", "occupation": "string"}
 ITEM_ATTRIBUTES: Attributes = {"title": "string", "year": "int32", "genres": "string"}
-USER_ACTIVITY = ("events_7d", "events_30d", "events_total", "mean_value", "tenure_days")
 
 
 def feature_services(
     user_attributes: Attributes = USER_ATTRIBUTES,
+    windows_days: tuple[int, ...] = BuildConfig.windows_days,
 ) -> dict[str, dict[str, tuple[str, ...]]]:
-    """Feature service name -> {feature view: fields}, with the dataset's user attributes.
+    """Feature service name -> {feature view: fields}, with the dataset's user attributes
+    and the count columns of the configured windows.
 
     The names are the consumers' contracts: a breaking change gets a new version
     (``_v2``) next to the old one, never an edit.
     """
-    profile = (*USER_ACTIVITY, *user_attributes)
+    profile = (*user_profile_columns(windows_days), *user_attributes)
     return {
         "grank_generator_v1": {USER_SEQUENCES: ("short_item_seq", "seq_len")},
         "grank_ranker_v1": {USER_SEQUENCES: ("item_seq", "ts_seq")},
@@ -50,7 +59,7 @@ def feature_services(
             USER_FEATURES: profile,
         },
         "grank_item_context_v1": {
-            ITEM_FEATURES: ("pop_1d", "pop_7d", "pop_30d", "pop_total", "age_days"),
+            ITEM_FEATURES: item_context_columns(windows_days),
         },
         "user_profile_v1": {
             USER_FEATURES: profile,
@@ -86,9 +95,10 @@ def build_definitions(
     features_dir: Path,
     user_attributes: Attributes = USER_ATTRIBUTES,
     item_attributes: Attributes = ITEM_ATTRIBUTES,
+    windows_days: tuple[int, ...] = BuildConfig.windows_days,
 ) -> list[FeastObject]:
     """All Feast objects of the project, reading the tables under ``features_dir``; the
-    dimension attribute columns are the dataset's."""
+    dimension attribute columns are the dataset's, the count columns those of its windows."""
     from feast import Entity, FeatureService, FeatureView, Field, ValueType
     from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String, UnixTimestamp
 
@@ -134,10 +144,7 @@ def build_definitions(
             source=sources[USER_FEATURES],
             schema=[
                 Field(name="user_id", dtype=Int64),
-                Field(name="events_1d", dtype=Int64),
-                Field(name="events_7d", dtype=Int64),
-                Field(name="events_30d", dtype=Int64),
-                Field(name="events_total", dtype=Int64),
+                *(Field(name=n, dtype=Int64) for n in count_columns(ACTIVITY, windows_days)),
                 Field(name="mean_value", dtype=Float32),
                 Field(name="first_seen_ts", dtype=UnixTimestamp),
                 Field(name="tenure_days", dtype=Int64),
@@ -153,10 +160,7 @@ def build_definitions(
             source=sources[ITEM_FEATURES],
             schema=[
                 Field(name="item_id", dtype=Int64),
-                Field(name="pop_1d", dtype=Int64),
-                Field(name="pop_7d", dtype=Int64),
-                Field(name="pop_30d", dtype=Int64),
-                Field(name="pop_total", dtype=Int64),
+                *(Field(name=n, dtype=Int64) for n in count_columns(POPULARITY, windows_days)),
                 Field(name="first_seen_ts", dtype=UnixTimestamp),
                 Field(name="age_days", dtype=Int64, description="days since first seen"),
                 *(Field(name=n, dtype=dtypes[t]) for n, t in item_attributes.items()),
@@ -171,6 +175,6 @@ def build_definitions(
             features=[views[view][list(fields)] for view, fields in members.items()],
             description=f"Versioned feature contract {name}",
         )
-        for name, members in feature_services(user_attributes).items()
+        for name, members in feature_services(user_attributes, windows_days).items()
     ]
     return [user, item, *sources.values(), *views.values(), *services]

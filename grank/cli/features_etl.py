@@ -105,6 +105,7 @@ def validate(settings: Settings, day: date, stage: str) -> None:
         reports_dir=settings.reports_dir,
         config=settings.quality_config(),
         long_seq_len=settings.features.long_seq_len,
+        windows_days=settings.build_config().windows_days,
         event_types=dataset.events.lake_types,
         value_min=dataset.values.min,
         value_max=dataset.values.max,

@@ -29,6 +29,7 @@ def register(settings: Settings) -> None:
         settings.features_dir,
         user_attributes=dataset.user_attributes,
         item_attributes=dataset.item_attributes,
+        windows_days=settings.build_config().windows_days,
     )
     click.echo(
         f"registered project {config.project} ({config.registry} registry,"

@@ -42,12 +42,14 @@ def evaluation_metrics(settings: Settings, checkpoint_id: str) -> dict[str, Any]
 def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int], list[int]]:
     """Item ids of the lake's catalogue, and ids by popularity up to ``day`` (most first).
 
-    Popularity comes from the ``item_features`` partition of ``day`` (7-day count, then
-    all-time count), read as plain Parquet so no Spark is needed here.
+    Popularity comes from the ``item_features`` partition of ``day`` (the count of the last
+    ``train.recent_popularity_days``, then the all-time count), read as plain Parquet so no
+    Spark is needed here.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from features.config import POPULARITY, window_column
     from features.feature_tables import ITEM_FEATURES
 
     items_path = settings.lake_layout().items_file
@@ -59,10 +61,9 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
         raise UserFacingError(
             f"no {ITEM_FEATURES} for {day} at {features_path}: run `grank features build` first"
         )
-    table = pq.read_table(features_path, columns=["item_id", "pop_7d", "pop_total"])
-    order = pc.sort_indices(
-        table, sort_keys=[("pop_7d", "descending"), ("pop_total", "descending")]
-    )
+    recent = window_column(POPULARITY, settings.train.recent_popularity_days)
+    table = pq.read_table(features_path, columns=["item_id", recent, "pop_total"])
+    order = pc.sort_indices(table, sort_keys=[(recent, "descending"), ("pop_total", "descending")])
     popular = table.take(order).column("item_id").to_pylist()
     return catalogue, popular
 

@@ -45,6 +45,7 @@ def daily_job(
     import numpy as np
     import pyarrow.parquet as pq
 
+    from features.config import POPULARITY, window_column
     from features.lake import landed_days
     from grank.dataset import lake_config, model_inputs
     from training.daily import Baselines, DailyJob
@@ -74,7 +75,10 @@ def daily_job(
         spec=settings.eval_config(),
         gate=t.gate,
         baselines=Baselines(
-            {"popularity_all_time": "pop_total", f"popularity_{recent}d": f"pop_{recent}d"}
+            {
+                "popularity_all_time": "pop_total",
+                f"popularity_{recent}d": window_column(POPULARITY, recent),
+            }
         ),
         val_quantile=t.val_quantile,
         catchup_epochs=t.catchup_epochs,

@@ -107,6 +107,7 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
         "GRANK_TRAIN__RANKER_HARD_NEGATIVES": "4",
         "GRANK_TRAIN__K1": "50",
         "GRANK_TRAIN__GATE__BASELINE_MARGIN": "-0.5",
+        "GRANK_TRAIN__RECENT_POPULARITY_DAYS": "14",
         "GRANK_FEATURES__SHORT_SEQ_LEN": "16",
         "GRANK_FEATURES__POPULARITY_WINDOWS_DAYS": "[1, 14]",
         "GRANK_FEATURES__KEEP_STATE_DAYS": "3",
@@ -139,6 +140,11 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     assert (weights.sa, weights.hard_negatives, weights.hard_pool) == (0.3, 4, 50)
     assert settings.eval_config().k1 == 50
     assert settings.train.gate.baseline_margin == -0.5
+    # the model's default inputs are the columns of the configured windows
+    assert settings.train.inputs == InputSpec(
+        user_numeric=("events_14d", "events_total", "mean_value", "tenure_days"),
+        item_numeric=("pop_1d", "pop_14d", "pop_total", "age_days"),
+    )
     serve = settings.serve_config(None)
     assert (serve.max_batch, serve.device, serve.mips.device) == (9, "cpu", "cpu")
     spark = settings.spark_config()
@@ -150,6 +156,21 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     store = settings.store_config()
     assert (store.online_store, store.registry_cache_ttl_seconds) == ("redis", 5)
     assert settings.lookup_limits().max_entities == 12
+
+
+def test_the_recent_popularity_baseline_must_be_one_of_the_windows(
+    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("GRANK_FEATURES__POPULARITY_WINDOWS_DAYS", "[1, 14]")
+    monkeypatch.setattr(sys, "argv", ["grank", "data", "landed", "--date", "2000-01-01"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (
+        "error: GRANK_TRAIN: recent_popularity_days=7 is not one of the popularity windows"
+        " (1, 14) (GRANK_FEATURES__POPULARITY_WINDOWS_DAYS)"
+    )
 
 
 def test_a_file_url_and_a_plain_path_name_the_same_data_root(clean_env, tmp_path: Path) -> None:
