@@ -19,7 +19,7 @@ Why this shape:
   the start date once the DAG is unpaused; ``airflow backfill create`` replays a range.
 * Downstream teams schedule on the Assets. A publishing command ends its output with one
   JSON line naming what it published (logical date, paths, snapshot version); BashOperator
-  keeps that last line as the task's result and :func:`attach_published` hands it to the
+  keeps that last line as the task's result and :func:`attach_asset_event` hands it to the
   task's Asset events as ``extra``, so a consumer DAG learns the day and the paths from the
   triggering event.
 * A failed task is announced (``on_failure_callback``) by e-mail through Airflow's SMTP
@@ -125,9 +125,9 @@ def failure_notifiers() -> list[BaseNotifier]:
     return notifiers
 
 
-def attach_published(context: Any, result: str | None) -> None:
-    """The command's last output line (JSON: what it published) becomes its Asset events'
-    ``extra``. Anything else fails the task: the contract with consumers broke."""
+def attach_asset_event(context: Any, result: str | None) -> None:
+    """The command's last output line (JSON: the day and the paths it wrote) becomes its
+    Asset events' ``extra``. Anything else fails the task: the contract with consumers broke."""
     try:
         extra = json.loads(result or "")
     except json.JSONDecodeError:
@@ -155,7 +155,7 @@ def grank_step(task_id: str, command: str, *, gate: bool = False, **kwargs: obje
     if gate:
         kwargs["retries"] = 0
     if kwargs.get("outlets"):
-        kwargs["post_execute"] = attach_published
+        kwargs["post_execute"] = attach_asset_event
     return BashOperator(task_id=task_id, bash_command=f"{GRANK} {command}", **kwargs)
 
 

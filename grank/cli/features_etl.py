@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from grank.cli.options import DATE, date_window, each_day, echo_published
+from grank.cli.options import DATE, date_window, each_day, echo_asset_event
 from grank.config import Settings
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def validate(settings: Settings, day: date, stage: str) -> None:
             table: partition_path(table_dir(settings.features_dir, table), day)
             for table in PUBLIC_TABLES
         }
-        echo_published({"logical_date": day, "paths": partitions, "report": outcome.report})
+        echo_asset_event({"logical_date": day, "paths": partitions, "report": outcome.report})
 
 
 @click.command()

@@ -10,7 +10,7 @@ from datetime import date
 
 import click
 
-from grank.cli.options import DATE, date_window, echo_published
+from grank.cli.options import DATE, date_window, echo_asset_event
 from grank.config import Settings
 
 
@@ -88,7 +88,7 @@ def materialize(
                 f"example lookup user_id={user_id}: seq_len={found['seq_len']},"
                 f" last items {found['item_seq'][-10:]}"
             )
-    echo_published(
+    echo_asset_event(
         {
             "logical_date": logical,
             "window_start": day_window(first)[0].isoformat(),

@@ -50,8 +50,8 @@ def each_day(first: date, last: date) -> Iterator[date]:
         day += timedelta(days=1)
 
 
-def echo_published(record: dict[str, Any]) -> None:
-    """Print what a command published as its last output line: one JSON object.
+def echo_asset_event(record: dict[str, Any]) -> None:
+    """Print what a command wrote as its last output line: one JSON object (an Asset event).
 
     The daily DAG attaches that line to the task's Asset events as ``extra``
     (docs/airflow.md), so other teams' DAGs learn the day and the paths from the event.

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from common.errors import UserFacingError
-from grank.cli.options import DATE, echo_published
+from grank.cli.options import DATE, echo_asset_event
 from grank.config import Settings
 
 
@@ -135,7 +135,7 @@ def publish(settings: Settings, day: date, keep: int | None, force: bool) -> Non
     if skip is not None and current is not None:
         click.echo(f"not published: {skip}")
         # the DAG's asset event still says what serves: consumers see ``changed`` false
-        echo_published(
+        echo_asset_event(
             {
                 "logical_date": day,
                 "changed": False,
@@ -153,7 +153,7 @@ def publish(settings: Settings, day: date, keep: int | None, force: bool) -> Non
         keep=keep or settings.serve.keep_snapshots,
     )
     click.echo(f"published snapshot {version}; CURRENT -> {version}")
-    echo_published(
+    echo_asset_event(
         {
             "logical_date": day,
             "changed": True,

@@ -178,10 +178,10 @@ def test_nothing_reads_the_clock() -> None:
 
 def test_publishing_tasks_hand_their_output_to_the_asset_events(probe: dict[str, Any]) -> None:
     tasks = probe["tasks"]
-    publishing = {task_id for task_id, task in tasks.items() if task["outlets"]}
-    assert publishing == {"validate_features", "materialize_features", "publish_snapshot"}
+    emitting = {task_id for task_id, task in tasks.items() if task["outlets"]}
+    assert emitting == {"validate_features", "materialize_features", "publish_snapshot"}
     for task_id, task in tasks.items():
-        assert task["post_execute"] == ("attach_published" if task_id in publishing else None)
+        assert task["post_execute"] == ("attach_asset_event" if task_id in emitting else None)
 
 
 def test_failure_notifiers_follow_the_environment(probe: dict[str, Any], tmp_path: Path) -> None:
