@@ -158,16 +158,23 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     assert settings.lookup_limits().max_entities == 12
 
 
-def test_the_recent_popularity_baseline_must_be_one_of_the_windows(
-    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    clean_env.setenv("GRANK_FEATURES__POPULARITY_WINDOWS_DAYS", "[1, 14]")
+def cli_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a cheap CLI command under the current environment; the one error line it exits 1 with."""
     monkeypatch.setattr(sys, "argv", ["grank", "data", "landed", "--date", "2000-01-01"])
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 1
-    [line] = capsys.readouterr().err.splitlines()
-    assert line == (
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    return line
+
+
+def test_the_recent_popularity_baseline_must_be_one_of_the_windows(
+    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("GRANK_FEATURES__POPULARITY_WINDOWS_DAYS", "[1, 14]")
+    assert cli_error(monkeypatch, capsys) == (
         "error: GRANK_TRAIN: recent_popularity_days=7 is not one of the popularity windows"
         " (1, 14) (GRANK_FEATURES__POPULARITY_WINDOWS_DAYS)"
     )
@@ -206,11 +213,5 @@ def test_the_cli_refuses_an_object_store_data_root_in_one_line(
     clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("GRANK_DATA_ROOT", "s3a://bucket/grank")
-    monkeypatch.setattr(sys, "argv", ["grank", "data", "landed", "--date", "2000-01-01"])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    assert exited.value.code == 1
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    [line] = captured.err.splitlines()
+    line = cli_error(monkeypatch, capsys)
     assert line.startswith("error: GRANK_DATA_ROOT: s3a:// is not supported: the data root")
