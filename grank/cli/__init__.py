@@ -7,6 +7,7 @@ libraries are imported inside commands, so ``grank --help`` stays fast.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -39,18 +40,33 @@ cli.add_command(offline_eval)
 
 
 def main() -> None:
-    """Console entry point: user-facing errors become one ``error:`` line and exit code 1."""
+    """Console entry point: user-facing errors become one ``error:`` line and exit code 1.
+
+    The exit happens after the error is handled and the garbage collected, not inside the
+    handler: an exit raised there would keep the failed command's frames (pyarrow tables,
+    readers) alive as its context until interpreter teardown, where Arrow's native thread
+    pools have been seen to abort the process (SIGABRT, "terminate called without an
+    active exception") instead of exiting with the code the error asked for.
+    """
+    code = _run()
+    gc.collect()
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command line; the exit code of a handled error, 0 otherwise."""
     try:
         cli.main(standalone_mode=False)
     except UserFacingError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        return 1
     except OSError as exc:  # a file system problem the operator can fix: no traceback
         click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
-        sys.exit(1)
+        return 1
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
+    return 0

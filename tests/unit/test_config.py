@@ -164,6 +164,8 @@ def cli_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 1
+    # the exit holds no reference to the failed command (its frames, its Arrow objects)
+    assert exited.value.__context__ is None
     captured = capsys.readouterr()
     assert captured.out == ""
     [line] = captured.err.splitlines()
