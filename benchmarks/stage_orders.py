@@ -1,0 +1,84 @@
+"""Next-day quality of one candidate's two stages: the Generator's order and the Ranker's.
+
+Serving (and the gate) returns the Ranker's order of the Generator's top ``k1``. This
+script scores one committed candidate on the next-day queries of consecutive days, both
+orders side by side, with popularity of the last 7 days, on the same queries and with the
+same seen filter and servable items as ``grank evaluate``:
+
+    GRANK_DATA_ROOT=/tmp/r .venv/bin/python benchmarks/stage_orders.py \\
+        --candidate-day 2000-12-07 --first 2000-12-07 --days 8
+
+The candidate is the one ``grank train --date <candidate-day>`` committed (trained on
+every event before that day); the features of every scored day must be built. Later days
+are scored with the same, increasingly stale, model: the comparison is between the two
+orders of one model, not of the daily pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import date, timedelta
+
+import numpy as np
+import torch
+
+from grank.cli.train import daily_job
+from grank.config import Settings
+from training.baselines import RecentPopularity
+from training.checkpoint import load_checkpoint
+from training.daily import read_day_data
+from training.data import next_day
+from training.evaluate import final_stage, rankings
+from training.metrics import per_query_metrics
+
+METRICS = ("recall@10", "recall@50", "recall@200", "ndcg@10")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidate-day", type=date.fromisoformat, required=True)
+    parser.add_argument("--first", type=date.fromisoformat, required=True)
+    parser.add_argument("--days", type=int, default=8)
+    args = parser.parse_args()
+    settings = Settings()
+    device = torch.device("cpu")
+    registry = settings.model_registry()
+    model, manifest = load_checkpoint(
+        registry.checkpoint_path(registry.candidate(args.candidate_day))
+    )
+    first_history = date.fromisoformat(manifest["data_first_day"])
+    n_rows = model.config.n_item_rows
+
+    per_query: dict[str, dict[str, list[np.ndarray]]] = {}
+    for offset in range(args.days):
+        day = args.first + timedelta(days=offset)
+        job = daily_job(settings, day)
+        data = read_day_data(job, first_history, model.config.inputs, n_rows, device, day)
+        _, _, queries = next_day(data.timelines, day)
+        stages = rankings(model, data.timelines, queries, job.spec, device, data.model_inputs)
+        assert data.baseline_inputs.features is not None
+        popularity = RecentPopularity(data.baseline_inputs.features, "pop_7d")
+        popular = rankings(
+            popularity, data.timelines, queries, job.spec, device, data.baseline_inputs
+        )
+        orders = {
+            "generator order (stage 1)": stages["generator"],
+            "ranker order (stage 2, served)": final_stage(stages),
+            "popularity, last 7 days": popular["generator"],
+        }
+        for name, top in orders.items():
+            metrics = per_query_metrics(
+                top, queries.relevant_offsets, queries.relevant_items, (10, 50, 200), (10,)
+            )
+            for metric in METRICS:
+                per_query.setdefault(name, {}).setdefault(metric, []).append(metrics[metric])
+        print(f"{day}: {len(queries)} queries", flush=True)
+
+    print(f"\n{'order':32} " + " ".join(f"{m:>10}" for m in METRICS))
+    for name, metrics in per_query.items():
+        means = [float(np.concatenate(metrics[m]).mean()) for m in METRICS]
+        print(f"{name:32} " + " ".join(f"{v:10.4f}" for v in means))
+
+
+if __name__ == "__main__":
+    main()
