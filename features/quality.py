@@ -127,8 +127,7 @@ def validate_raw(spec: QualitySpec, day: date) -> GateOutcome:
         "value_max": spec.value_max,
         "max_user_events": spec.config.max_user_events,
     }
-    frames = {RAW_SUITE: (frame, read_error)}
-    outcome = _run_gate(spec.reports_dir, day, "raw", frames, parameters, spec.windows_days)
+    outcome = _run_gate(spec.reports_dir, day, "raw", {RAW_SUITE: (frame, read_error)}, parameters)
     outcome.volume = volume
     if not outcome.success:
         destination = quarantined_raw_dir(spec.quarantine_dir, day)
@@ -152,7 +151,14 @@ def validate_features(spec: QualitySpec, day: date) -> GateOutcome:
         )
     frames = {t: _read_frame(f, with_checks=True) for t, f in folders.items()}
     parameters = {**_day_bounds(day), "long_seq_len": spec.long_seq_len}
-    outcome = _run_gate(spec.reports_dir, day, "features", frames, parameters, spec.windows_days)
+    outcome = _run_gate(
+        spec.reports_dir,
+        day,
+        "features",
+        frames,
+        parameters,
+        window_expectations(spec.windows_days),
+    )
     if not outcome.success:
         state = {
             f"{ft.STATE_DIR}/{t}": ft.partition_path(ft.state_dir(spec.features_dir, t), day)
@@ -357,9 +363,9 @@ def _nested(columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _add_window_expectations(gx_dir: Path, windows_days: tuple[int, ...]) -> None:
-    """Append the window counts' checks to the suites of the context copy at ``gx_dir``."""
-    for suite, expectations in window_expectations(windows_days).items():
+def _add_expectations(gx_dir: Path, added: dict[str, list[dict[str, Any]]]) -> None:
+    """Append ``added`` (suite -> checks as suite JSON) to the context copy at ``gx_dir``."""
+    for suite, expectations in added.items():
         path = gx_dir / "expectations" / f"{suite}.json"
         content = json.loads(path.read_text())
         content["expectations"] += expectations
@@ -372,9 +378,13 @@ def _run_gate(
     stage: str,
     frames: dict[str, tuple[pd.DataFrame, str | None]],
     parameters: dict[str, Any],
-    windows_days: tuple[int, ...],
+    added: dict[str, list[dict[str, Any]]] | None = None,
 ) -> GateOutcome:
-    """Validate each suite's frame (results stored as GX JSON), classify failures by severity."""
+    """Validate each suite's frame (results stored as GX JSON), classify failures by severity.
+
+    ``added`` (suite -> checks) joins the committed suites in this run's context copy only:
+    the features gate's window checks, whose columns follow the configured windows.
+    """
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
 
@@ -387,7 +397,7 @@ def _run_gate(
     )
     with tempfile.TemporaryDirectory(prefix="grank-gx-") as scratch:
         shutil.copytree(GX_DIR, Path(scratch) / "gx")
-        _add_window_expectations(Path(scratch) / "gx", windows_days)
+        _add_expectations(Path(scratch) / "gx", added or {})
         context = gx.get_context(
             mode="file",
             project_root_dir=scratch,
