@@ -57,14 +57,16 @@ def main() -> None:
         _, _, queries = next_day(data.timelines, day)
         stages = rankings(model, data.timelines, queries, job.spec, device, data.model_inputs)
         assert data.baseline_inputs.features is not None
-        popularity = RecentPopularity(data.baseline_inputs.features, "pop_7d")
+        popularity = RecentPopularity(
+            data.baseline_inputs.features, settings.train.recent_popularity_column
+        )
         popular = rankings(
             popularity, data.timelines, queries, job.spec, device, data.baseline_inputs
         )
         orders = {
             "generator order (stage 1)": stages["generator"],
             "ranker order (stage 2, served)": final_stage(stages),
-            "popularity, last 7 days": popular["generator"],
+            "popularity, recent days": popular["generator"],
         }
         for name, top in orders.items():
             metrics = per_query_metrics(

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import UserFacingError
 from features.config import (
+    POPULARITY,
     BuildConfig,
     LookupLimits,
     QualityConfig,
@@ -31,6 +32,7 @@ from features.config import (
     StoreConfig,
     item_context_columns,
     user_profile_columns,
+    window_column,
 )
 from serving.config import REFRESH_BATCH_ROWS, Device, ScreenMode, ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
@@ -191,6 +193,11 @@ class TrainSettings(BaseModel):
     k1: int = EvalConfig.k1
     recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
     gate: GatePolicy = Field(default_factory=GatePolicy)
+
+    @property
+    def recent_popularity_column(self) -> str:
+        """The ``item_features`` column that ranks the recent-popularity baseline (``pop_7d``)."""
+        return window_column(POPULARITY, self.recent_popularity_days)
 
 
 class ServeSettings(BaseModel):

@@ -49,7 +49,6 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from features.config import POPULARITY, window_column
     from features.feature_tables import ITEM_FEATURES
 
     items_path = settings.lake_layout().items_file
@@ -61,7 +60,7 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
         raise UserFacingError(
             f"no {ITEM_FEATURES} for {day} at {features_path}: run `grank features build` first"
         )
-    recent = window_column(POPULARITY, settings.train.recent_popularity_days)
+    recent = settings.train.recent_popularity_column
     table = pq.read_table(features_path, columns=["item_id", recent, "pop_total"])
     order = pc.sort_indices(table, sort_keys=[(recent, "descending"), ("pop_total", "descending")])
     popular = table.take(order).column("item_id").to_pylist()

@@ -45,7 +45,6 @@ def daily_job(
     import numpy as np
     import pyarrow.parquet as pq
 
-    from features.config import POPULARITY, window_column
     from features.lake import landed_days
     from grank.dataset import lake_config, model_inputs
     from training.daily import Baselines, DailyJob
@@ -77,7 +76,7 @@ def daily_job(
         baselines=Baselines(
             {
                 "popularity_all_time": "pop_total",
-                f"popularity_{recent}d": window_column(POPULARITY, recent),
+                f"popularity_{recent}d": t.recent_popularity_column,
             }
         ),
         val_quantile=t.val_quantile,
