@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import UserFacingError
@@ -150,6 +157,7 @@ class TrainSettings(BaseModel):
     candidates_per_row: int = LossWeights.candidates
     ranker_hard_negatives: int = LossWeights.hard_negatives
     ranker_on_served: bool = LossWeights.ranker_on_served
+    ranker_in_batch_negatives: bool = LossWeights.ranker_in_batch
     # optimisation
     batch_size: int = FitConfig.batch_size
     lr: float = FitConfig.lr
@@ -193,6 +201,18 @@ class TrainSettings(BaseModel):
     k1: int = EvalConfig.k1
     recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
     gate: GatePolicy = Field(default_factory=GatePolicy)
+
+    @model_validator(mode="after")
+    def _ranker_has_negatives(self) -> TrainSettings:
+        """Refuse at load, in one line, a Ranker loss the training run would refuse later."""
+        try:
+            LossWeights(
+                hard_negatives=self.ranker_hard_negatives,
+                ranker_in_batch=self.ranker_in_batch_negatives,
+            )
+        except UserFacingError as problem:
+            raise ValueError(str(problem)) from None
+        return self
 
     @property
     def recent_popularity_column(self) -> str:
@@ -423,6 +443,7 @@ class Settings(BaseSettings):
             hard_negatives=t.ranker_hard_negatives,
             hard_pool=t.k1,  # the candidates the Ranker will reorder
             ranker_on_served=t.ranker_on_served,
+            ranker_in_batch=t.ranker_in_batch_negatives,
         )
 
     def fit_config(self, bf16: bool) -> FitConfig:

@@ -69,12 +69,22 @@ class LossWeights:
     logq: bool = True
     candidates: int = 32  # in-batch candidates per row for L_SA and L_CA (paper: 300)
     # L_CA negatives per row drawn from the Generator's top ``hard_pool``: the Ranker
-    # learns to reorder what it will be shown (with item features it then beats the
-    # Generator's own order)
-    hard_negatives: int = 16
+    # learns to reorder what it will be shown
+    hard_negatives: int = 32
     hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
+    # True: L_CA also ranks the target against the in-batch candidates (logQ-corrected);
+    # False: against the hard negatives only, on rows whose target is in that top, a
+    # softmax over what serving shows the Ranker (docs/model.md)
+    ranker_in_batch: bool = False
     # with next-day windows, L_CA learns from U's served rows only (losses._ranker_loss)
     ranker_on_served: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ranker_in_batch and self.hard_negatives < 1:
+            raise UserFacingError(
+                "the Ranker learns from hard negatives only (ranker_in_batch_negatives is"
+                " false): ranker_hard_negatives must be at least 1"
+            )
 
 
 @dataclass(frozen=True)

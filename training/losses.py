@@ -82,22 +82,28 @@ def in_batch_candidates(targets: torch.Tensor, count: int) -> tuple[torch.Tensor
 def generator_hard_negatives(
     user_vectors: torch.Tensor,
     item_table: torch.Tensor,
-    targets: torch.Tensor,
+    positives: torch.Tensor,
     weights: LossWeights,
-) -> torch.Tensor:
-    """[B, hard_negatives] items drawn uniformly from each row's Generator top ``hard_pool``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, hard_negatives] items drawn uniformly from each row's Generator top ``hard_pool``
+    other than its ``positives`` [B, P] (0: none), and [B, P] whether each positive is
+    itself in the top ``hard_pool``: whether serving would hand it to the Ranker.
 
-    The row's target and padding are excluded; no gradient flows into the draw. Costs one
-    [B, n_items] score matrix per step: cheap for ML-1M's 3.9k items, to be sampled for
-    catalogues of millions.
+    Padding is never drawn; no gradient flows into the draw. Costs one [B, n_items] score
+    matrix per step: cheap for ML-1M's 3.9k items, to be sampled for catalogues of millions.
     """
     with torch.no_grad():
         scores = user_vectors @ item_table.T
         scores[:, 0] = float("-inf")
-        scores.scatter_(1, targets[:, None], float("-inf"))
-        pool = scores.topk(min(weights.hard_pool, scores.shape[1] - 2), dim=1).indices
-        pick = torch.randint(0, pool.shape[1], (len(pool), weights.hard_negatives))
-        return pool.gather(1, pick.to(pool.device))
+        width = min(weights.hard_pool, scores.shape[1] - 1 - positives.shape[1])
+        cutoff = scores.topk(width, dim=1).values[:, -1:]
+        reaches_ranker = (scores.gather(1, positives) >= cutoff) & (positives > 0)
+        scores.scatter_(1, positives, float("-inf"))
+        pool_scores, pool = scores.topk(width, dim=1)
+        # the top holds width items with the positives in it: draw from its other ones
+        in_top = (pool_scores >= cutoff).sum(1, keepdim=True).clamp(min=1)
+        pick = (torch.rand(len(pool), weights.hard_negatives) * in_top.cpu()).long()
+        return pool.gather(1, pick.to(pool.device)), reaches_ranker
 
 
 def softmax_first(
@@ -205,41 +211,97 @@ def joint_loss(
         total = total + weights.sa * sa
         parts["sa"] = float(sa.detach())
     if config.use_ranker:
-        ranked, masked, ranked_q = candidates, collides, correction
-        if weights.hard_negatives:
-            hard = generator_hard_negatives(states[:, -1], model.item_vectors(), targets, weights)
-            ranked = torch.cat([candidates, hard], dim=1)
-            masked = torch.cat([collides, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
-            if correction is not None:  # logQ corrects the in-batch draw only
-                ranked_q = torch.cat(
-                    [correction, torch.zeros_like(hard, dtype=correction.dtype)], 1
-                )
-        # a residual Ranker learns a correction to the Generator's score, not the score
-        base = model.generator_scores(states[:, -1], ranked).detach()
-        scores = model.rank_scores(batch.long, ranked, base, batch.item_features(ranked))
-        logits = scores if ranked_q is None else scores - ranked_q
-        ca = _ranker_loss(logits, masked, batch.query_labels if weights.ranker_on_served else None)
+        if weights.ranker_in_batch:
+            ca = in_batch_ranker_loss(
+                model, states[:, -1], batch, candidates, collides, correction, weights
+            )
+        else:
+            ca = top_ranker_loss(model, states[:, -1], batch, weights)
         total = total + weights.ca * ca
         parts["ca"] = float(ca.detach())
     return total, parts
 
 
-def _ranker_loss(
-    logits: torch.Tensor, masked: torch.Tensor, query_labels: torch.Tensor | None
+def _ranker_scores(
+    model: GRank, user_vectors: torch.Tensor, batch: TrainBatch, ranked: torch.Tensor
 ) -> torch.Tensor:
-    """L_CA over every row, or (``query_labels`` given) over U's served rows only.
+    """[B, K] Ranker scores of ``ranked``: a residual Ranker learns a correction to the
+    Generator's score (detached), not the score."""
+    base = model.generator_scores(user_vectors, ranked).detach()
+    return model.rank_scores(batch.long, ranked, base, batch.item_features(ranked))
 
-    Serving hands the Ranker the top ``k1`` of U at a day's start; the regular windows
-    ask it to reorder for the same visit's next item, from a query token that never
-    learned them. As U's term, the served rows' loss is their mean over the global batch;
-    every row stays in the graph (weight 0), so each process' Ranker gets a gradient.
+
+def _global_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ``weight``-ed mean of ``values`` over the global batch (data parallel): a
+    process whose share holds few or none must not weigh them as a whole batch's. Every
+    value stays in the graph (weight 0), so each process' Ranker gets a gradient."""
+    weight = weight.to(values.dtype)
+    weight_all, ranks = sum_over_ranks(weight.sum().double())
+    return (values * weight).sum() * (ranks / weight_all.clamp(min=1)).to(values.dtype)
+
+
+def top_ranker_loss(
+    model: GRank, user_vectors: torch.Tensor, batch: TrainBatch, weights: LossWeights
+) -> torch.Tensor:
+    """L_CA as serving uses the Ranker: it reorders the Generator's top ``hard_pool``.
+
+    Each positive (with ``ranker_on_served`` and next-day windows: every served label of
+    U's rows, as U's own term; else each row's target) is scored against
+    ``hard_negatives`` items drawn uniformly from that top, its row's other positives
+    masked (the same day's items are not negatives). The uniform draw from the list
+    serving shows needs no logQ term. Only a positive inside the top teaches: one outside
+    never reaches the Ranker, and learning from it teaches the Ranker to lift what the
+    Generator scores low. The loss is the mean over the global batch's teaching pairs.
     """
-    if query_labels is None:
+    served = weights.ranker_on_served and batch.query_labels is not None
+    positives = batch.query_labels if served else batch.targets[:, None]
+    assert positives is not None
+    hard, reaches_ranker = generator_hard_negatives(
+        user_vectors, model.item_vectors(), positives, weights
+    )
+    scores = _ranker_scores(model, user_vectors, batch, torch.cat([positives, hard], dim=1))
+    n_positives = positives.shape[1]
+    is_positive = (hard[:, :, None] == positives[:, None, :]).any(-1)
+    negatives = scores[:, n_positives:].masked_fill(is_positive, float("-inf"))
+    pairs = torch.cat(
+        [scores[:, :n_positives, None], negatives[:, None, :].expand(-1, n_positives, -1)], -1
+    )
+    per_pair = torch.logsumexp(pairs, dim=-1) - scores[:, :n_positives]
+    return _global_mean(per_pair, reaches_ranker)
+
+
+def in_batch_ranker_loss(
+    model: GRank,
+    user_vectors: torch.Tensor,
+    batch: TrainBatch,
+    candidates: torch.Tensor,
+    collides: torch.Tensor,
+    correction: torch.Tensor | None,
+    weights: LossWeights,
+) -> torch.Tensor:
+    """L_CA over each row's in-batch ``candidates`` (logQ-corrected), plus hard negatives.
+
+    Hard negatives come from the Generator's top ``hard_pool`` uniformly, so they get no
+    correction. With ``ranker_on_served`` and next-day windows, the loss is over U's
+    served rows only: serving hands the Ranker the top ``k1`` of U at a day's start; the
+    regular windows ask it to reorder for the same visit's next item, from a query token
+    that never learned them.
+    """
+    ranked, masked, ranked_q = candidates, collides, correction
+    if weights.hard_negatives:
+        hard, _ = generator_hard_negatives(
+            user_vectors, model.item_vectors(), batch.targets[:, None], weights
+        )
+        ranked = torch.cat([candidates, hard], dim=1)
+        masked = torch.cat([collides, torch.zeros_like(hard, dtype=torch.bool)], dim=1)
+        if correction is not None:
+            ranked_q = torch.cat([correction, torch.zeros_like(hard, dtype=correction.dtype)], 1)
+    scores = _ranker_scores(model, user_vectors, batch, ranked)
+    logits = scores if ranked_q is None else scores - ranked_q
+    if not (weights.ranker_on_served and batch.query_labels is not None):
         return softmax_first(logits, masked)
     per_row = softmax_first(logits, masked, reduction="none")
-    served = (query_labels > 0).any(-1).to(per_row.dtype)
-    served_all, ranks = sum_over_ranks(served.sum().double())
-    return (per_row * served).sum() * (ranks / served_all.clamp(min=1)).to(per_row.dtype)
+    return _global_mean(per_row, (batch.query_labels > 0).any(-1))
 
 
 def grank_batch_loss(weights: LossWeights, log_q: torch.Tensor | None) -> BatchLoss:

@@ -89,7 +89,9 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
     train_end, validation, _ = leave_last_out(timelines)
     torch.manual_seed(0)
     model = tiny_grank(timelines.max_item_id, dropout=0.0)
-    loss = grank_batch_loss(LossWeights(sa=0.5, candidates=32, hard_negatives=0), None)
+    loss = grank_batch_loss(
+        LossWeights(sa=0.5, candidates=32, hard_negatives=0, ranker_in_batch=True), None
+    )
     config = FitConfig(
         lr=lr,
         batch_size=128,
@@ -153,7 +155,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
         progress=False,
     )
     spec = EvalConfig(16, 32, 50)
-    loss = grank_batch_loss(LossWeights(sa=0.5, candidates=8, hard_negatives=0), None)
+    loss = grank_batch_loss(
+        LossWeights(sa=0.5, candidates=8, hard_negatives=0, ranker_in_batch=True), None
+    )
     # one clean epoch (one step: the batch holds every window) is the last good state
     torch.manual_seed(0)
     good = tiny_grank(timelines.max_item_id)

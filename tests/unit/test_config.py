@@ -182,6 +182,18 @@ def test_the_recent_popularity_baseline_must_be_one_of_the_windows(
     )
 
 
+def test_a_ranker_without_negatives_is_refused_at_load(
+    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("GRANK_TRAIN__RANKER_HARD_NEGATIVES", "0")
+    assert cli_error(monkeypatch, capsys) == (
+        "error: GRANK_TRAIN: the Ranker learns from hard negatives only"
+        " (ranker_in_batch_negatives is false): ranker_hard_negatives must be at least 1"
+    )
+    clean_env.setenv("GRANK_TRAIN__RANKER_IN_BATCH_NEGATIVES", "true")
+    assert Settings().loss_weights().hard_negatives == 0
+
+
 def test_a_file_url_and_a_plain_path_name_the_same_data_root(clean_env, tmp_path: Path) -> None:
     plain = Settings(data_root=str(tmp_path))
     for url in (tmp_path.as_uri(), f"file://localhost{tmp_path}/"):

@@ -72,15 +72,18 @@ def test_hard_negatives_come_from_the_generator_top_and_never_the_target():
     # item i scores i for user 0 and -i for user 1 (rows 1..9; row 0 is padding)
     table = torch.arange(10, dtype=torch.float32)[:, None]
     users = torch.tensor([[1.0], [-1.0]])
-    targets = torch.tensor([9, 2])
+    targets = torch.tensor([[9], [5]])
     torch.manual_seed(0)
-    drawn = generator_hard_negatives(
+    drawn, reaches_ranker = generator_hard_negatives(
         users, table, targets, LossWeights(hard_negatives=200, hard_pool=3)
     )
     assert drawn.shape == (2, 200)
-    # user 0: top 3 without the target 9 are 8, 7, 6; user 1: 1, 3, 4 (never 2 or padding)
-    assert set(drawn[0].tolist()) == {8, 7, 6}
-    assert set(drawn[1].tolist()) == {1, 3, 4}
+    # user 0: the top 3 are 9, 8, 7, so its target 9 is drawn against 8 and 7;
+    # user 1: 1, 2, 3 (never 5 or padding)
+    assert set(drawn[0].tolist()) == {8, 7}
+    assert set(drawn[1].tolist()) == {1, 2, 3}
+    # user 0's target is its best item; user 1's ranks 5th, outside the top 3
+    assert reaches_ranker.tolist() == [[True], [False]]
 
 
 def timelines(seqs: list[list[int]], days: list[list[int]], first_target: list[int]) -> Timelines:

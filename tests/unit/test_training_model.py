@@ -9,7 +9,13 @@ import torch
 
 from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
-from training.losses import LossWeights, TrainBatch, joint_loss
+from training.losses import (
+    LossWeights,
+    TrainBatch,
+    generator_hard_negatives,
+    joint_loss,
+    top_ranker_loss,
+)
 from training.model import GRank, GRankConfig
 
 
@@ -166,7 +172,7 @@ def test_hard_negatives_only_add_ranker_columns():
         loss, parts[hard] = joint_loss(
             model,
             TrainBatch(short, long, labels, targets),
-            LossWeights(candidates=4, hard_negatives=hard),
+            LossWeights(candidates=4, hard_negatives=hard, ranker_in_batch=True),
             None,
         )
         loss.backward()
@@ -182,7 +188,7 @@ def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
     short = torch.randint(1, 40, (6, 6))
     long = torch.randint(1, 40, (6, 8))
     labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
-    weights = LossWeights(candidates=4, hard_negatives=0)
+    weights = LossWeights(candidates=4, hard_negatives=0, ranker_in_batch=True)
     torch.manual_seed(1)
     model = tiny().eval()
     _, plain = joint_loss(model, TrainBatch(short, long, labels, targets), weights, None)
@@ -220,7 +226,7 @@ def test_a_batch_with_no_history_slot_still_has_a_finite_loss():
     loss, parts = joint_loss(
         model,
         TrainBatch(short, long, labels, targets, query_labels=torch.tensor([[12, 30]])),
-        LossWeights(candidates=4, hard_negatives=0),
+        LossWeights(candidates=4, hard_negatives=0, ranker_in_batch=True),
         None,
     )
     assert parts["ntp"] == 0.0 and parts["ntp_u"] > 0 and torch.isfinite(loss)
@@ -233,7 +239,9 @@ def test_the_ranker_can_learn_from_the_served_rows_only():
     """``ranker_on_served``: L_CA is the mean over U's next-day rows; the others weigh 0."""
     short, long = torch.randint(1, 40, (6, 6)), torch.randint(1, 40, (6, 8))
     labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
-    served = LossWeights(candidates=4, hard_negatives=0, ranker_on_served=True)
+    served = LossWeights(
+        candidates=4, hard_negatives=0, ranker_on_served=True, ranker_in_batch=True
+    )
     torch.manual_seed(1)
     model = tiny().eval()
     none = torch.zeros(6, 1, dtype=torch.long)
@@ -243,7 +251,7 @@ def test_the_ranker_can_learn_from_the_served_rows_only():
     _, everywhere = joint_loss(
         model,
         TrainBatch(short, long, labels, targets, query_labels=none),
-        LossWeights(candidates=4, hard_negatives=0, ranker_on_served=False),
+        LossWeights(candidates=4, hard_negatives=0, ranker_on_served=False, ranker_in_batch=True),
         None,
     )
     assert unserved["ca"] == 0.0 and everywhere["ca"] > 0
@@ -304,3 +312,40 @@ def test_features_reach_the_query_token_and_the_ranker():
     assert not torch.allclose(popular, unpopular)
     with pytest.raises(ValueError, match="reads item features"):
         model.rank_scores(long, cands, gen)
+
+
+def test_the_ranker_learns_each_served_item_against_the_generator_top_it_reorders():
+    """Default L_CA: each served label in the Generator's top ``hard_pool`` against items
+    drawn from that top, never the row's other labels; labels outside it teach nothing."""
+    model = tiny()
+    short = torch.randint(1, 40, (3, 6))
+    user_vectors = model.user_vectors(short)
+    scores = user_vectors @ model.item_vectors().T
+    scores[:, 0] = float("-inf")
+    order = scores.argsort(dim=1, descending=True)  # the last column is padding
+    # row 0 was served its best and 2nd best items, row 1 its worst, row 2 nothing
+    served = torch.zeros(3, 2, dtype=torch.long)
+    served[0] = order[0, :2]
+    served[1, 0] = order[1, -2]
+    weights = LossWeights(hard_negatives=50, hard_pool=5)
+    batch = TrainBatch(short, short, short, served[:, 0], query_labels=served)
+    torch.manual_seed(0)
+    loss = top_ranker_loss(model, user_vectors, batch, weights)
+    torch.manual_seed(0)
+    hard, reaches_ranker = generator_hard_negatives(
+        user_vectors, model.item_vectors(), served, weights
+    )
+    assert reaches_ranker.tolist() == [[True, True], [False, False], [False, False]]
+    assert set(hard[0].tolist()) == set(order[0, 2:5].tolist())  # the top 5 but the labels
+    ranked = torch.cat([served, hard], dim=1)
+    ranker = model.rank_scores(short, ranked, model.generator_scores(user_vectors, ranked))
+    pairs = [
+        -torch.log_softmax(torch.cat([ranker[0, j : j + 1], ranker[0, 2:]]), 0)[0] for j in (0, 1)
+    ]
+    assert torch.isclose(loss, (pairs[0] + pairs[1]) / 2)
+
+
+def test_a_ranker_loss_needs_negatives():
+    with pytest.raises(UserFacingError, match="ranker_hard_negatives must be at least 1"):
+        LossWeights(hard_negatives=0)
+    assert LossWeights(hard_negatives=0, ranker_in_batch=True).hard_negatives == 0
