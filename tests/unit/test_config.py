@@ -172,24 +172,37 @@ def cli_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str
     return line
 
 
-def test_the_recent_popularity_baseline_must_be_one_of_the_windows(
-    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        (
+            "GRANK_FEATURES__POPULARITY_WINDOWS_DAYS",
+            "[1, 14]",
+            "recent_popularity_days=7 is not one of the popularity windows (1, 14)"
+            " (GRANK_FEATURES__POPULARITY_WINDOWS_DAYS)",
+        ),
+        (
+            "GRANK_TRAIN__RANKER_HARD_NEGATIVES",
+            "0",
+            "the Ranker learns from hard negatives only (ranker_in_batch_negatives is false):"
+            " ranker_hard_negatives must be at least 1",
+        ),
+    ],
+)
+def test_training_settings_that_cannot_train_are_refused_at_load(
+    clean_env,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    error: str,
 ) -> None:
-    clean_env.setenv("GRANK_FEATURES__POPULARITY_WINDOWS_DAYS", "[1, 14]")
-    assert cli_error(monkeypatch, capsys) == (
-        "error: GRANK_TRAIN: recent_popularity_days=7 is not one of the popularity windows"
-        " (1, 14) (GRANK_FEATURES__POPULARITY_WINDOWS_DAYS)"
-    )
+    clean_env.setenv(name, value)
+    assert cli_error(monkeypatch, capsys) == f"error: GRANK_TRAIN: {error}"
 
 
-def test_a_ranker_without_negatives_is_refused_at_load(
-    clean_env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_ranker_with_in_batch_negatives_may_draw_no_hard_ones(clean_env) -> None:
     clean_env.setenv("GRANK_TRAIN__RANKER_HARD_NEGATIVES", "0")
-    assert cli_error(monkeypatch, capsys) == (
-        "error: GRANK_TRAIN: the Ranker learns from hard negatives only"
-        " (ranker_in_batch_negatives is false): ranker_hard_negatives must be at least 1"
-    )
     clean_env.setenv("GRANK_TRAIN__RANKER_IN_BATCH_NEGATIVES", "true")
     assert Settings().loss_weights().hard_negatives == 0
 
