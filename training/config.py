@@ -72,11 +72,12 @@ class LossWeights:
     # learns to reorder what it will be shown
     hard_negatives: int = 32
     hard_pool: int = 200  # = serving's k1: the candidates the Ranker will reorder
-    # True: L_CA also ranks the target against the in-batch candidates (logQ-corrected);
-    # False: against the hard negatives only, on rows whose target is in that top, a
-    # softmax over what serving shows the Ranker (docs/model.md)
+    # True: L_CA ranks each row's target against its in-batch candidates (logQ-corrected)
+    # plus the hard negatives (losses.in_batch_ranker_loss); False: each positive inside
+    # that top against the hard negatives only, a softmax over what serving shows the
+    # Ranker (losses.top_ranker_loss, docs/model.md)
     ranker_in_batch: bool = False
-    # with next-day windows, L_CA learns from U's served rows only (losses._ranker_loss)
+    # with next-day windows, L_CA learns from U's served rows only
     ranker_on_served: bool = True
 
     def __post_init__(self) -> None:
