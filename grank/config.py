@@ -460,13 +460,20 @@ class Settings(BaseSettings):
         )
 
     def finetune_config(self, bf16: bool) -> FitConfig:
-        """The daily warm start's optimisation: the bootstrap's, at its own rate and budget."""
+        """The daily warm start's optimisation: the bootstrap's, at its own rate and budget.
+
+        It trains its epochs and ends on the last: its validation (each user's last event
+        of the new days, a few dozen single-item queries) is reported, too thin to choose
+        weights or to stop on.
+        """
         t = self.train
         return replace(
             self.fit_config(bf16),
             lr=t.finetune_lr,
             max_epochs=t.finetune_max_epochs,
             max_seconds=t.finetune_max_minutes * 60 or None,
+            keep_best=False,
+            patience=t.finetune_max_epochs + 1,
         )
 
     def eval_config(self) -> EvalConfig:

@@ -381,6 +381,7 @@ def _manifest(
         "fit": {k: v for k, v in asdict(config).items() if k != "progress"},
         "best_epoch": result.best_epoch,
         "val_score": result.best_score,
+        "kept_epoch": result.kept_epoch,
         "stop_reason": result.stop_reason,
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
     }

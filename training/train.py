@@ -44,11 +44,13 @@ from training.temporal import TemporalSplit
 
 @dataclass
 class FitResult:
-    """What happened: per-epoch history, best epoch and its validation score."""
+    """What happened: per-epoch history, best epoch and its validation score, and the
+    epoch whose weights the model holds at the end (the best, or the last one trained)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_score: float = -1.0
+    kept_epoch: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
 
@@ -237,6 +239,7 @@ def fit(
         run.result.stop_reason = f"reached max_epochs {config.max_epochs}"
     if config.keep_best:
         model.load_state_dict(run.best_state)
+    run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
     require_same_weights(model, parallel)
     run.result.seconds = time.perf_counter() - started
     return run.result

@@ -149,11 +149,16 @@ def train(settings: Settings, day: date, from_scratch: bool, processes: int | No
         if manifest["warm_start_from"]
         else "from scratch (bootstrap)"
     )
+    kept = (
+        ""
+        if manifest["kept_epoch"] == manifest["best_epoch"]
+        else f"; weights of the last epoch, {manifest['kept_epoch']}"
+    )
     click.echo(
         f"trained {origin} on {manifest['data_first_day']}..{manifest['data_last_day']} "
         f"({manifest['n_train_events']:,} events, {manifest['train_seconds']}s, "
         f"{manifest['stop_reason']}; best validation {manifest['val_score']:.4f}"
-        f" at epoch {manifest['best_epoch']})"
+        f" at epoch {manifest['best_epoch']}{kept})"
     )
     folder = settings.model_registry().checkpoint_path(manifest["checkpoint_id"])
     click.echo(f"candidate of {day}: {folder}")

@@ -213,13 +213,17 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert code == 0, out
     assert "from scratch" in out and registry.candidate(date(1998, 4, 3)) == first
 
-    code, out = grank(["train", "--date", "1998-04-04"], env)
+    # the warm start trains all its epochs and keeps the last one's weights, whatever its
+    # validation (a few single-item queries of the new day) reads
+    two_epochs = {**env, "GRANK_TRAIN__FINETUNE_MAX_EPOCHS": "2", "GRANK_TRAIN__PATIENCE": "1"}
+    code, out = grank(["train", "--date", "1998-04-04"], two_epochs)
     assert code == 0, out
     assert f"warm start from {first}" in out
     second = registry.candidate(date(1998, 4, 4))
     _, manifest = load_checkpoint(registry.checkpoint_path(second))
     assert manifest["data_first_day"] == "1998-03-25"  # the data the lineage has seen
     assert manifest["warm_start_from"] == first
+    assert manifest["kept_epoch"] == len(manifest["history"]) == 2
 
     # a gate that wants more than this tiny model can give refuses it: exit 99, PUBLISHED stays
     strict = {**env, "GRANK_TRAIN__GATE__BASELINE_MARGIN": "0.5"}

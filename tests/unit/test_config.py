@@ -44,6 +44,9 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
         lr=train.finetune_lr,
         max_epochs=train.finetune_max_epochs,
         max_seconds=None,
+        # a warm start trains every epoch and ends on the last: no choice on its thin validation
+        keep_best=False,
+        patience=train.finetune_max_epochs + 1,
     )
     assert settings.loss_weights() == LossWeights(hard_pool=EvalConfig.k1)
     inputs = InputSpec(item_numeric=("pop_7d",))
