@@ -8,6 +8,9 @@ same seen filter and servable items as ``grank evaluate``:
     GRANK_DATA_ROOT=/tmp/r .venv/bin/python benchmarks/stage_orders.py \\
         --candidate-day 2000-12-07 --first 2000-12-07 --days 8
 
+``--seen-filter all`` filters every item of the user's history instead of serving's last
+``long_seq_len`` events: what a complete seen filter would change, for every order.
+
 The candidate is the one ``grank train --date <candidate-day>`` committed (trained on
 every event before that day); the features of every scored day must be built. Later days
 are scored with the same, increasingly stale, model: the comparison is between the two
@@ -17,6 +20,7 @@ orders of one model, not of the daily pipeline.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from datetime import date, timedelta
 
 import numpy as np
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--candidate-day", type=date.fromisoformat, required=True)
     parser.add_argument("--first", type=date.fromisoformat, required=True)
     parser.add_argument("--days", type=int, default=8)
+    parser.add_argument("--seen-filter", choices=("serving", "all"), default="serving")
     args = parser.parse_args()
     settings = Settings()
     device = torch.device("cpu")
@@ -53,16 +58,15 @@ def main() -> None:
     for offset in range(args.days):
         day = args.first + timedelta(days=offset)
         job = daily_job(settings, day)
+        spec = job.spec if args.seen_filter == "serving" else replace(job.spec, seen_len=None)
         data = read_day_data(job, first_history, model.config.inputs, n_rows, device, day)
         _, _, queries = next_day(data.timelines, day)
-        stages = rankings(model, data.timelines, queries, job.spec, device, data.model_inputs)
+        stages = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
         assert data.baseline_inputs.features is not None
         popularity = RecentPopularity(
             data.baseline_inputs.features, settings.train.recent_popularity_column
         )
-        popular = rankings(
-            popularity, data.timelines, queries, job.spec, device, data.baseline_inputs
-        )
+        popular = rankings(popularity, data.timelines, queries, spec, device, data.baseline_inputs)
         orders = {
             "generator order (stage 1)": stages["generator"],
             "ranker order (stage 2, served)": final_stage(stages),
