@@ -247,11 +247,12 @@ def top_ranker_loss(
 
     Each positive (with ``ranker_on_served`` and next-day windows: every served label of
     U's rows, as U's own term; else each row's target) is scored against
-    ``hard_negatives`` items drawn uniformly from that top, its row's other positives
-    masked (the same day's items are not negatives). The uniform draw from the list
-    serving shows needs no logQ term. Only a positive inside the top teaches: one outside
-    never reaches the Ranker, and learning from it teaches the Ranker to lift what the
-    Generator scores low. The loss is the mean over the global batch's teaching pairs.
+    ``hard_negatives`` items drawn uniformly from that top's other items: the row's
+    positives are never drawn (the same day's items are not negatives). The uniform draw
+    from the list serving shows needs no logQ term. Only a positive inside the top
+    teaches: one outside never reaches the Ranker, and learning from it teaches the Ranker
+    to lift what the Generator scores low. The loss is the mean over the global batch's
+    teaching pairs.
     """
     served = weights.ranker_on_served and batch.query_labels is not None
     positives = batch.query_labels if served else batch.targets[:, None]
@@ -261,8 +262,7 @@ def top_ranker_loss(
     )
     scores = _ranker_scores(model, user_vectors, batch, torch.cat([positives, hard], dim=1))
     n_positives = positives.shape[1]
-    is_positive = (hard[:, :, None] == positives[:, None, :]).any(-1)
-    negatives = scores[:, n_positives:].masked_fill(is_positive, float("-inf"))
+    negatives = scores[:, n_positives:]
     pairs = torch.cat(
         [scores[:, :n_positives, None], negatives[:, None, :].expand(-1, n_positives, -1)], -1
     )
