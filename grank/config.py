@@ -470,11 +470,8 @@ class Settings(BaseSettings):
         return replace(
             self.fit_config(bf16),
             lr=t.finetune_lr,
-            max_epochs=t.finetune_max_epochs,
             max_seconds=t.finetune_max_minutes * 60 or None,
-            keep_best=False,
-            patience=t.finetune_max_epochs + 1,
-        )
+        ).fixed_epochs(t.finetune_max_epochs)
 
     def eval_config(self) -> EvalConfig:
         f = self.features

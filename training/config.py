@@ -8,7 +8,7 @@ torch, so reading the settings stays cheap for commands that train nothing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from common.errors import UserFacingError
@@ -114,6 +114,11 @@ class FitConfig:
     # the day's distinct items U learns per next-day window (training/data.make_windows)
     next_day_targets: int = 8
     progress: bool = True
+
+    def fixed_epochs(self, epochs: int) -> FitConfig:
+        """This config training exactly ``epochs`` epochs and ending on the last: for fits
+        whose validation is too thin, or already trained on, to choose weights or stop."""
+        return replace(self, max_epochs=epochs, keep_best=False, patience=epochs + 1)
 
 
 @dataclass(frozen=True)

@@ -290,13 +290,7 @@ def _walk_forward(
     """
     timelines = data.timelines
     n_rows = int(model.item_vectors().shape[0])
-    config = replace(
-        job.finetune,
-        max_epochs=job.catchup_epochs,
-        keep_best=False,
-        patience=job.catchup_epochs + 1,
-        max_seconds=None,
-    )
+    config = replace(job.finetune.fixed_epochs(job.catchup_epochs), max_seconds=None)
     trained = np.minimum(split.fit_end, split.train_end)  # per user: events trained on
     tables = []
     day = EPOCH + timedelta(days=split.t_val // US_PER_DAY + 1)

@@ -397,7 +397,7 @@ def fit_to_cutoff(
             split.train_end,
             split.validation,
             spec,
-            replace(catchup, keep_best=False, patience=catchup.max_epochs + 1, max_seconds=None),
+            replace(catchup.fixed_epochs(catchup.max_epochs), max_seconds=None),
             device,
             inputs,
             parallel,
