@@ -43,6 +43,19 @@ def flat_index_ip(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return index.search(queries, k)
 
 
+def assert_same_up_to_near_ties(rows: np.ndarray, f_rows: np.ndarray, exact: np.ndarray) -> None:
+    """The same ids in the same order as faiss but for near-ties: faiss sums each product
+    in another order (its SIMD path depends on the CPU), which may swap two items whose
+    exact scores differ by less than float32 resolves."""
+    differ = rows != f_rows
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(
+        np.take_along_axis(exact, rows, 1)[differ],
+        np.take_along_axis(exact, f_rows, 1)[differ],
+        rtol=1e-6,
+    )
+
+
 @pytest.mark.parametrize("searcher", [TiledFlatMIPS, SmallTiles])
 def test_tiled_scan_is_exact_and_equals_faiss_index_flat_ip(
     vectors: tuple[np.ndarray, np.ndarray], searcher: type[TiledFlatMIPS]
@@ -54,8 +67,8 @@ def test_tiled_scan_is_exact_and_equals_faiss_index_flat_ip(
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, 1), rtol=1e-4)
     f_scores, f_rows = flat_index_ip(matrix, queries, 100)
-    np.testing.assert_array_equal(rows, f_rows)
     np.testing.assert_allclose(scores, f_scores, rtol=1e-5, atol=1e-5)
+    assert_same_up_to_near_ties(rows, f_rows, exact)
 
 
 def assert_exact_top_k(
@@ -186,7 +199,7 @@ def test_torch_path_returns_the_same_results_as_faiss(
     matrix, queries = vectors
     f_scores, f_rows = flat_index_ip(matrix, queries, 100)
     t_scores, t_rows = TorchMIPS(matrix, "cpu").search(queries, 100)
-    np.testing.assert_array_equal(t_rows, f_rows)
+    assert_same_up_to_near_ties(t_rows, f_rows, queries @ matrix.T)
     np.testing.assert_allclose(t_scores, f_scores, rtol=1e-4, atol=1e-4)
 
 
