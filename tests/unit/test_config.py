@@ -19,7 +19,7 @@ from grank.cli import main
 from grank.config import Settings
 from serving.config import ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
-from training.inputs import InputSpec
+from training.inputs import InputSpec, select_groups
 
 
 @pytest.fixture
@@ -68,6 +68,16 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
     assert settings.quality_config() == QualityConfig()
     assert settings.store_config() == StoreConfig(repo_dir=tmp_path / "feast")
     assert settings.lookup_limits() == LookupLimits()
+
+
+def test_the_model_reads_the_user_profile_by_default(clean_env, tmp_path: Path) -> None:
+    """The groups that led on next-day N@10 (docs/benchmarks.md, "The feature groups"): the
+    user profile; not the item features, which ordered the top 10 worse."""
+    train = Settings(data_root=tmp_path).train
+    chosen = select_groups(train.inputs, train.feature_groups)
+    profile = ("events_7d", "events_30d", "events_total", "mean_value", "tenure_days")
+    assert chosen.user_numeric == profile
+    assert chosen.item_numeric == () and chosen.behaviors == ()
 
 
 @pytest.mark.parametrize(
