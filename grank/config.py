@@ -184,9 +184,11 @@ class TrainSettings(BaseModel):
     finetune_max_epochs: int = 3
     finetune_max_minutes: float = 0.0
     # bootstrap (no published model): validation = the global temporal split at the test
-    # day's start, T_val = this quantile of the training events (training/temporal.py)
+    # day's start, T_val = this quantile of the training events (training/temporal.py);
+    # the days between T_val and the test day are then walked forward as warm starts
     val_quantile: float = 0.9
-    catchup_epochs: int = 1  # epochs over the events between T_val and the test day
+    # `grank offline-eval`: epochs over the events between T_val and T_test, in one go
+    catchup_epochs: int = 1
     # every feature group the model could read besides the item sequences; the behaviour
     # types and the categorical user attributes come from the dataset config
     # (grank/dataset.py), these are the feature job's own columns (unless set: those of

@@ -100,7 +100,6 @@ class DailyJob:
     gate: GatePolicy
     baselines: Baselines
     val_quantile: float  # bootstrap: T_val = this quantile of the training events
-    catchup_epochs: int  # bootstrap: epochs over the events between T_val and D
     feature_ttl_days: int  # as Feast serves the daily views (features/feast_repo)
     train_window_days: int  # bootstrap: days before D to train on; 0 = all
     from_scratch: bool = False
@@ -241,12 +240,12 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
         data.model_inputs,
         parallel=job.parallel,
     )
-    backtest = _walk_forward(job, data, model, split, make_loss, device)
+    backtest, walked = _walk_forward(job, data, model, split, make_loss, device)
     manifest = _manifest(job, timelines.first_day, None, result, job.fit)
     manifest.update(
         bootstrap={
             "t_val": split.t_val,
-            "catchup_epochs": job.catchup_epochs,
+            "walk_forward_epochs": walked,
             "validation_queries": len(split.validation),
         },
         backtest=backtest,
@@ -279,45 +278,49 @@ def _walk_forward(
     split: TemporalSplit,
     make_loss: Callable[[np.ndarray], BatchLoss],
     device: torch.device,
-) -> dict[str, list[Any]]:
-    """Walk the days between T_val and D as the daily runs would have; return the evidence.
+) -> tuple[dict[str, list[Any]], list[int]]:
+    """Walk the days between T_val and D as the daily runs would have; return the evidence
+    and the epochs each day's fine-tune trained.
 
     Each day is scored next-day by the model trained through the day before (the gate's
     evidence, against popularity as fresh as the day's), then the model trains on that
-    day for ``catchup_epochs``. A model frozen at T_val would be scored days after its
-    training ended against a popularity refreshed daily: evidence against a model no
-    daily run serves. The model that comes out has seen every event before D.
+    day exactly as a warm start does (``job.finetune``: its learning rate and epochs). A
+    model frozen at T_val would be scored days after its training ended against a
+    popularity refreshed daily, and one fine-tuned more lightly than the daily runs
+    fine-tune understates the model they serve: either is evidence about a model no daily
+    run serves. The model that comes out has seen every event before D.
     """
     timelines = data.timelines
     n_rows = int(model.item_vectors().shape[0])
-    config = replace(job.finetune.fixed_epochs(job.catchup_epochs), max_seconds=None)
     trained = np.minimum(split.fit_end, split.train_end)  # per user: events trained on
     tables = []
+    walked: list[int] = []
     day = EPOCH + timedelta(days=split.t_val // US_PER_DAY + 1)
     while day <= job.test_day:
         before = events_before(timelines, day)
-        if job.catchup_epochs and (before > trained).any():
+        if job.finetune.max_epochs and (before > trained).any():
             recent = replace(timelines, first_target=np.maximum(timelines.first_target, trained))
-            fit(
+            result = fit(
                 model,
                 make_loss(item_counts(recent, before, n_rows)),
                 recent,
                 before,
                 split.validation,
                 job.spec,
-                config,
+                job.finetune,
                 device,
                 data.model_inputs,
                 job.parallel,
             )
+            walked.append(len(result.history))
             trained = np.maximum(trained, before)
         if day < job.test_day and job.parallel.is_main:  # evidence is rank 0's to write
             with contextlib.suppress(UserFacingError):  # a day without queries: no evidence
                 tables.append(_records(job, data, day, model, None, device))
         day += timedelta(days=1)
     if not tables:
-        return {}
-    return pa.concat_tables(tables).to_pydict()
+        return {}, walked
+    return pa.concat_tables(tables).to_pydict(), walked
 
 
 def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any] | None:

@@ -80,7 +80,6 @@ def daily_job(
             }
         ),
         val_quantile=t.val_quantile,
-        catchup_epochs=t.catchup_epochs,
         feature_ttl_days=settings.features.daily_ttl_days,
         train_window_days=t.train_window_days,
         from_scratch=from_scratch,

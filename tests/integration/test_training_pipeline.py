@@ -239,6 +239,26 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert "PUBLISHED stays" in out and registry.published() == second
 
 
+def test_the_bootstrap_walks_forward_as_the_daily_warm_starts_train(built_root, tmp_path):
+    """Each day between T_val and the test day is fine-tuned as a warm start fine-tunes a
+    day, so the gate's first evidence is about the model the daily runs would serve."""
+    root = models_root(built_root, tmp_path)
+    env = {
+        **TINY_ENV,
+        "GRANK_DATA_ROOT": str(root),
+        "GRANK_TRAIN__VAL_QUANTILE": "0.6",  # T_val days before the test day
+        "GRANK_TRAIN__FINETUNE_MAX_EPOCHS": "2",
+    }
+    code, out = grank(["train", "--date", "1998-04-04"], env)
+    assert code == 0, out
+    registry = ModelRegistry(root / "models")
+    manifest = registry.manifest(registry.candidate(date(1998, 4, 4)))
+    walked = manifest["bootstrap"]["walk_forward_epochs"]
+    assert len(walked) >= 3 and set(walked) == {2}, walked
+    # every whole day walked (but the test day) was scored before it was trained on
+    assert len(set(manifest["backtest"]["day"])) == len(walked) - 1
+
+
 def test_a_refused_bootstrap_is_continued_until_a_model_passes(built_root, tmp_path):
     """While nothing is published, the next day warm-starts from the refused candidate."""
     root = models_root(built_root, tmp_path)
