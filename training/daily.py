@@ -284,11 +284,11 @@ def _walk_forward(
 
     Each day is scored next-day by the model trained through the day before (the gate's
     evidence, against popularity as fresh as the day's), then the model trains on that
-    day exactly as a warm start does (``job.finetune``: its learning rate and epochs). A
-    model frozen at T_val would be scored days after its training ended against a
-    popularity refreshed daily, and one fine-tuned more lightly than the daily runs
-    fine-tune understates the model they serve: either is evidence about a model no daily
-    run serves. The model that comes out has seen every event before D.
+    day exactly as a warm start does (``job.finetune``: its learning rate, epochs and
+    time budget). A model frozen at T_val would be scored days after its training ended
+    against a popularity refreshed daily, and one fine-tuned more lightly than the daily
+    runs fine-tune understates the model they serve: either is evidence about a model no
+    daily run serves. The model that comes out has seen every event before D.
     """
     timelines = data.timelines
     n_rows = int(model.item_vectors().shape[0])
