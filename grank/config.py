@@ -167,6 +167,9 @@ class TrainSettings(BaseModel):
     patience: int = FitConfig.patience
     plateau_lr_factor: float = FitConfig.plateau_lr_factor
     val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = FitConfig.val_metric
+    # the bootstrap validates and keeps an exponential moving average of its weights
+    # (decay per step; 0 = off); warm starts, a handful of steps a day, end on their own
+    weight_average_decay: float = Field(default=FitConfig.weight_average_decay, ge=0.0, lt=1.0)
     # bf16 autocast of training steps: "auto" = where the CPU multiplies bf16 natively (or CUDA)
     bf16: Literal["auto", "on", "off"] = "auto"
     # the bootstrap's budget (0 = none). A budget that ends training makes the weights
@@ -473,6 +476,7 @@ class Settings(BaseSettings):
             self.fit_config(bf16),
             lr=t.finetune_lr,
             max_seconds=t.finetune_max_minutes * 60 or None,
+            weight_average_decay=0.0,
         ).fixed_epochs(t.finetune_max_epochs)
 
     def eval_config(self) -> EvalConfig:

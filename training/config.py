@@ -107,6 +107,10 @@ class FitConfig:
     val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = "ndcg@10"
     max_seconds: float | None = None  # wall-clock budget; the epoch in progress ends early
     keep_best: bool = True  # end on the best validation epoch (False: on the last one)
+    # validation scores, and the fit keeps, an exponential moving average of the weights
+    # (decay per step, 0 = off): ~200 steps of memory smooth out where the last steps of an
+    # epoch, or of a time budget, happened to end (docs/model.md)
+    weight_average_decay: float = 0.995
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     # the query token also learns, and is judged, as it serves: from the history up to the
     # day before, one of the day's events as target (data.make_windows, docs/model.md)

@@ -192,9 +192,10 @@ def fit(
 
     Each epoch re-cuts the windows, trains (:meth:`_Fit.epoch_step`), and scores the
     validation queries (:meth:`_Fit.validation_step`); the best weights are kept in
-    memory. A non-finite loss restores them and raises a UserFacingError naming the epoch
-    and step. With ``parallel`` active, this runs on every rank; the result's scores are
-    rank 0's, broadcast.
+    memory. With ``config.weight_average_decay`` those are the weight average's: it is
+    what validation scores, and what the model ends on. A non-finite loss restores them
+    and raises a UserFacingError naming the epoch and step. With ``parallel`` active,
+    this runs on every rank; the result's scores are rank 0's, broadcast.
     """
     if config.next_day_windows:  # the query token learns, and is judged, as it serves
         validation = from_day_start(timelines, validation)
@@ -212,9 +213,11 @@ def fit(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
+    average = _weight_average(model, optimizer, config.weight_average_decay)
     started = time.perf_counter()
     run = _Fit(
         model=model,
+        scored=model if average is None else average,
         step_loss=step_loss,
         optimizer=optimizer,
         timelines=timelines,
@@ -239,10 +242,35 @@ def fit(
         run.result.stop_reason = f"reached max_epochs {config.max_epochs}"
     if config.keep_best:
         model.load_state_dict(run.best_state)
+    elif average is not None:
+        model.load_state_dict(average.state_dict())
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
     require_same_weights(model, parallel)
     run.result.seconds = time.perf_counter() - started
     return run.result
+
+
+def _weight_average(
+    model: nn.Module, optimizer: torch.optim.Optimizer, decay: float
+) -> nn.Module | None:
+    """A copy of ``model`` that follows its weights' exponential moving average after
+    every optimizer step (None when ``decay`` is 0): what validation scores and keeps.
+
+    Buffers are not averaged: the model's are constants set before training (the user
+    features' ranges), copied once with the model.
+    """
+    if not decay:
+        return None
+    average = copy.deepcopy(model).requires_grad_(False)
+    averaged: list[torch.Tensor] = list(average.parameters())
+    trained: list[torch.Tensor] = list(model.parameters())
+
+    @torch.no_grad()
+    def follow(*_: object) -> None:
+        torch._foreach_lerp_(averaged, trained, 1.0 - decay)
+
+    optimizer.register_step_post_hook(follow)
+    return average
 
 
 @dataclass
@@ -250,6 +278,7 @@ class _Fit:
     """One :func:`fit` call's state across epochs: what it trains, and the best so far."""
 
     model: nn.Module
+    scored: nn.Module  # what validation scores and keeps: the model, or its weight average
     step_loss: nn.Module
     optimizer: torch.optim.Optimizer
     timelines: Timelines
@@ -317,7 +346,7 @@ class _Fit:
         epoch_start = self.epoch_started
         score = (
             validation_score(
-                self.model,
+                self.scored,
                 self.timelines,
                 self.validation,
                 self.spec,
@@ -344,7 +373,7 @@ class _Fit:
             )
         if score > result.best_score:
             result.best_score, result.best_epoch, self.stale = score, epoch, 0
-            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state = copy.deepcopy(self.scored.state_dict())
             return
         self.stale += 1
         for group in self.optimizer.param_groups:  # smaller steps to settle into the optimum

@@ -83,12 +83,17 @@ def grank(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor: float = 1.0):
+def tiny_fit(
+    built_root: Path,
+    epochs: int,
+    lr: float = 5e-3,
+    plateau_lr_factor: float = 1.0,
+    weight_average_decay: float = 0.0,
+):
     """Two epochs of a tiny GRank on the last 4 days (~4.7k events) with leave-last-out."""
     timelines = read_timelines(built_root / "features", date(1998, 4, 1), LAST)
     train_end, validation, _ = leave_last_out(timelines)
-    torch.manual_seed(0)
-    model = tiny_grank(timelines.max_item_id, dropout=0.0)
+    model = tiny_untrained_grank(timelines.max_item_id)
     loss = grank_batch_loss(
         LossWeights(sa=0.5, candidates=32, hard_negatives=0, ranker_in_batch=True), None
     )
@@ -101,6 +106,7 @@ def tiny_fit(built_root: Path, epochs: int, lr: float = 5e-3, plateau_lr_factor:
         stride=16,
         val_metric="recall@10",
         next_day_windows=False,  # leave-last-out validation: the next item, not the next day
+        weight_average_decay=weight_average_decay,
         progress=False,
     )
     result = fit(
@@ -123,6 +129,27 @@ def test_loss_decreases_and_training_is_deterministic(built_root):
     again, _ = tiny_fit(built_root, epochs=2)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def tiny_untrained_grank(max_item_id: int) -> GRank:
+    torch.manual_seed(0)
+    return tiny_grank(max_item_id, dropout=0.0)
+
+
+def test_validation_scores_and_keeps_the_weight_average_without_changing_training(built_root):
+    trained, plain = tiny_fit(built_root, epochs=2)
+    # a decay of ~1: the average barely leaves the initial weights while training moves on
+    averaged, result = tiny_fit(built_root, epochs=2, weight_average_decay=1 - 1e-7)
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in plain.history]
+    initial = tiny_untrained_grank(averaged.config.n_item_rows - 1).state_dict()
+    for name, tensor in averaged.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, initial[name], atol=1e-4), name
+    assert any(
+        not torch.allclose(tensor, initial[name], atol=1e-2)
+        for name, tensor in trained.state_dict().items()
+    )
+    assert result.history[0]["val_recall@10"] < plain.history[0]["val_recall@10"]
 
 
 def test_an_epoch_without_validation_gain_lowers_the_learning_rate(built_root):

@@ -47,6 +47,8 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
         # a warm start trains every epoch and ends on the last: no choice on its thin validation
         keep_best=False,
         patience=train.finetune_max_epochs + 1,
+        # a handful of steps a day: an average over them would barely leave the base
+        weight_average_decay=0.0,
     )
     assert settings.loss_weights() == LossWeights(hard_pool=EvalConfig.k1)
     inputs = InputSpec(item_numeric=("pop_7d",))
