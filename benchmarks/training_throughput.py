@@ -5,10 +5,6 @@ Usage (results go to docs/benchmarks.md, "Training throughput: one and two proce
     .venv/bin/python benchmarks/training_throughput.py --data-root data \
         --date 2000-12-08 --days 60 --seconds 120 --processes 1,1x1,2
 
-With ``--dropouts torch,bytes`` each process count runs once with ``torch.nn.Dropout``
-swapped in for the model's ``ByteMaskDropout`` (same rate) and once as built;
-``--repeat`` runs the whole list again, so a noisy machine shows in the spread.
-
 For each process count, in turn: ``torchrun --standalone`` starts that many workers of
 this script; each reads the same features (``--days`` days before ``--date`` of the
 data root's ``features/training_examples``, with the model's point-in-time features),
@@ -57,7 +53,7 @@ def _worker(args: argparse.Namespace) -> None:
         wrap,
     )
     from training.losses import grank_batch_loss, log_q
-    from training.model import ByteMaskDropout, GRank
+    from training.model import GRank
     from training.train import StepLoss, seed_everything, train_epoch
 
     parallel = join_from_env() if launched_by_torchrun() else SINGLE
@@ -74,11 +70,6 @@ def _worker(args: argparse.Namespace) -> None:
     train_end, _, _ = next_day(data.timelines, day)
     seed_everything(job.fit.seed)
     model = GRank(replace(job.model, n_item_rows=n_rows)).to(device)
-    if args.dropout == "torch":  # the same rate, one Bernoulli draw per element
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, ByteMaskDropout):
-                    setattr(module, name, torch.nn.Dropout(child.dropped_of_256 / 256))
     loss = grank_batch_loss(
         job.weights, log_q(item_counts(data.timelines, train_end, n_rows), device)
     )
@@ -125,13 +116,12 @@ def _worker(args: argparse.Namespace) -> None:
             "seconds": round(trained, 1),
             "examples_per_s": round(steps * config.batch_size / trained, 1),
             "bf16": config.bf16,
-            "dropout": args.dropout,
         }
         print(RESULT_PREFIX + json.dumps(record), flush=True)
     leave(parallel)
 
 
-def _run(args: argparse.Namespace, spec: str, dropout: str) -> dict[str, object]:
+def _run(args: argparse.Namespace, spec: str) -> dict[str, object]:
     """Start the workers ``spec`` (``N`` or ``NxT``) asks for; returns rank 0's record."""
     from training.distributed import default_threads, torchrun_command
 
@@ -142,7 +132,7 @@ def _run(args: argparse.Namespace, spec: str, dropout: str) -> dict[str, object]
     command = torchrun_command(
         processes,
         *(__file__, "--worker", "--data-root", args.data_root, "--date", args.date),
-        *("--days", str(args.days), "--seconds", str(args.seconds), "--dropout", dropout),
+        *("--days", str(args.days), "--seconds", str(args.seconds)),
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -161,33 +151,20 @@ def main() -> None:
     parser.add_argument(
         "--processes", default="1,2", help="runs, in turn: N processes, or NxT with T threads"
     )
-    parser.add_argument(
-        "--dropouts", default="bytes", help="per run: bytes (the model's) and/or torch"
-    )
-    parser.add_argument("--repeat", type=int, default=1, help="times to run the whole list")
-    parser.add_argument("--dropout", choices=("bytes", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
         return
-    rows = [
-        _run(args, spec, dropout)
-        for _ in range(args.repeat)
-        for spec in args.processes.split(",")
-        for dropout in args.dropouts.split(",")
-    ]
+    rows = [_run(args, spec) for spec in args.processes.split(",")]
     base = float(rows[0]["examples_per_s"])  # type: ignore[arg-type]
     print(f"{rows[0]['events']:,} training events, global batch {rows[0]['global_batch']}")
-    print(
-        f"{'processes':>9} {'threads':>7} {'dropout':>7} {'steps':>6} {'seconds':>7}"
-        f" {'examples/s':>10} ratio"
-    )
+    print(f"{'processes':>9} {'threads':>7} {'steps':>6} {'seconds':>7} {'examples/s':>10} ratio")
     for row in rows:
         rate = float(row["examples_per_s"])  # type: ignore[arg-type]
         print(
-            f"{row['processes']:>9} {row['threads']:>7} {row['dropout']:>7} {row['steps']:>6}"
-            f" {row['seconds']:>7} {rate:>10.1f} {rate / base:.2f}x"
+            f"{row['processes']:>9} {row['threads']:>7} {row['steps']:>6} {row['seconds']:>7}"
+            f" {rate:>10.1f} {rate / base:.2f}x"
         )
 
 

@@ -29,38 +29,6 @@ from torch import nn
 from training.config import GRankConfig
 
 ITEM_TABLE_KEY = "item_embedding.weight"  # state-dict name of the shared item table
-_INT64 = torch.iinfo(torch.int64)
-
-
-class ByteMaskDropout(nn.Module):
-    """Inverted dropout whose mask comes from random bytes, eight per 64-bit draw.
-
-    ``nn.Dropout`` on CPU draws one Bernoulli sample per element, and on a [64, 65, 256]
-    activation that costs about seven times this module (about a fifth of a training
-    step, measured in docs/benchmarks.md). Each random byte keeps its element when it is
-    at least ``round(p * 256)``, so the rate is ``p`` rounded to 1/256 (0.2 drops 51/256)
-    and the kept elements are scaled by exactly 256 / (256 - dropped), which keeps the
-    expectation unchanged. Draws use torch's default generator, so seeding still makes
-    a run repeatable. Identity in eval mode; no parameters, so checkpoints are unchanged.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        self.dropped_of_256 = round(p * 256)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropped_of_256 == 0:
-            return x
-        n = x.numel()
-        draws = torch.randint(_INT64.min, _INT64.max, ((n + 7) // 8,), device=x.device)
-        random_bytes = draws.view(torch.uint8)[:n].view(x.shape)
-        scale = 256.0 / (256 - self.dropped_of_256)
-        return torch.where(random_bytes >= self.dropped_of_256, x * scale, 0.0)
-
-    def extra_repr(self) -> str:
-        return f"p={self.dropped_of_256}/256"
 
 
 @dataclass(frozen=True)
@@ -96,9 +64,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.ln_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, 4 * dim), nn.GELU(), ByteMaskDropout(dropout), nn.Linear(4 * dim, dim)
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim)
         )
-        self.drop = ByteMaskDropout(dropout)
+        self.drop = nn.Dropout(dropout)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., T, 3d] projections split into q, k, v of shape [..., H, T, d/H]."""
@@ -149,7 +117,7 @@ class GRank(nn.Module):
         self.short_positions = nn.Embedding(config.short_seq_len + 1, d)
         self.query_token = nn.Parameter(torch.zeros(d))
         self.query_from_history = nn.Linear(d, d)
-        self.embed_drop = ByteMaskDropout(config.dropout)
+        self.embed_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(d, config.n_heads, config.dropout) for _ in range(config.n_layers)
         )
@@ -189,10 +157,7 @@ class GRank(nn.Module):
                 )
             width = (4 if item_features else 3) * d
             self.ranker_mlp = nn.Sequential(
-                nn.Linear(width, 2 * d),
-                nn.GELU(),
-                ByteMaskDropout(config.dropout),
-                nn.Linear(2 * d, 1),
+                nn.Linear(width, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
             )
         self.reset_parameters()
 

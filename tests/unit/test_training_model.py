@@ -16,7 +16,7 @@ from training.losses import (
     joint_loss,
     top_ranker_loss,
 )
-from training.model import ByteMaskDropout, GRank, GRankConfig
+from training.model import GRank, GRankConfig
 
 
 def tiny(**overrides: object) -> GRank:
@@ -34,29 +34,6 @@ def tiny(**overrides: object) -> GRank:
 
 
 SHORT = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 7]])
-
-
-def test_byte_mask_dropout_drops_at_its_rate_and_keeps_the_expectation():
-    torch.manual_seed(0)
-    dropout = ByteMaskDropout(0.2)
-    ones = torch.ones(1_000_001)  # not a multiple of 8: the last draw is cut
-    out = dropout(ones)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - (1 - 51 / 256)) < 2e-3
-    assert torch.all(out[kept] == 256 / 205)
-    assert abs(out.mean().item() - 1.0) < 3e-3
-    assert not torch.equal(out, dropout(ones))  # a new mask per call
-    torch.manual_seed(0)
-    assert torch.equal(out, dropout(ones))  # the seed repeats it
-    grad_in = torch.ones(4, 8, requires_grad=True)
-    dropout(grad_in).sum().backward()
-    assert grad_in.grad is not None
-    assert torch.all((grad_in.grad == 0) | (grad_in.grad == 256 / 205))
-    dropout.eval()
-    assert dropout(ones) is ones
-    assert ByteMaskDropout(0.0).train()(ones) is ones
-    with pytest.raises(ValueError, match="dropout rate"):
-        ByteMaskDropout(1.0)
 
 
 def test_candidate_tokens_see_history_and_themselves_only():
