@@ -35,7 +35,7 @@ from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_gr
 from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
 from training.model import GRank
 from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
-from training.train import fit, fit_to_cutoff, seed_everything
+from training.train import FitResult, fit, fit_to_cutoff, seed_everything
 
 PROTOCOLS = ("gts", "loo")
 # the feature ablation: the sequence alone, each group alone on top of it, all of them
@@ -191,10 +191,7 @@ def run_gts(
             {
                 "protocol": "gts",
                 "results": _scores(model, data, spec, inputs, device, targets),
-                "best_epoch": result.best_epoch,
-                "val_score": result.best_score,
-                "stop_reason": result.stop_reason,
-                "train_seconds": round(time.perf_counter() - started, 1),
+                **_training_summary(job, result, started),
             },
         )
 
@@ -247,12 +244,20 @@ def run_loo(
             {
                 "protocol": "loo",
                 "results": _scores(model, data, job.spec, inputs, device, targets),
-                "best_epoch": result.best_epoch,
-                "val_score": result.best_score,
-                "stop_reason": result.stop_reason,
-                "train_seconds": round(time.perf_counter() - started, 1),
+                **_training_summary(job, result, started),
             },
         )
+
+
+def _training_summary(job: OfflineJob, result: FitResult, started: float) -> dict[str, Any]:
+    """How a variant trained, beside its scores: a table row is read with its budget."""
+    return {
+        "best_epoch": result.best_epoch,
+        "val_score": result.best_score,
+        "stop_reason": result.stop_reason,
+        "next_day_windows": job.fit.next_day_windows,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _fit_ranges(model: GRank, inputs: EvalInputs, until_us: int) -> None:

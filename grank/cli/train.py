@@ -308,14 +308,29 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
     help="T_test = this quantile of all event times (gts).",
 )
 @click.option("--minutes", type=float, help="Training budget per variant (default: none).")
+@click.option(
+    "--next-day-windows/--next-item-windows",
+    default=False,
+    show_default=True,
+    help="What the query token learns: each window's next item, what these protocols'"
+    " targets ask (each sees every earlier event), or the day after the history, as the"
+    " daily pipeline trains it (train.next_day_windows).",
+)
 @click.pass_obj
 def offline_eval(
-    settings: Settings, protocol: str, variants: str, quantile: float, minutes: float | None
+    settings: Settings,
+    protocol: str,
+    variants: str,
+    quantile: float,
+    minutes: float | None,
+    next_day_windows: bool,
 ) -> None:
     """Train and score model variants next to the popularity baselines (docs/model.md).
 
     Reads every built training_examples partition (build the features of the last day
     first); writes one JSON per variant under offline/<protocol>/ and prints the table.
+    The query token learns the protocol's task by default, not serving's: these tables
+    measure the model on the literature's protocols; the daily gate measures what serves.
     """
     import json
     from dataclasses import replace
@@ -331,7 +346,11 @@ def offline_eval(
     if unknown:
         raise UserFacingError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     job = daily_job(settings, date.max)
-    fit = replace(job.fit, max_seconds=minutes * 60 if minutes else None)
+    fit = replace(
+        job.fit,
+        max_seconds=minutes * 60 if minutes else None,
+        next_day_windows=next_day_windows,
+    )
     offline = OfflineJob(
         features_dir=settings.features_dir,
         landed_days=job.landed_days,
@@ -339,7 +358,11 @@ def offline_eval(
         feature_groups=model_inputs(settings, lake_config(settings)),
         weights=job.weights,
         fit=fit,
-        catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
+        catchup=replace(
+            job.finetune,
+            max_epochs=settings.train.catchup_epochs,
+            next_day_windows=next_day_windows,
+        ),
         spec=job.spec,
         baselines=job.baselines.columns,
         quantile=quantile,

@@ -71,6 +71,7 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
     grank = json.loads((out / "grank.json").read_text())
     assert set(grank["results"]) == {"last", "successive"}
     assert set(grank["results"]["last"]) == {"generator/filtered", "rank/filtered"}
+    assert grank["next_day_windows"] is False  # the protocol's task by default
     only = json.loads((out / "generator_only.json").read_text())
     assert set(only["results"]["last"]) == {"generator/filtered"}
     for metrics in grank["results"]["successive"].values():
@@ -78,7 +79,7 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
 
     loo = runner.invoke(
         cli,
-        ["offline-eval", "--protocol", "loo", "--variants", "grank"],
+        ["offline-eval", "--protocol", "loo", "--variants", "grank", "--next-day-windows"],
         env=env,
         catch_exceptions=False,
     )
@@ -87,5 +88,6 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
         "grank",
         "popularity_all_time",
     }
+    assert json.loads((root / "offline" / "loo" / "grank.json").read_text())["next_day_windows"]
     bad = runner.invoke(cli, ["offline-eval", "--variants", "sasrec"], env=env)
     assert bad.exit_code != 0 and "unknown variants ['sasrec']" in str(bad.exception)
