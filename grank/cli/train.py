@@ -345,12 +345,11 @@ def offline_eval(
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         raise UserFacingError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    # the setting itself, so the fit and the catch-up both follow it
+    train = settings.train.model_copy(update={"next_day_windows": next_day_windows})
+    settings = settings.model_copy(update={"train": train})
     job = daily_job(settings, date.max)
-    fit = replace(
-        job.fit,
-        max_seconds=minutes * 60 if minutes else None,
-        next_day_windows=next_day_windows,
-    )
+    fit = replace(job.fit, max_seconds=minutes * 60 if minutes else None)
     offline = OfflineJob(
         features_dir=settings.features_dir,
         landed_days=job.landed_days,
@@ -358,11 +357,7 @@ def offline_eval(
         feature_groups=model_inputs(settings, lake_config(settings)),
         weights=job.weights,
         fit=fit,
-        catchup=replace(
-            job.finetune,
-            max_epochs=settings.train.catchup_epochs,
-            next_day_windows=next_day_windows,
-        ),
+        catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
         spec=job.spec,
         baselines=job.baselines.columns,
         quantile=quantile,
