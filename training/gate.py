@@ -41,7 +41,10 @@ class GatePolicy:
     """
 
     metric: str = "ndcg@10"
-    window_days: int = 7
+    # two weeks: on ML-1M's ~50 next-day queries a day, a week (~420 queries) leaves the
+    # interval about +-0.019 N@10 wide, as wide as a candidate's lead over popularity
+    # (docs/benchmarks.md, "The gate's window")
+    window_days: int = 14
     min_queries: int = 100
     confidence: float = 0.95
     baseline_margin: float = 0.0
