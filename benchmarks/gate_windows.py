@@ -9,7 +9,8 @@ interval of (candidate - best baseline) narrows as the window holds more queries
         --date 2000-12-07 --windows 7,10,14
 
 Only the candidate's own records are re-decided (no earlier evaluation is pooled in), so
-the numbers equal ``grank evaluate``'s for a bootstrap day and not for a warm start.
+the numbers equal ``grank evaluate``'s for a bootstrap on a fresh data root, not for a
+warm start.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,31 @@ def test_a_day_the_candidate_scored_itself_is_pooled_once():
     by_day = dict(zip(pooled["day"].to_pylist(), scores, strict=True))
     assert by_day == {1: 0.0, 2: 0.5, 3: 0.5, 4: 0.5}
     assert pool_evidence(None, current).num_rows == current.num_rows
+
+
+def test_the_gate_judges_the_test_day_and_the_13_before_it(tmp_path):
+    """The default window is two weeks of evaluations; an older day's records stay out."""
+    from types import SimpleNamespace
+
+    from training.daily import _pooled_evidence
+    from training.data import day_number
+    from training.gate import write_evidence
+
+    def day_records(day: date) -> pa.Table:
+        table = records(np.full(2, 0.5), np.full(2, 0.1))
+        return table.set_column(0, "day", pa.array(np.full(2, day_number(day), dtype=np.int64)))
+
+    registry = ModelRegistry(tmp_path / "models")
+    test_day = date(2000, 12, 20)
+    for back in range(1, 21):  # three weeks of earlier evaluations
+        folder = registry.evaluation_dir(test_day - timedelta(days=back))
+        folder.mkdir(parents=True)
+        write_evidence(folder, day_records(test_day - timedelta(days=back)))
+    job = SimpleNamespace(test_day=test_day, registry=registry, gate=GatePolicy())
+    pooled = _pooled_evidence(job, day_records(test_day))  # type: ignore[arg-type]
+    first = day_number(test_day) - 13
+    assert sorted(set(pooled["day"].to_pylist())) == list(range(first, day_number(test_day) + 1))
+    assert pooled.num_rows == 2 * 14
 
 
 def test_the_bootstrap_resamples_users_not_queries():
@@ -191,7 +216,7 @@ def test_bad_pointers_are_refused_with_one_line(tmp_path):
 KILLED_COMMIT = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from datetime import date
+    from datetime import date, timedelta
     from pathlib import Path
     import training.checkpoint as checkpoint
     from training.model import GRank, GRankConfig
