@@ -414,7 +414,7 @@ def evaluate_day(job: DailyJob, device: torch.device) -> Evaluation:
     day, registry = job.test_day, job.registry
     name = registry.candidate(day)
     evidence = _candidate_evidence(job, name, device)
-    verdict = decide(_pooled_evidence(job, evidence.all), list(job.baselines.columns), job.gate)
+    verdict = gate_verdict(job, evidence.all)
     will_move, note = registry.would_publish(name) if verdict.publishable else (False, "")
     summary = summarize(evidence.today)
     folder = registry.evaluation_dir(day)
@@ -456,6 +456,12 @@ def _candidate_evidence(job: DailyJob, name: str, device: torch.device) -> _Evid
         else today
     )
     return _Evidence(today, evidence, base, [h["loss"] for h in manifest["history"]])
+
+
+def gate_verdict(job: DailyJob, evidence: pa.Table) -> Verdict:
+    """The gate's decision on a candidate's ``evidence`` (its test day's records and its
+    walk-forward's), pooled with the earlier evaluations in ``job.gate``'s window."""
+    return decide(_pooled_evidence(job, evidence), list(job.baselines.columns), job.gate)
 
 
 def _pooled_evidence(job: DailyJob, evidence: pa.Table) -> pa.Table:

@@ -216,7 +216,7 @@ def test_bad_pointers_are_refused_with_one_line(tmp_path):
 KILLED_COMMIT = textwrap.dedent(
     """
     import os, signal, sys, torch
-    from datetime import date, timedelta
+    from datetime import date
     from pathlib import Path
     import training.checkpoint as checkpoint
     from training.model import GRank, GRankConfig
