@@ -122,6 +122,12 @@ def load(job: OfflineJob, device: torch.device) -> OfflineData:
     return OfflineData(timelines, split, servable, features_of)
 
 
+# A target's suffix for the literature's seen filter: every item of the input history,
+# where serving (the unsuffixed target) filters the last ``seen_len`` events only. The
+# published baselines (SASRec+ in "Time to Split") are measured with the literature's.
+HISTORY_FILTER = "_history_filter"
+
+
 def _scores(
     scorer: Scorer,
     data: OfflineData,
@@ -130,9 +136,12 @@ def _scores(
     device: torch.device,
     protocol_queries: dict[str, Any],
 ) -> dict[str, dict[str, dict[str, float]]]:
+    """Each target scored under serving's seen filter and under the literature's."""
+    filters = {"": spec, HISTORY_FILTER: replace(spec, seen_len=None)}
     return {
-        target: evaluate(scorer, data.timelines, queries, spec, device, inputs)
+        target + suffix: evaluate(scorer, data.timelines, queries, filtered, device, inputs)
         for target, queries in protocol_queries.items()
+        for suffix, filtered in filters.items()
     }
 
 

@@ -380,7 +380,7 @@ def offline_eval(
         for target, stages in rows.items():
             for stage, metrics in stages.items():
                 click.echo(
-                    f"{name:24} {target:10} {stage:20} N@10 {metrics['ndcg@10']:.4f}"
+                    f"{name:24} {target:26} {stage:20} N@10 {metrics['ndcg@10']:.4f}"
                     f"  HR@10 {metrics['recall@10']:.4f}  R@50 {metrics['recall@50']:.4f}"
                 )
 

@@ -69,7 +69,19 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
         "popularity_7d",
     }
     grank = json.loads((out / "grank.json").read_text())
-    assert set(grank["results"]) == {"last", "successive"}
+    # each target under serving's seen filter and under the literature's (whole history)
+    assert set(grank["results"]) == {
+        "last",
+        "successive",
+        "last_history_filter",
+        "successive_history_filter",
+    }
+    for target in ("last", "successive"):
+        # a user rates an item once, so filtering more of the history only removes
+        # irrelevant items ahead of the relevant ones: never a lower score
+        serving = grank["results"][target]["generator/filtered"]
+        literature = grank["results"][f"{target}_history_filter"]["generator/filtered"]
+        assert all(literature[m] >= serving[m] - 1e-9 for m in serving), (serving, literature)
     assert set(grank["results"]["last"]) == {"generator/filtered", "rank/filtered"}
     assert grank["next_day_windows"] is False  # the protocol's task by default
     only = json.loads((out / "generator_only.json").read_text())
