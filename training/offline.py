@@ -141,16 +141,15 @@ def _scores(
     A deployment that filters the whole history (``seen_len`` None) already serves the
     literature's filter, so its scores are reused rather than computed twice.
     """
+    literature = replace(spec, seen_len=None)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for target, queries in protocol_queries.items():
         served = evaluate(scorer, data.timelines, queries, spec, device, inputs)
         scores[target] = served
         scores[target + HISTORY_FILTER] = (
             served
-            if spec.seen_len is None
-            else evaluate(
-                scorer, data.timelines, queries, replace(spec, seen_len=None), device, inputs
-            )
+            if literature == spec
+            else evaluate(scorer, data.timelines, queries, literature, device, inputs)
         )
     return scores
 
