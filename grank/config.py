@@ -167,6 +167,9 @@ class TrainSettings(BaseModel):
     patience: int = FitConfig.patience
     plateau_lr_factor: float = FitConfig.plateau_lr_factor
     val_metric: Literal["recall@10", "recall@50", "ndcg@10"] = FitConfig.val_metric
+    # the weights of the Ranker's correction the bootstrap's validation chooses among for
+    # serving (docs/model.md); [1.0] serves the Ranker's order as trained
+    ranker_weights: tuple[float, ...] = FitConfig.ranker_weights
     # the bootstrap validates and keeps an exponential moving average of its weights
     # (decay per step; 0 = off); warm starts, a handful of steps a day, end on their own
     weight_average_decay: float = Field(default=FitConfig.weight_average_decay, ge=0.0, lt=1.0)

@@ -32,12 +32,21 @@ class GRankConfig:
     # starts from Stage 1's order (docs/model.md). The default is what a manifest written
     # before the option means; a `grank train` run sets train.ranker_residual (True).
     ranker_residual: bool = False
+    # How much of a residual Ranker's correction evaluation and serving add to the
+    # Generator's score: 1 = the Ranker's order, 0 = the Generator's. Training's
+    # validation chooses it (training/train.py ``calibrate_ranker``); 1 is what a manifest
+    # written before the option means.
+    ranker_weight: float = 1.0
     # features besides the item sequences (training/inputs.py); sequence-only by default
     inputs: InputSpec = field(default_factory=InputSpec)
 
     def __post_init__(self) -> None:
         if self.n_item_rows < 2:
             raise UserFacingError(f"n_item_rows must be at least 2, got {self.n_item_rows}")
+        if not 0.0 <= self.ranker_weight <= 1.0:
+            raise UserFacingError(f"ranker_weight must be in [0, 1], got {self.ranker_weight}")
+        if self.ranker_weight != 1.0 and not self.ranker_residual:
+            raise UserFacingError("ranker_weight below 1 needs a residual Ranker")
         if self.dim % self.n_heads:
             raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
@@ -111,6 +120,10 @@ class FitConfig:
     # (decay per step, 0 = off): ~200 steps of memory smooth out where the last steps of an
     # epoch, or of a time budget, happened to end (docs/model.md)
     weight_average_decay: float = 0.995
+    # after a fit that keeps its best epoch, validation chooses among these weights of a
+    # residual Ranker's correction the one serving applies (training/train.py
+    # ``calibrate_ranker``; empty: keep the model's)
+    ranker_weights: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     # the query token also learns, and is judged, as it serves: from the history up to the
     # day before, one of the day's events as target (data.make_windows, docs/model.md)
@@ -118,6 +131,10 @@ class FitConfig:
     # the day's distinct items U learns per next-day window (training/data.make_windows)
     next_day_targets: int = 8
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if any(not 0.0 <= weight <= 1.0 for weight in self.ranker_weights):
+            raise UserFacingError(f"ranker_weights must lie in [0, 1], got {self.ranker_weights}")
 
     def fixed_epochs(self, epochs: int) -> FitConfig:
         """This config training exactly ``epochs`` epochs and ending on the last: for fits

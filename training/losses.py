@@ -229,9 +229,12 @@ def _ranker_scores(
     model: GRank, user_vectors: torch.Tensor, batch: TrainBatch, ranked: torch.Tensor
 ) -> torch.Tensor:
     """[B, K] Ranker scores of ``ranked``: a residual Ranker learns a correction to the
-    Generator's score (detached), not the score."""
+    Generator's score (detached), not the score, and learns all of it whatever weight
+    serving gives it."""
     base = model.generator_scores(user_vectors, ranked).detach()
-    return model.rank_scores(batch.long, ranked, base, batch.item_features(ranked))
+    return model.rank_scores(
+        batch.long, ranked, base, batch.item_features(ranked), correction_weight=1.0
+    )
 
 
 def _global_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 - ``item_vectors()``: the shared item embedding table; ``user · item`` is the MIPS score.
 - ``rank_scores(long_seq, candidates, generator_scores)``: the Ranker, single-head
   cross-attention with each candidate as the query over the long history, then an MLP;
-  with ``ranker_residual`` the MLP's output is added to the Generator's MIPS score.
+  with ``ranker_residual`` the MLP's output, times ``ranker_weight``, is added to the
+  Generator's MIPS score.
 - ``generator(short_seq, aux_candidates)``: training-time entry point that additionally
   appends candidate tokens under the decomposed mask (each candidate sees the history
   and itself, never another candidate; history never sees candidates).
@@ -323,11 +324,15 @@ class GRank(nn.Module):
         candidates: torch.Tensor,
         generator_scores: torch.Tensor | None = None,
         item_features: torch.Tensor | None = None,
+        correction_weight: float | None = None,
     ) -> torch.Tensor:
         """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll].
 
         A residual Ranker (``config.ranker_residual``) adds its correction to
-        ``generator_scores`` [B, K] (:meth:`generator_scores`: the candidates' MIPS scores).
+        ``generator_scores`` [B, K] (:meth:`generator_scores`: the candidates' MIPS scores),
+        scaled by ``correction_weight``: None means ``config.ranker_weight``, the weight
+        validation chose (what evaluation and serving rank by); the loss passes 1.0, so
+        the Ranker always learns its whole correction.
         ``item_features`` [B, K, Fi] are the candidates' ``inputs.item_numeric`` (scaled),
         as of the day before the prediction; required when the config names any.
         """
@@ -357,5 +362,6 @@ class GRank(nn.Module):
         scores = self.ranker_mlp(torch.cat(parts, dim=-1)).squeeze(-1)
         if self.config.ranker_residual:
             assert generator_scores is not None
-            scores = scores + generator_scores
+            weight = self.config.ranker_weight if correction_weight is None else correction_weight
+            scores = generator_scores + weight * scores
         return scores

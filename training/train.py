@@ -39,6 +39,7 @@ from training.distributed import (
 )
 from training.evaluate import NO_INPUTS, EvalInputs, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
+from training.model import GRank
 from training.temporal import TemporalSplit
 
 
@@ -53,6 +54,8 @@ class FitResult:
     kept_epoch: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
+    # validation's served metric by candidate Ranker weight (empty: none was chosen)
+    ranker_weight_scores: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -245,6 +248,10 @@ def fit(
     elif average is not None:
         model.load_state_dict(average.state_dict())
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
+    if config.keep_best:  # a validation fit to choose weights by also chooses the blend
+        run.result.ranker_weight_scores = calibrate_ranker(
+            model, timelines, validation, spec, config, inputs, parallel
+        )
     require_same_weights(model, parallel)
     run.result.seconds = time.perf_counter() - started
     return run.result
@@ -447,3 +454,45 @@ def validation_score(
     scorer: Scorer = model  # type: ignore[assignment]
     metrics = evaluate(scorer, timelines, validation, spec, device, inputs, with_rank=False)
     return metrics["generator/filtered"][metric]
+
+
+def calibrate_ranker(
+    model: nn.Module,
+    timelines: Timelines,
+    validation: Queries,
+    spec: EvalConfig,
+    config: FitConfig,
+    inputs: EvalInputs,
+    parallel: DataParallel = SINGLE,
+) -> dict[str, float]:
+    """Set a residual Ranker's ``ranker_weight`` to the one of ``config.ranker_weights``
+    whose served order (Stage 2) scores best on the validation queries; ties keep the
+    larger weight. Returns the score of each weight tried ({} when there is nothing to
+    choose).
+
+    The Ranker is trained to reorder the Generator's top, but nothing promises that its
+    correction helps on every protocol and dataset: where it does not, serving the
+    Generator's order (weight 0) or a damped correction beats it, and validation is the
+    evidence that tells. Rank 0 scores; every rank takes its choice.
+    """
+    if not (
+        isinstance(model, GRank)
+        and model.config.use_ranker
+        and model.config.ranker_residual
+        and config.ranker_weights
+    ):
+        return {}
+    device = next(model.parameters()).device
+    scores: dict[float, float] = {}
+    if parallel.is_main:
+        for weight in config.ranker_weights:
+            model.config = replace(model.config, ranker_weight=weight)
+            metrics = evaluate(model, timelines, validation, spec, device, inputs)
+            scores[weight] = metrics["rank/filtered"][config.val_metric]
+    chosen = max(scores, key=lambda w: (scores[w], w)) if scores else 0.0
+    model.config = replace(model.config, ranker_weight=from_main(chosen, parallel))
+    if config.progress and parallel.is_main:
+        tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in scores.items())
+        chosen_weight = model.config.ranker_weight
+        tqdm.write(f"ranker weight {chosen_weight:g} (val {config.val_metric} {tried})")
+    return {f"{w:g}": v for w, v in scores.items()}

@@ -221,6 +221,11 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert manifest["data_last_day"] == "1998-04-02" and manifest["warm_start_from"] is None
     assert manifest["config"]["n_item_rows"] == 1683  # the whole ML-100K catalogue has rows
     assert manifest["git_commit"] and manifest["bootstrap"]["validation_queries"] > 0
+    # the bootstrap's validation chose the Ranker's weight that serving applies
+    tried = manifest["ranker_weight_scores"]
+    assert set(tried) == {"1", "0.75", "0.5", "0.25", "0"}
+    best = max(tried.values())
+    assert manifest["config"]["ranker_weight"] == max(float(w) for w in tried if tried[w] == best)
     # next-day evidence of the whole days between T_val and the test day: none here, T_val
     # falls on the last training day of this short window
     assert manifest["backtest"] == {}

@@ -13,6 +13,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from features.lake import US_PER_DAY
@@ -43,7 +44,10 @@ SPEC = InputSpec(
 )
 
 
-def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranker_weight", [1.0, 0.5])  # as validation chose it: it travels
+def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
+    tmp_path: Path, ranker_weight: float
+) -> None:
     torch.manual_seed(0)
     config = GRankConfig(
         n_item_rows=N_ITEMS + 1,
@@ -55,6 +59,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(tmp_path: 
         dropout=0.0,
         inputs=SPEC,
         ranker_residual=True,
+        ranker_weight=ranker_weight,
     )
     model = GRank(config).eval()
     checkpoint = tmp_path / "checkpoint"

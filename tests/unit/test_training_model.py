@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import date
 
+import numpy as np
 import pytest
 import torch
 
 from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from training.config import EvalConfig, FitConfig
+from training.data import Queries, Timelines
+from training.evaluate import NO_INPUTS, rankings
 from training.losses import (
     LossWeights,
     TrainBatch,
@@ -17,6 +23,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
+from training.train import calibrate_ranker
 
 
 def tiny(**overrides: object) -> GRank:
@@ -104,6 +111,70 @@ def test_residual_ranker_starts_from_the_generator_order():
     assert torch.equal(model.rank_scores(long, cands, base), base)
     with pytest.raises(ValueError, match="Generator's scores"):
         model.rank_scores(long, cands)
+
+
+def test_the_ranker_weight_scales_what_serves_and_never_what_the_loss_sees():
+    model = tiny(ranker_residual=True, ranker_weight=0.25)
+    long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]] * 2)
+    cands = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    base = torch.randn(2, 3)
+    correction = model.rank_scores(long, cands, torch.zeros_like(base), correction_weight=1.0)
+    assert torch.allclose(model.rank_scores(long, cands, base), base + 0.25 * correction)
+    assert torch.allclose(
+        model.rank_scores(long, cands, base, correction_weight=1.0), base + correction
+    )
+    with pytest.raises(UserFacingError, match="residual"):
+        tiny(ranker_weight=0.5)
+    with pytest.raises(UserFacingError, match=r"\[0, 1\]"):
+        tiny(ranker_residual=True, ranker_weight=1.5)
+    with pytest.raises(UserFacingError, match="ranker_weights"):
+        FitConfig(ranker_weights=(1.0, -0.5))
+
+
+def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it():
+    """Targets are the Generator's own first item: its order is perfect on them, and a
+    Ranker whose correction drowns the MIPS score can only lose; a Ranker that corrects
+    nothing ties it, and a tie keeps the Ranker's whole weight."""
+    model = tiny(ranker_residual=True)
+    n_users, length = 20, 6
+    generator = np.random.default_rng(0)
+    items = generator.integers(1, 40, n_users * length)
+    timelines = Timelines(
+        user_ids=np.arange(n_users),
+        offsets=np.arange(0, n_users * length + 1, length),
+        items=items,
+        times=np.zeros(n_users * length, dtype=np.int64),
+        first_target=np.zeros(n_users, dtype=np.int64),
+        first_day=date(2000, 1, 1),
+        last_day=date(2000, 1, 1),
+    )
+    spec = EvalConfig(short_len=6, long_len=8, k1=39)
+
+    def queries(relevant: np.ndarray) -> Queries:  # one relevant item per user, or none
+        return Queries(
+            users=np.arange(n_users),
+            cuts=np.full(n_users, length),
+            relevant_offsets=np.arange(n_users + 1) * min(len(relevant), 1),
+            relevant_items=relevant.astype(np.int64),
+            days=np.zeros(n_users, dtype=np.int64),
+        )
+
+    model.config = replace(model.config, ranker_weight=0.0)
+    first = rankings(model, timelines, queries(np.zeros(0)), spec, torch.device("cpu"))
+    validation = queries(first["rank"][:, 0])
+    with torch.no_grad():
+        model.ranker_mlp[-1].weight.mul_(1e4)
+    model.config = replace(model.config, ranker_weight=1.0)
+    fit = FitConfig(progress=False)
+    scores = calibrate_ranker(model, timelines, validation, spec, fit, NO_INPUTS)
+    assert model.config.ranker_weight == 0.0
+    assert scores["0"] == pytest.approx(1.0) and scores["1"] < 0.5
+    assert set(scores) == {"1", "0.75", "0.5", "0.25", "0"}
+    with torch.no_grad():
+        model.ranker_mlp[-1].weight.zero_()
+        model.ranker_mlp[-1].bias.zero_()
+    scores = calibrate_ranker(model, timelines, validation, spec, fit, NO_INPUTS)
+    assert model.config.ranker_weight == 1.0 and len(set(scores.values())) == 1
 
 
 def test_disabled_paths_refuse_and_grow_keeps_trained_rows():
