@@ -2,8 +2,9 @@
 
 Serving (and the gate) returns the Ranker's order of the Generator's top ``k1``. This
 script scores one committed candidate on the next-day queries of consecutive days, both
-orders side by side, with popularity of the last 7 days, on the same queries and with the
-same seen filter and servable items as ``grank evaluate``:
+orders side by side, with popularity of the last 7 days (and, for a candidate whose
+validation chose a popularity prior, its served order without the prior), on the same
+queries and with the same seen filter and servable items as ``grank evaluate``:
 
     GRANK_DATA_ROOT=/tmp/r .venv/bin/python benchmarks/stage_orders.py \\
         --candidate-day 2000-12-07 --first 2000-12-07 --days 8
@@ -72,6 +73,12 @@ def main() -> None:
             "ranker order (stage 2, served)": final_stage(stages),
             "popularity, recent days": popular["generator"],
         }
+        if model.config.prior_weight:  # the served order without its popularity prior
+            served = model.config
+            model.config = replace(served, prior_weight=0.0)
+            without = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
+            model.config = served
+            orders["ranker order, prior weight 0"] = final_stage(without)
         for name, top in orders.items():
             metrics = per_query_metrics(
                 top, queries.relevant_offsets, queries.relevant_items, (10, 50, 200), (10,)

@@ -170,6 +170,11 @@ class TrainSettings(BaseModel):
     # the weights of the Ranker's correction the bootstrap's validation chooses among for
     # serving (docs/model.md); [1.0] serves the Ranker's order as trained
     ranker_weights: tuple[float, ...] = FitConfig.ranker_weights
+    # the served score may add the candidate's recent popularity (the recent-popularity
+    # baseline's column, as a z-score among the day's items) times a weight the bootstrap's
+    # validation chooses among prior_weights, 0 included (docs/model.md)
+    popularity_prior: bool = True
+    prior_weights: tuple[float, ...] = FitConfig.prior_weights
     # the bootstrap validates and keeps an exponential moving average of its weights
     # (decay per step; 0 = off); warm starts, a handful of steps a day, end on their own
     weight_average_decay: float = Field(default=FitConfig.weight_average_decay, ge=0.0, lt=1.0)

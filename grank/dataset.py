@@ -36,7 +36,8 @@ def spark_attributes(attributes: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def model_inputs(settings: Settings, config: DatasetConfig) -> InputSpec:
-    """The model's feature groups with the dataset's behaviours and user attributes.
+    """The model's feature groups with the dataset's behaviours and user attributes, and
+    its popularity prior's column.
 
     Which numeric features exist is fixed by the feature job; which behaviours and
     categorical user attributes exist depends on the data, so those come from the config.
@@ -47,4 +48,7 @@ def model_inputs(settings: Settings, config: DatasetConfig) -> InputSpec:
             BehaviorRule(b.name, b.event_types, b.min_value, b.max_value) for b in config.behaviors
         ),
         user_categorical=tuple(config.user_attributes),
+        popularity_prior=(
+            settings.train.recent_popularity_column if settings.train.popularity_prior else None
+        ),
     )

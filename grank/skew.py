@@ -100,7 +100,7 @@ def check_skew(
             np.arange(1, config.n_item_rows), min(n_items, config.n_item_rows - 1), replace=False
         )
     )
-    if spec.item_numeric:
+    if spec.item_columns:
         item_served = item_feature_table(config, source)[items].numpy()
         item_trained = history.item_features(days[:1], torch.as_tensor(items)[None, :])
         assert item_trained is not None

@@ -315,8 +315,9 @@ def _load_model(folder: Path, files: dict[str, bytes | mmap.mmap]) -> tuple[GRan
 
 
 def _item_features(model: GRank, items: ItemSource | None, version: str) -> torch.Tensor | None:
-    """[table rows, Fi] encoded features of every item row, when the Ranker reads any."""
-    if not model.config.inputs.item_numeric or not model.config.use_ranker:
+    """[table rows, Fi] encoded features of every item row, when the Ranker reads any
+    (its own or its popularity prior's)."""
+    if not model.config.reads_item_features:
         return None
     if items is None:
         raise SnapshotError(f"snapshot {version}: its Ranker reads item features, no source given")

@@ -62,7 +62,7 @@ def encode_users(
 def item_feature_table(config: GRankConfig, items: ItemSource) -> torch.Tensor:
     """[table rows, Fi]: every item row's features from the store, encoded as training does
     (scaled, then standardized across the day's items)."""
-    columns = config.inputs.item_numeric
+    columns = config.inputs.item_columns
     rows = np.arange(1, config.n_item_rows, dtype=np.int64)
     table = np.zeros((config.n_item_rows, len(columns)), dtype=np.float32)
     table[1:] = encode_items(items, columns, rows)

@@ -36,10 +36,10 @@ class RecentPopularity:
     the popularity a team would serve from this feature store."""
 
     def __init__(self, history: FeatureHistory, column: str) -> None:
-        if column not in history.spec.item_numeric:
+        if column not in history.spec.item_columns:
             raise ValueError(f"the feature history holds no item column {column!r}")
         self._history = history
-        self._column = history.spec.item_numeric.index(column)
+        self._column = history.spec.item_columns.index(column)
 
     def scores(self, days: np.ndarray) -> torch.Tensor:
         """[B, item rows] scores for predictions made on ``days`` (monotone in the count)."""

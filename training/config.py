@@ -37,6 +37,10 @@ class GRankConfig:
     # validation chooses it (training/train.py ``calibrate_ranker``); 1 is what a manifest
     # written before the option means.
     ranker_weight: float = 1.0
+    # How much of the candidate's recent popularity (``inputs.popularity_prior``, as a
+    # z-score among the day's items) the served score adds to the Ranker's. Validation
+    # chooses it, 0 among the choices (training/train.py ``calibrate_ranker``).
+    prior_weight: float = 0.0
     # features besides the item sequences (training/inputs.py); sequence-only by default
     inputs: InputSpec = field(default_factory=InputSpec)
 
@@ -47,8 +51,17 @@ class GRankConfig:
             raise UserFacingError(f"ranker_weight must be in [0, 1], got {self.ranker_weight}")
         if self.ranker_weight != 1.0 and not self.ranker_residual:
             raise UserFacingError("ranker_weight below 1 needs a residual Ranker")
+        if self.prior_weight < 0.0:
+            raise UserFacingError(f"prior_weight must be at least 0, got {self.prior_weight}")
+        if self.prior_weight and self.inputs.popularity_prior is None:
+            raise UserFacingError("a prior_weight needs inputs.popularity_prior (its column)")
         if self.dim % self.n_heads:
             raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    @property
+    def reads_item_features(self) -> bool:
+        """Does ranking need the candidates' item features (the Ranker's or the prior's)?"""
+        return self.use_ranker and bool(self.inputs.item_numeric or self.prior_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "inputs": self.inputs.to_dict()}
@@ -124,6 +137,9 @@ class FitConfig:
     # residual Ranker's correction the one serving applies (training/train.py
     # ``calibrate_ranker``; empty: keep the model's)
     ranker_weights: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
+    # ...and then, for a model with a popularity prior, among these weights of the prior
+    # (0: none; the scale is the Generator's score per standard deviation of popularity)
+    prior_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     # the query token also learns, and is judged, as it serves: from the history up to the
     # day before, one of the day's events as target (data.make_windows, docs/model.md)
@@ -135,6 +151,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if any(not 0.0 <= weight <= 1.0 for weight in self.ranker_weights):
             raise UserFacingError(f"ranker_weights must lie in [0, 1], got {self.ranker_weights}")
+        if any(weight < 0.0 for weight in self.prior_weights):
+            raise UserFacingError(f"prior_weights must be at least 0, got {self.prior_weights}")
 
     def fixed_epochs(self, epochs: int) -> FitConfig:
         """This config training exactly ``epochs`` epochs and ending on the last: for fits

@@ -101,7 +101,7 @@ class FeatureHistory:
 
     def item_features(self, days: np.ndarray, candidates: torch.Tensor) -> torch.Tensor | None:
         """[B, K, Fi] features of ``candidates`` [B, K] for predictions made on ``days`` [B]."""
-        if not self.spec.item_numeric:
+        if not self.spec.item_columns:
             return None
         table = self.item_numeric
         asof = torch.as_tensor(self._asof(days, table.shape[0]), device=table.device)
@@ -117,7 +117,7 @@ def no_features(spec: InputSpec, n_item_rows: int) -> FeatureHistory:
         user_ids=np.zeros(0, dtype=np.int64),
         user_numeric=np.zeros((1, 1, len(spec.user_numeric)), np.float32),
         user_categorical=np.zeros((1, 1, len(spec.user_categorical)), np.int64),
-        item_numeric=torch.zeros(1, n_item_rows, len(spec.item_numeric)),
+        item_numeric=torch.zeros(1, n_item_rows, len(spec.item_columns)),
     )
 
 
@@ -151,10 +151,10 @@ def read_feature_history(
             asof_first,
             n_days,
             ttl_days,
-            list(spec.item_numeric),
+            list(spec.item_columns),
             "item_id",
         )
-        if spec.item_numeric
+        if spec.item_columns
         else []
     )
     present = [t for t in user_tables if t is not None]
@@ -178,14 +178,14 @@ def read_feature_history(
             user_categorical[index, slot, c] = [
                 hash_category(column, v, spec.categorical_buckets) for v in values
             ]
-    item_numeric = np.zeros((n_days + 1, n_item_rows, len(spec.item_numeric)), np.float32)
+    item_numeric = np.zeros((n_days + 1, n_item_rows, len(spec.item_columns)), np.float32)
     for index, table in enumerate(item_tables, start=1):
         if table is None:
             continue
         ids = table["item_id"].to_numpy()
         inside = ids < n_item_rows
-        day_table = np.zeros((n_item_rows, len(spec.item_numeric)), np.float32)
-        for c, column in enumerate(spec.item_numeric):
+        day_table = np.zeros((n_item_rows, len(spec.item_columns)), np.float32)
+        for c, column in enumerate(spec.item_columns):
             day_table[ids[inside], c] = scale_numeric(_floats(table[column]))[inside]
         item_numeric[index] = standardize_items(day_table)
     return FeatureHistory(

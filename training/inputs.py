@@ -48,6 +48,9 @@ class InputSpec:
       hashed into ``categorical_buckets`` rows of an embedding table.
     - ``item_numeric``: ``item_features`` columns (same point in time) the Ranker reads
       for every candidate.
+    - ``popularity_prior``: an ``item_features`` count column (e.g. ``pop_7d``, same point
+      in time, encoded like ``item_numeric``) that the served score adds, times the
+      model's ``prior_weight``, to each candidate's Ranker score (None: no prior).
     """
 
     behaviors: tuple[BehaviorRule, ...] = ()
@@ -55,10 +58,18 @@ class InputSpec:
     user_categorical: tuple[str, ...] = ()
     categorical_buckets: int = 1024
     item_numeric: tuple[str, ...] = ()
+    popularity_prior: str | None = None
 
     @property
     def uses_user_features(self) -> bool:
         return bool(self.user_numeric or self.user_categorical)
+
+    @property
+    def item_columns(self) -> tuple[str, ...]:
+        """Every item column the model reads: the Ranker's, then the prior's (once)."""
+        prior = self.popularity_prior
+        extra = () if prior is None or prior in self.item_numeric else (prior,)
+        return (*self.item_numeric, *extra)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +80,7 @@ class InputSpec:
             "user_categorical": list(self.user_categorical),
             "categorical_buckets": self.categorical_buckets,
             "item_numeric": list(self.item_numeric),
+            "popularity_prior": self.popularity_prior,
         }
 
     @classmethod
@@ -82,6 +94,7 @@ class InputSpec:
             user_categorical=tuple(values.get("user_categorical", ())),
             categorical_buckets=int(values.get("categorical_buckets", 1024)),
             item_numeric=tuple(values.get("item_numeric", ())),
+            popularity_prior=values.get("popularity_prior"),
         )
 
 
@@ -104,6 +117,7 @@ def select_groups(spec: InputSpec, groups: Sequence[str]) -> InputSpec:
         user_categorical=spec.user_categorical if "user_profile" in groups else (),
         categorical_buckets=spec.categorical_buckets,
         item_numeric=spec.item_numeric if "item_features" in groups else (),
+        popularity_prior=spec.popularity_prior,
     )
 
 

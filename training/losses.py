@@ -230,10 +230,15 @@ def _ranker_scores(
 ) -> torch.Tensor:
     """[B, K] Ranker scores of ``ranked``: a residual Ranker learns a correction to the
     Generator's score (detached), not the score, and learns all of it whatever weight
-    serving gives it."""
+    serving gives it; the popularity prior, chosen after training, is left out."""
     base = model.generator_scores(user_vectors, ranked).detach()
     return model.rank_scores(
-        batch.long, ranked, base, batch.item_features(ranked), correction_weight=1.0
+        batch.long,
+        ranked,
+        base,
+        batch.item_features(ranked),
+        correction_weight=1.0,
+        prior_weight=0.0,
     )
 
 

@@ -12,7 +12,8 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 - ``rank_scores(long_seq, candidates, generator_scores)``: the Ranker, single-head
   cross-attention with each candidate as the query over the long history, then an MLP;
   with ``ranker_residual`` the MLP's output, times ``ranker_weight``, is added to the
-  Generator's MIPS score.
+  Generator's MIPS score; with a popularity prior, ``prior_weight`` times the candidate's
+  recent popularity is added too.
 - ``generator(short_seq, aux_candidates)``: training-time entry point that additionally
   appends candidate tokens under the decomposed mask (each candidate sees the history
   and itself, never another candidate; history never sees candidates).
@@ -325,6 +326,7 @@ class GRank(nn.Module):
         generator_scores: torch.Tensor | None = None,
         item_features: torch.Tensor | None = None,
         correction_weight: float | None = None,
+        prior_weight: float | None = None,
     ) -> torch.Tensor:
         """[B, K] Ranker scores of ``candidates`` [B, K] given the long history [B, Ll].
 
@@ -333,8 +335,11 @@ class GRank(nn.Module):
         scaled by ``correction_weight``: None means ``config.ranker_weight``, the weight
         validation chose (what evaluation and serving rank by); the loss passes 1.0, so
         the Ranker always learns its whole correction.
-        ``item_features`` [B, K, Fi] are the candidates' ``inputs.item_numeric`` (scaled),
+        ``item_features`` [B, K, Fi] are the candidates' ``inputs.item_columns`` (encoded),
         as of the day before the prediction; required when the config names any.
+        A model with a popularity prior adds ``prior_weight`` times the candidate's
+        ``inputs.popularity_prior`` column (None: ``config.prior_weight``, what evaluation
+        and serving rank by; the loss passes 0, so the Ranker never learns to lean on it).
         """
         if not self.config.use_ranker:
             raise ValueError("this model was built without the Ranker")
@@ -354,14 +359,21 @@ class GRank(nn.Module):
         logits = (self.ranker_query(cand) @ keys.transpose(1, 2)) / math.sqrt(d)
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
         attended = torch.softmax(logits, dim=-1) @ values
+        spec = self.config.inputs
+        prior = self.config.prior_weight if prior_weight is None else prior_weight
+        if (spec.item_numeric or prior) and item_features is None:
+            raise ValueError("this Ranker reads item features: pass item_features")
         parts = [attended, cand, attended * cand]
-        if self.config.inputs.item_numeric:
-            if item_features is None:
-                raise ValueError("this Ranker reads item features: pass item_features")
-            parts.append(self.ranker_item_features(item_features))
+        if spec.item_numeric:
+            assert item_features is not None
+            parts.append(self.ranker_item_features(item_features[..., : len(spec.item_numeric)]))
         scores = self.ranker_mlp(torch.cat(parts, dim=-1)).squeeze(-1)
         if self.config.ranker_residual:
             assert generator_scores is not None
             weight = self.config.ranker_weight if correction_weight is None else correction_weight
             scores = generator_scores + weight * scores
+        if prior and spec.popularity_prior is not None:
+            assert item_features is not None
+            column = spec.item_columns.index(spec.popularity_prior)
+            scores = scores + prior * item_features[..., column]
         return scores

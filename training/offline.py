@@ -274,6 +274,7 @@ def _training_summary(job: OfflineJob, result: FitResult, started: float) -> dic
         "val_score": result.best_score,
         "stop_reason": result.stop_reason,
         "ranker_weight_scores": result.ranker_weight_scores,
+        "prior_weight_scores": result.prior_weight_scores,
         "next_day_windows": job.fit.next_day_windows,
         "train_seconds": round(time.perf_counter() - started, 1),
     }

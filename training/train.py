@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
-from training.config import EvalConfig, FitConfig
+from training.config import EvalConfig, FitConfig, GRankConfig
 from training.data import Queries, Timelines, Windows, from_day_start, item_counts, make_windows
 from training.distributed import (
     SINGLE,
@@ -56,6 +57,8 @@ class FitResult:
     stop_reason: str = ""
     # validation's served metric by candidate Ranker weight (empty: none was chosen)
     ranker_weight_scores: dict[str, float] = field(default_factory=dict)
+    # ...and by candidate weight of the popularity prior, on the chosen Ranker weight
+    prior_weight_scores: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -250,6 +253,9 @@ def fit(
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
     if config.keep_best:  # a validation fit to choose weights by also chooses the blend
         run.result.ranker_weight_scores = calibrate_ranker(
+            model, timelines, validation, spec, config, inputs, parallel
+        )
+        run.result.prior_weight_scores = calibrate_prior(
             model, timelines, validation, spec, config, inputs, parallel
         )
     require_same_weights(model, parallel)
@@ -482,17 +488,101 @@ def calibrate_ranker(
         and config.ranker_weights
     ):
         return {}
-    device = next(model.parameters()).device
+    scores = (
+        _served_weight_scores(
+            model,
+            "ranker_weight",
+            config.ranker_weights,
+            timelines,
+            validation,
+            spec,
+            config,
+            inputs,
+        )
+        if parallel.is_main
+        else {}
+    )
+    return _take_weight(model, "ranker_weight", scores, max, config, parallel)
+
+
+def calibrate_prior(
+    model: nn.Module,
+    timelines: Timelines,
+    validation: Queries,
+    spec: EvalConfig,
+    config: FitConfig,
+    inputs: EvalInputs,
+    parallel: DataParallel = SINGLE,
+) -> dict[str, float]:
+    """Set the popularity prior's ``prior_weight`` to the one of ``config.prior_weights``
+    whose served order scores best on the validation queries; ties keep the smaller
+    weight (no evidence, no prior). Returns the score of each weight tried.
+
+    Run after :func:`calibrate_ranker`, on its choice. Recent popularity moves with the
+    calendar (a week of new releases, a holiday) faster than a model warm-started once a
+    day, and on such days the most popular items beat the model's top; how much of it
+    the served order should take is again for validation to tell, 0 included.
+    """
+    if not (
+        isinstance(model, GRank)
+        and model.config.use_ranker
+        and model.config.inputs.popularity_prior is not None
+        and config.prior_weights
+    ):
+        return {}
+    scores = (
+        _served_weight_scores(
+            model, "prior_weight", config.prior_weights, timelines, validation, spec, config, inputs
+        )
+        if parallel.is_main
+        else {}
+    )
+    return _take_weight(model, "prior_weight", scores, min, config, parallel)
+
+
+def _served_weight_scores(
+    model: GRank,
+    knob: Literal["ranker_weight", "prior_weight"],
+    weights: tuple[float, ...],
+    timelines: Timelines,
+    validation: Queries,
+    spec: EvalConfig,
+    config: FitConfig,
+    inputs: EvalInputs,
+) -> dict[float, float]:
+    """Validation's ``config.val_metric`` of the served order with ``knob`` at each weight."""
     scores: dict[float, float] = {}
-    if parallel.is_main:
-        for weight in config.ranker_weights:
-            model.config = replace(model.config, ranker_weight=weight)
-            metrics = evaluate(model, timelines, validation, spec, device, inputs)
-            scores[weight] = metrics["rank/filtered"][config.val_metric]
-    chosen = max(scores, key=lambda w: (scores[w], w)) if scores else 0.0
-    model.config = replace(model.config, ranker_weight=from_main(chosen, parallel))
+    device = next(model.parameters()).device
+    for weight in weights:
+        model.config = _with_weight(model.config, knob, weight)
+        metrics = evaluate(model, timelines, validation, spec, device, inputs)
+        scores[weight] = metrics["rank/filtered"][config.val_metric]
+    return scores
+
+
+def _take_weight(
+    model: GRank,
+    knob: Literal["ranker_weight", "prior_weight"],
+    scores: dict[float, float],
+    tie_break: Callable[..., float],
+    config: FitConfig,
+    parallel: DataParallel,
+) -> dict[str, float]:
+    """Set ``knob`` to the best-scoring weight (``tie_break`` among equals); every rank
+    takes rank 0's choice (only rank 0 scores)."""
+    best = max(scores.values(), default=0.0)
+    chosen = tie_break((w for w, v in scores.items() if v == best), default=0.0)
+    model.config = _with_weight(model.config, knob, from_main(chosen, parallel))
     if config.progress and parallel.is_main:
         tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in scores.items())
-        chosen_weight = model.config.ranker_weight
-        tqdm.write(f"ranker weight {chosen_weight:g} (val {config.val_metric} {tried})")
+        chosen = getattr(model.config, knob)
+        tqdm.write(f"{knob.replace('_', ' ')} {chosen:g} (val {config.val_metric} {tried})")
     return {f"{w:g}": v for w, v in scores.items()}
+
+
+def _with_weight(
+    config: GRankConfig, knob: Literal["ranker_weight", "prior_weight"], weight: float
+) -> GRankConfig:
+    if knob == "ranker_weight":
+        return replace(config, ranker_weight=weight)
+    return replace(config, prior_weight=weight)

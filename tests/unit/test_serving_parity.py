@@ -9,6 +9,7 @@ the items of the long sequence (an item seen only before it stays recommendable)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -44,9 +45,18 @@ SPEC = InputSpec(
 )
 
 
-@pytest.mark.parametrize("ranker_weight", [1.0, 0.5])  # as validation chose it: it travels
+# the weights as validation chose them travel with the model; a model whose Ranker reads
+# no item feature still reads its popularity prior's column
+@pytest.mark.parametrize(
+    ("ranker_weight", "prior_weight", "spec"),
+    [
+        (1.0, 0.0, SPEC),
+        (0.5, 0.0, SPEC),
+        (0.5, 1.0, replace(SPEC, item_numeric=(), popularity_prior="pop_7d")),
+    ],
+)
 def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
-    tmp_path: Path, ranker_weight: float
+    tmp_path: Path, ranker_weight: float, prior_weight: float, spec: InputSpec
 ) -> None:
     torch.manual_seed(0)
     config = GRankConfig(
@@ -57,9 +67,10 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
         short_seq_len=SHORT,
         long_seq_len=LONG,
         dropout=0.0,
-        inputs=SPEC,
+        inputs=spec,
         ranker_residual=True,
         ranker_weight=ranker_weight,
+        prior_weight=prior_weight,
     )
     model = GRank(config).eval()
     checkpoint = tmp_path / "checkpoint"
@@ -109,7 +120,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
     item_table[1, 1:, 0] = scale_numeric(np.array([pop_7d[i] for i in catalogue], float))
     item_table[1] = standardize_items(item_table[1])
     features = FeatureHistory(
-        spec=SPEC,
+        spec=spec,
         first_day=day_number(DAY) - 1,
         user_ids=np.array([7]),
         user_numeric=np.array(

@@ -14,7 +14,9 @@ from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines
-from training.evaluate import NO_INPUTS, rankings
+from training.evaluate import NO_INPUTS, EvalInputs, rankings
+from training.features import FeatureHistory
+from training.inputs import InputSpec
 from training.losses import (
     LossWeights,
     TrainBatch,
@@ -23,7 +25,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_ranker
+from training.train import calibrate_prior, calibrate_ranker
 
 
 def tiny(**overrides: object) -> GRank:
@@ -131,6 +133,109 @@ def test_the_ranker_weight_scales_what_serves_and_never_what_the_loss_sees():
         FitConfig(ranker_weights=(1.0, -0.5))
 
 
+PRIOR = InputSpec(item_numeric=("pop_1d", "pop_7d"), popularity_prior="pop_7d")
+
+
+def test_the_popularity_prior_adds_to_what_serves_and_never_to_what_the_loss_sees():
+    model = tiny(ranker_residual=True, inputs=PRIOR, prior_weight=0.5)
+    assert PRIOR.item_columns == ("pop_1d", "pop_7d")  # read once, though named twice
+    long = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]] * 2)
+    cands = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    base, features = torch.randn(2, 3), torch.randn(2, 3, 2)
+    without = model.rank_scores(long, cands, base, features, prior_weight=0.0)
+    served = model.rank_scores(long, cands, base, features)
+    assert torch.allclose(served, without + 0.5 * features[..., 1])
+    with pytest.raises(ValueError, match="item_features"):
+        model.rank_scores(long, cands, base)
+    # the loss scores the Ranker with the prior left out, whatever weight serving uses
+    short, labels = torch.randint(1, 40, (6, 6)), torch.randint(1, 40, (6, 6))
+    batch = TrainBatch(
+        short,
+        torch.randint(1, 40, (6, 8)),
+        labels,
+        torch.arange(10, 16),
+        item_features=lambda c: torch.randn(*c.shape, 2),
+    )
+    weights = LossWeights(candidates=4, hard_negatives=5, ranker_in_batch=False)
+    losses = []
+    for prior in (0.0, 2.0):
+        model.config = replace(model.config, prior_weight=prior)
+        torch.manual_seed(1)
+        losses.append(top_ranker_loss(model, model.user_vectors(short), batch, weights).item())
+    assert losses[0] == losses[1]
+    # a prior column only (the Ranker reads no item features) is the last column read
+    only = InputSpec(popularity_prior="pop_7d")
+    assert only.item_columns == ("pop_7d",)
+    assert InputSpec.from_dict(only.to_dict()) == only
+    with pytest.raises(UserFacingError, match="popularity_prior"):
+        tiny(prior_weight=0.5)
+    with pytest.raises(UserFacingError, match="prior_weights"):
+        FitConfig(prior_weights=(0.0, -1.0))
+
+
+def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets():
+    """Each user's target is the day's most popular unseen item of the Generator's top:
+    validation takes a prior weight where the popularity column says so, and none (0,
+    the smaller of tied weights) where the column is flat."""
+    model = tiny(ranker_residual=True, inputs=InputSpec(popularity_prior="pop_7d"))
+    with torch.no_grad():
+        model.ranker_mlp[-1].weight.zero_()
+        model.ranker_mlp[-1].bias.zero_()
+    n_users, length = 20, 6
+    items = np.random.default_rng(0).integers(1, 40, n_users * length)
+    timelines = Timelines(
+        user_ids=np.arange(n_users),
+        offsets=np.arange(0, n_users * length + 1, length),
+        items=items,
+        times=np.zeros(n_users * length, dtype=np.int64),
+        first_target=np.zeros(n_users, dtype=np.int64),
+        first_day=date(2000, 1, 1),
+        last_day=date(2000, 1, 1),
+    )
+    spec = EvalConfig(short_len=6, long_len=8, k1=39)
+    popularity = torch.zeros(2, 40, 1)  # as-of index 1 serves predictions on day 0
+    popularity[1, 1:, 0] = torch.randn(39).sort().values * 3  # item 39 the most popular
+    history = FeatureHistory(
+        spec=model.config.inputs,
+        first_day=-1,
+        user_ids=np.zeros(0, dtype=np.int64),
+        user_numeric=np.zeros((1, 1, 0), np.float32),
+        user_categorical=np.zeros((1, 1, 0), np.int64),
+        item_numeric=popularity,
+    )
+    inputs = EvalInputs(features=history)
+    top = rankings(
+        model,
+        timelines,
+        _all_users(n_users, length, np.zeros(0)),
+        spec,
+        torch.device("cpu"),
+        inputs,
+    )["rank"]
+    most_popular = top[np.arange(n_users), popularity[1, top, 0].numpy().argmax(axis=1)]
+    validation = _all_users(n_users, length, most_popular)
+    fit = FitConfig(progress=False)
+    scores = calibrate_prior(model, timelines, validation, spec, fit, inputs)
+    assert model.config.prior_weight > 0 and set(scores) == {"0", "0.125", "0.25", "0.5", "1", "2"}
+    assert scores[f"{model.config.prior_weight:g}"] > scores["0"]
+    flat = EvalInputs(features=replace(history, item_numeric=torch.zeros(2, 40, 1)))
+    scores = calibrate_prior(model, timelines, validation, spec, fit, flat)
+    assert model.config.prior_weight == 0.0 and len(set(scores.values())) == 1
+    no_prior = tiny(ranker_residual=True)
+    assert calibrate_prior(no_prior, timelines, validation, spec, fit, NO_INPUTS) == {}
+
+
+def _all_users(n_users: int, length: int, relevant: np.ndarray) -> Queries:
+    """Every user's whole history as input; one relevant item per user (or none), on day 0."""
+    return Queries(
+        users=np.arange(n_users),
+        cuts=np.full(n_users, length),
+        relevant_offsets=np.arange(n_users + 1) * min(len(relevant), 1),
+        relevant_items=relevant.astype(np.int64),
+        days=np.zeros(n_users, dtype=np.int64),
+    )
+
+
 def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it():
     """Targets are the Generator's own first item: its order is perfect on them, and a
     Ranker whose correction drowns the MIPS score can only lose; a Ranker that corrects
@@ -150,18 +255,11 @@ def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it
     )
     spec = EvalConfig(short_len=6, long_len=8, k1=39)
 
-    def queries(relevant: np.ndarray) -> Queries:  # one relevant item per user, or none
-        return Queries(
-            users=np.arange(n_users),
-            cuts=np.full(n_users, length),
-            relevant_offsets=np.arange(n_users + 1) * min(len(relevant), 1),
-            relevant_items=relevant.astype(np.int64),
-            days=np.zeros(n_users, dtype=np.int64),
-        )
-
     model.config = replace(model.config, ranker_weight=0.0)
-    first = rankings(model, timelines, queries(np.zeros(0)), spec, torch.device("cpu"))
-    validation = queries(first["rank"][:, 0])
+    first = rankings(
+        model, timelines, _all_users(n_users, length, np.zeros(0)), spec, torch.device("cpu")
+    )
+    validation = _all_users(n_users, length, first["rank"][:, 0])
     with torch.no_grad():
         model.ranker_mlp[-1].weight.mul_(1e4)
     model.config = replace(model.config, ranker_weight=1.0)
