@@ -172,8 +172,9 @@ class TrainSettings(BaseModel):
     ranker_weights: tuple[float, ...] = FitConfig.ranker_weights
     # the served score may add the candidate's recent popularity (the recent-popularity
     # baseline's column, as a z-score among the day's items) times a weight the bootstrap's
-    # validation chooses among prior_weights, 0 included (docs/model.md)
-    popularity_prior: bool = True
+    # validation chooses among prior_weights, 0 included. Off: on ML-1M validation chose a
+    # weight that cost next-day N@10 (docs/model.md, docs/benchmarks.md)
+    popularity_prior: bool = False
     prior_weights: tuple[float, ...] = FitConfig.prior_weights
     # the bootstrap validates and keeps an exponential moving average of its weights
     # (decay per step; 0 = off); warm starts, a handful of steps a day, end on their own
