@@ -34,12 +34,12 @@ class GRankConfig:
     ranker_residual: bool = False
     # How much of a residual Ranker's correction evaluation and serving add to the
     # Generator's score: 1 = the Ranker's order, 0 = the Generator's. Training's
-    # validation chooses it (training/train.py ``calibrate_ranker``); 1 is what a manifest
+    # validation chooses it (training/train.py ``calibrate_served_order``); 1 is what a manifest
     # written before the option means.
     ranker_weight: float = 1.0
     # How much of the candidate's recent popularity (``inputs.popularity_prior``, as a
     # z-score among the day's items) the served score adds to the Ranker's. Validation
-    # chooses it, 0 among the choices (training/train.py ``calibrate_ranker``).
+    # chooses it, 0 among the choices (training/train.py ``calibrate_served_order``).
     prior_weight: float = 0.0
     # features besides the item sequences (training/inputs.py); sequence-only by default
     inputs: InputSpec = field(default_factory=InputSpec)
@@ -135,7 +135,7 @@ class FitConfig:
     weight_average_decay: float = 0.995
     # after a fit that keeps its best epoch, validation chooses among these weights of a
     # residual Ranker's correction the one serving applies (training/train.py
-    # ``calibrate_ranker``; empty: keep the model's)
+    # ``calibrate_served_order``; empty: keep the model's)
     ranker_weights: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
     # ...and then, for a model with a popularity prior, among these weights of the prior
     # (0: none; the scale is the Generator's score per standard deviation of popularity)

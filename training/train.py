@@ -252,10 +252,7 @@ def fit(
         model.load_state_dict(average.state_dict())
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
     if config.keep_best:  # a validation fit to choose weights by also chooses the blend
-        run.result.ranker_weight_scores = calibrate_ranker(
-            model, timelines, validation, spec, config, inputs, parallel
-        )
-        run.result.prior_weight_scores = calibrate_prior(
+        run.result.ranker_weight_scores, run.result.prior_weight_scores = calibrate_served_order(
             model, timelines, validation, spec, config, inputs, parallel
         )
     require_same_weights(model, parallel)
@@ -462,7 +459,7 @@ def validation_score(
     return metrics["generator/filtered"][metric]
 
 
-def calibrate_ranker(
+def calibrate_served_order(
     model: nn.Module,
     timelines: Timelines,
     validation: Queries,
@@ -470,106 +467,62 @@ def calibrate_ranker(
     config: FitConfig,
     inputs: EvalInputs,
     parallel: DataParallel = SINGLE,
-) -> dict[str, float]:
-    """Set a residual Ranker's ``ranker_weight`` to the one of ``config.ranker_weights``
-    whose served order (Stage 2) scores best on the validation queries; ties keep the
-    larger weight. Returns the score of each weight tried ({} when there is nothing to
-    choose).
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Choose on the validation queries how the served order (Stage 2) is blended; returns
+    the score of each weight tried, of the Ranker and of the prior ({} where there is
+    nothing to choose). Rank 0 scores; every rank takes its choice.
 
-    The Ranker is trained to reorder the Generator's top, but nothing promises that its
-    correction helps on every protocol and dataset: where it does not, serving the
-    Generator's order (weight 0) or a damped correction beats it, and validation is the
-    evidence that tells. Rank 0 scores; every rank takes its choice.
+    First a residual Ranker's ``ranker_weight`` among ``config.ranker_weights`` (ties keep
+    the larger). The Ranker is trained to reorder the Generator's top, but nothing
+    promises that its correction helps on every protocol and dataset: where it does not,
+    serving the Generator's order (weight 0) or a damped correction beats it, and
+    validation is the evidence that tells.
+
+    Then, on that choice, a popularity prior's ``prior_weight`` among
+    ``config.prior_weights`` (ties keep the smaller: no evidence, no prior).
     """
-    if not (
-        isinstance(model, GRank)
-        and model.config.use_ranker
-        and model.config.ranker_residual
-        and config.ranker_weights
-    ):
-        return {}
-    scores = (
-        _served_weight_scores(
-            model,
-            "ranker_weight",
-            config.ranker_weights,
-            timelines,
-            validation,
-            spec,
-            config,
-            inputs,
+    if not (isinstance(model, GRank) and model.config.use_ranker):
+        return {}, {}
+    grank = model
+    knobs = grank.config
+
+    def choose(
+        knob: Literal["ranker_weight", "prior_weight"],
+        weights: tuple[float, ...],
+        tie_break: Callable[..., float],
+    ) -> dict[str, float]:
+        return _choose_weight(
+            grank, knob, weights, tie_break, timelines, validation, spec, config, inputs, parallel
         )
-        if parallel.is_main
-        else {}
-    )
-    return _take_weight(model, "ranker_weight", scores, max, config, parallel)
+
+    with_ranker = knobs.ranker_residual and config.ranker_weights
+    ranker = choose("ranker_weight", config.ranker_weights, max) if with_ranker else {}
+    with_prior = knobs.inputs.popularity_prior is not None and config.prior_weights
+    prior = choose("prior_weight", config.prior_weights, min) if with_prior else {}
+    return ranker, prior
 
 
-def calibrate_prior(
-    model: nn.Module,
-    timelines: Timelines,
-    validation: Queries,
-    spec: EvalConfig,
-    config: FitConfig,
-    inputs: EvalInputs,
-    parallel: DataParallel = SINGLE,
-) -> dict[str, float]:
-    """Set the popularity prior's ``prior_weight`` to the one of ``config.prior_weights``
-    whose served order scores best on the validation queries; ties keep the smaller
-    weight (no evidence, no prior). Returns the score of each weight tried.
-
-    Run after :func:`calibrate_ranker`, on its choice. Recent popularity moves with the
-    calendar (a week of new releases, a holiday) faster than a model warm-started once a
-    day, and on such days the most popular items beat the model's top; how much of it
-    the served order should take is again for validation to tell, 0 included.
-    """
-    if not (
-        isinstance(model, GRank)
-        and model.config.use_ranker
-        and model.config.inputs.popularity_prior is not None
-        and config.prior_weights
-    ):
-        return {}
-    scores = (
-        _served_weight_scores(
-            model, "prior_weight", config.prior_weights, timelines, validation, spec, config, inputs
-        )
-        if parallel.is_main
-        else {}
-    )
-    return _take_weight(model, "prior_weight", scores, min, config, parallel)
-
-
-def _served_weight_scores(
+def _choose_weight(
     model: GRank,
     knob: Literal["ranker_weight", "prior_weight"],
     weights: tuple[float, ...],
+    tie_break: Callable[..., float],
     timelines: Timelines,
     validation: Queries,
     spec: EvalConfig,
     config: FitConfig,
     inputs: EvalInputs,
-) -> dict[float, float]:
-    """Validation's ``config.val_metric`` of the served order with ``knob`` at each weight."""
-    scores: dict[float, float] = {}
-    device = next(model.parameters()).device
-    for weight in weights:
-        model.config = _with_weight(model.config, knob, weight)
-        metrics = evaluate(model, timelines, validation, spec, device, inputs)
-        scores[weight] = metrics["rank/filtered"][config.val_metric]
-    return scores
-
-
-def _take_weight(
-    model: GRank,
-    knob: Literal["ranker_weight", "prior_weight"],
-    scores: dict[float, float],
-    tie_break: Callable[..., float],
-    config: FitConfig,
     parallel: DataParallel,
 ) -> dict[str, float]:
-    """Set ``knob`` to the best-scoring weight (``tie_break`` among equals); every rank
-    takes rank 0's choice (only rank 0 scores)."""
+    """Set ``knob`` to the weight whose served order scores best on validation
+    (``tie_break`` among equals); every rank takes rank 0's choice (only rank 0 scores)."""
+    scores: dict[float, float] = {}
+    if parallel.is_main:
+        device = next(model.parameters()).device
+        for weight in weights:
+            model.config = _with_weight(model.config, knob, weight)
+            metrics = evaluate(model, timelines, validation, spec, device, inputs)
+            scores[weight] = metrics["rank/filtered"][config.val_metric]
     best = max(scores.values(), default=0.0)
     chosen = tie_break((w for w, v in scores.items() if v == best), default=0.0)
     model.config = _with_weight(model.config, knob, from_main(chosen, parallel))

@@ -25,7 +25,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_prior, calibrate_ranker
+from training.train import calibrate_served_order
 
 
 def tiny(**overrides: object) -> GRank:
@@ -182,16 +182,7 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
         model.ranker_mlp[-1].weight.zero_()
         model.ranker_mlp[-1].bias.zero_()
     n_users, length = 20, 6
-    items = np.random.default_rng(0).integers(1, 40, n_users * length)
-    timelines = Timelines(
-        user_ids=np.arange(n_users),
-        offsets=np.arange(0, n_users * length + 1, length),
-        items=items,
-        times=np.zeros(n_users * length, dtype=np.int64),
-        first_target=np.zeros(n_users, dtype=np.int64),
-        first_day=date(2000, 1, 1),
-        last_day=date(2000, 1, 1),
-    )
+    timelines = _random_timelines(n_users, length)
     spec = EvalConfig(short_len=6, long_len=8, k1=39)
     popularity = torch.zeros(2, 40, 1)  # as-of index 1 serves predictions on day 0
     popularity[1, 1:, 0] = torch.randn(39).sort().values * 3  # item 39 the most popular
@@ -215,14 +206,29 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
     most_popular = top[np.arange(n_users), popularity[1, top, 0].numpy().argmax(axis=1)]
     validation = _all_users(n_users, length, most_popular)
     fit = FitConfig(progress=False)
-    scores = calibrate_prior(model, timelines, validation, spec, fit, inputs)
+    ranker, scores = calibrate_served_order(model, timelines, validation, spec, fit, inputs)
+    assert len(set(ranker.values())) == 1 and model.config.ranker_weight == 1.0  # no correction
     assert model.config.prior_weight > 0 and set(scores) == {"0", "0.125", "0.25", "0.5", "1", "2"}
     assert scores[f"{model.config.prior_weight:g}"] > scores["0"]
     flat = EvalInputs(features=replace(history, item_numeric=torch.zeros(2, 40, 1)))
-    scores = calibrate_prior(model, timelines, validation, spec, fit, flat)
+    _, scores = calibrate_served_order(model, timelines, validation, spec, fit, flat)
     assert model.config.prior_weight == 0.0 and len(set(scores.values())) == 1
     no_prior = tiny(ranker_residual=True)
-    assert calibrate_prior(no_prior, timelines, validation, spec, fit, NO_INPUTS) == {}
+    assert calibrate_served_order(no_prior, timelines, validation, spec, fit, NO_INPUTS)[1] == {}
+
+
+def _random_timelines(n_users: int, length: int) -> Timelines:
+    """``n_users`` users of ``length`` random items each (ids 1..39), all on one day."""
+    items = np.random.default_rng(0).integers(1, 40, n_users * length)
+    return Timelines(
+        user_ids=np.arange(n_users),
+        offsets=np.arange(0, n_users * length + 1, length),
+        items=items,
+        times=np.zeros(n_users * length, dtype=np.int64),
+        first_target=np.zeros(n_users, dtype=np.int64),
+        first_day=date(2000, 1, 1),
+        last_day=date(2000, 1, 1),
+    )
 
 
 def _all_users(n_users: int, length: int, relevant: np.ndarray) -> Queries:
@@ -242,17 +248,7 @@ def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it
     nothing ties it, and a tie keeps the Ranker's whole weight."""
     model = tiny(ranker_residual=True)
     n_users, length = 20, 6
-    generator = np.random.default_rng(0)
-    items = generator.integers(1, 40, n_users * length)
-    timelines = Timelines(
-        user_ids=np.arange(n_users),
-        offsets=np.arange(0, n_users * length + 1, length),
-        items=items,
-        times=np.zeros(n_users * length, dtype=np.int64),
-        first_target=np.zeros(n_users, dtype=np.int64),
-        first_day=date(2000, 1, 1),
-        last_day=date(2000, 1, 1),
-    )
+    timelines = _random_timelines(n_users, length)
     spec = EvalConfig(short_len=6, long_len=8, k1=39)
 
     model.config = replace(model.config, ranker_weight=0.0)
@@ -264,14 +260,14 @@ def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it
         model.ranker_mlp[-1].weight.mul_(1e4)
     model.config = replace(model.config, ranker_weight=1.0)
     fit = FitConfig(progress=False)
-    scores = calibrate_ranker(model, timelines, validation, spec, fit, NO_INPUTS)
+    scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
     assert model.config.ranker_weight == 0.0
     assert scores["0"] == pytest.approx(1.0) and scores["1"] < 0.5
     assert set(scores) == {"1", "0.75", "0.5", "0.25", "0"}
     with torch.no_grad():
         model.ranker_mlp[-1].weight.zero_()
         model.ranker_mlp[-1].bias.zero_()
-    scores = calibrate_ranker(model, timelines, validation, spec, fit, NO_INPUTS)
+    scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
     assert model.config.ranker_weight == 1.0 and len(set(scores.values())) == 1
 
 
