@@ -483,8 +483,8 @@ def calibrate_served_order(
     """
     if not (isinstance(model, GRank) and model.config.use_ranker):
         return {}, {}
-    grank = model
-    knobs = grank.config
+    ranked = model
+    knobs = ranked.config
 
     def choose(
         knob: Literal["ranker_weight", "prior_weight"],
@@ -492,7 +492,7 @@ def calibrate_served_order(
         tie_break: Callable[..., float],
     ) -> dict[str, float]:
         return _choose_weight(
-            grank, knob, weights, tie_break, timelines, validation, spec, config, inputs, parallel
+            ranked, knob, weights, tie_break, timelines, validation, spec, config, inputs, parallel
         )
 
     with_ranker = knobs.ranker_residual and config.ranker_weights
