@@ -29,7 +29,6 @@ import torch
 
 from grank.cli.train import daily_job
 from grank.config import Settings
-from training.baselines import RecentPopularity
 from training.checkpoint import load_checkpoint
 from training.daily import read_day_data
 from training.data import next_day
@@ -64,9 +63,8 @@ def main() -> None:
         _, _, queries = next_day(data.timelines, day)
         stages = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
         assert data.baseline_inputs.features is not None
-        popularity = RecentPopularity(
-            data.baseline_inputs.features, settings.train.recent_popularity_column
-        )
+        recent = f"popularity_{settings.train.recent_popularity_days}d"
+        popularity = job.baselines.scorers(data.baseline_inputs.features)[recent]
         popular = rankings(popularity, data.timelines, queries, spec, device, data.baseline_inputs)
         orders = {
             "generator order (stage 1)": stages["generator"],

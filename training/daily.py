@@ -41,7 +41,7 @@ from common.atomic import staging_dir
 from common.errors import UserFacingError
 from features.feature_tables import TRAINING_EXAMPLES, FeatureTables
 from features.lake import EPOCH, US_PER_DAY
-from training.baselines import RecentPopularity
+from training.baselines import Baselines
 from training.checkpoint import load_checkpoint
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import (
@@ -70,17 +70,6 @@ from training.model import GRank
 from training.registry import ModelRegistry
 from training.temporal import TemporalSplit, global_temporal_split
 from training.train import FitResult, fit, fit_to_cutoff, seed_everything
-
-
-@dataclass(frozen=True)
-class Baselines:
-    """The popularity baselines every candidate must beat: name -> ``item_features`` column.
-
-    ``pop_total`` as of the day before is all-time popularity; ``pop_7d`` the last week's
-    (the window is ``train.recent_popularity_days``).
-    """
-
-    columns: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -153,7 +142,7 @@ def read_day_data(
             device,
         )
 
-    baseline_spec = InputSpec(item_numeric=tuple(job.baselines.columns.values()))
+    baseline_spec = InputSpec(item_numeric=job.baselines.item_columns)
     return DayData(
         timelines=timelines,
         model_inputs=EvalInputs(history(spec), flags, servable),
@@ -164,7 +153,7 @@ def read_day_data(
 def _baseline_scorers(job: DailyJob, data: DayData) -> dict[str, Scorer | None]:
     history = data.baseline_inputs.features
     assert history is not None
-    return {name: RecentPopularity(history, col) for name, col in job.baselines.columns.items()}
+    return dict(job.baselines.scorers(history))
 
 
 def _records(

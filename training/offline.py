@@ -26,7 +26,7 @@ import torch
 
 from common.errors import UserFacingError
 from features.lake import US_PER_DAY
-from training.baselines import Popularity, RecentPopularity, TwoTower
+from training.baselines import Baselines, Popularity, TwoTower
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
 from training.evaluate import EvalInputs, Scorer, evaluate
@@ -55,7 +55,7 @@ class OfflineJob:
     fit: FitConfig
     catchup: FitConfig
     spec: EvalConfig
-    baselines: dict[str, str]  # name -> item_features column (as of the day before)
+    baselines: Baselines
     quantile: float = 0.9
     val_quantile: float = 0.9
     k_core: int = 5
@@ -164,11 +164,10 @@ def run_gts(
     """Train and score each variant (and the baselines) on the global temporal split."""
     split = data.split
     targets = {"last": split.test_last, "successive": split.test_successive}
-    baseline_inputs = data.features_of(InputSpec(item_numeric=tuple(job.baselines.values())))
+    baseline_inputs = data.features_of(InputSpec(item_numeric=job.baselines.item_columns))
     history = baseline_inputs.features
     assert history is not None
-    for name, column in job.baselines.items():
-        scorer = RecentPopularity(history, column)
+    for name, scorer in job.baselines.scorers(history).items():
         report(
             name,
             {

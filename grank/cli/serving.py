@@ -43,8 +43,8 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
     """Item ids of the lake's catalogue, and ids by popularity up to ``day`` (most first).
 
     Popularity comes from the ``item_features`` partition of ``day`` (the count of the last
-    ``train.recent_popularity_days``, then the all-time count), read as plain Parquet so no
-    Spark is needed here.
+    ``train.recent_popularity_days``, then the all-time count, then the item id: the order
+    the gate's popularity baseline ranks by), read as plain Parquet so no Spark is needed.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -62,7 +62,10 @@ def _catalogue_and_popularity(settings: Settings, day: date) -> tuple[list[int],
         )
     recent = settings.train.recent_popularity_column
     table = pq.read_table(features_path, columns=["item_id", recent, "pop_total"])
-    order = pc.sort_indices(table, sort_keys=[(recent, "descending"), ("pop_total", "descending")])
+    order = pc.sort_indices(
+        table,
+        sort_keys=[(recent, "descending"), ("pop_total", "descending"), ("item_id", "ascending")],
+    )
     popular = table.take(order).column("item_id").to_pylist()
     return catalogue, popular
 

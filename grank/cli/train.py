@@ -47,7 +47,8 @@ def daily_job(
 
     from features.lake import landed_days
     from grank.dataset import lake_config, model_inputs
-    from training.daily import Baselines, DailyJob
+    from training.baselines import Baselines
+    from training.daily import DailyJob
     from training.distributed import SINGLE
     from training.inputs import select_groups
 
@@ -359,7 +360,7 @@ def offline_eval(
         fit=fit,
         catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
         spec=job.spec,
-        baselines=job.baselines.columns,
+        baselines=job.baselines,
         quantile=quantile,
         val_quantile=settings.train.val_quantile,
         feature_ttl_days=settings.features.daily_ttl_days,

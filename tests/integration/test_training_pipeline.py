@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -207,6 +207,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(built_root, tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, good.state_dict()[name]), name
         assert torch.isfinite(tensor).all()
+
+
+def test_the_popularity_baseline_ranks_as_serving_answers_before_a_model_passes(built_root):
+    """The baseline the gate compares against is the order serving falls back to, ties and
+    all: recent count, then all-time count, then item id."""
+    import numpy as np
+
+    from grank.cli.serving import _catalogue_and_popularity
+    from grank.cli.train import daily_job
+    from tests.conftest import make_settings
+    from training.data import day_number
+    from training.features import read_feature_history
+    from training.inputs import InputSpec
+
+    settings = make_settings(built_root)
+    _, served = _catalogue_and_popularity(settings, TRAINING_LAST)  # serves TRAINING_LAST + 1
+    job = daily_job(settings, TRAINING_LAST + timedelta(days=1))
+    history = read_feature_history(
+        settings.features_dir,
+        InputSpec(item_numeric=job.baselines.item_columns),
+        job.test_day,
+        job.test_day,
+        max(served) + 1,
+        settings.features.daily_ttl_days,
+        torch.device("cpu"),
+    )
+    recent = f"popularity_{settings.train.recent_popularity_days}d"
+    scores = job.baselines.scorers(history)[recent].scores(np.array([day_number(job.test_day)]))
+    in_table = set(served)
+    ranked = [row for row in scores[0].argsort(descending=True).tolist() if row in in_table]
+    assert len(served) > 100 and ranked == served
 
 
 def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):

@@ -291,6 +291,37 @@ def test_item_features_are_standardized_per_day_and_profiles_clipped_to_training
     assert torch.equal(vector(5.0), vector(50.0)) and not torch.equal(vector(4.0), vector(5.0))
 
 
+def test_popularity_orders_equal_counts_by_the_all_time_count_then_by_item_id():
+    """The baseline ranks as serving's popularity fallback does, whatever the device's top-k
+    does with ties: 50 items share each last-week count, in an order the id alone does not
+    give."""
+    from training.baselines import Baselines
+    from training.features import FeatureHistory
+
+    rng = np.random.default_rng(0)
+    n_rows = 301
+    week = np.zeros(n_rows, np.float32)
+    week[1:] = rng.integers(0, 6, n_rows - 1)
+    total = np.zeros(n_rows, np.float32)
+    total[1:] = rng.integers(0, 4, n_rows - 1)  # ties here too: the item id settles those
+    spec = InputSpec(item_numeric=("pop_7d", "pop_total"))
+    history = FeatureHistory(
+        spec=spec,
+        first_day=100,
+        user_ids=np.zeros(0, dtype=np.int64),
+        user_numeric=np.zeros((2, 1, 0), np.float32),
+        user_categorical=np.zeros((2, 1, 0), np.int64),
+        item_numeric=torch.as_tensor(np.stack([np.zeros((n_rows, 2)), np.c_[week, total]])).float(),
+    )
+    baselines = Baselines({"popularity_7d": "pop_7d", "popularity_all_time": "pop_total"})
+    assert baselines.item_columns == ("pop_7d", "pop_total")
+    scores = baselines.scorers(history)["popularity_7d"].scores(np.array([101, 101]))
+    expected = sorted(range(n_rows), key=lambda row: (-week[row], -total[row], row))
+    assert torch.equal(scores[0], scores[1])
+    assert scores[0].argsort(descending=True).tolist() == expected
+    assert scores[0].topk(40).indices.tolist() == expected[:40]
+
+
 def test_feature_groups_select_what_the_model_reads():
     from training.inputs import select_groups
 
