@@ -299,7 +299,8 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
     default="grank,generator_only,dssm",
     show_default=True,
     help="Comma list of: grank, generator_only, dssm, and the feature ablation"
-    " sequence_only, behaviors, user_profile, item_features, all_features.",
+    " sequence_only, behaviors, user_profile, item_features, all_features; empty: the"
+    " popularity baselines alone.",
 )
 @click.option(
     "--quantile",

@@ -1,4 +1,4 @@
-"""The CUDA paths: serving's exact MIPS on the GPU and a training run on the GPU.
+"""The CUDA paths: serving's exact MIPS, the popularity baseline and a training run on the GPU.
 
 Skipped where no CUDA device is present (CI's machines have none); run on a GPU machine
 with `python -m pytest tests/unit/test_cuda_paths.py`. The CPU paths have their own tests.
@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from serving.mips import MipsConfig, TorchMIPS, build_mips
+from training.baselines import Baselines
 from training.config import EvalConfig, FitConfig
 from training.data import Timelines, leave_last_out
+from training.evaluate import EvalInputs, rankings
+from training.features import FeatureHistory
+from training.inputs import InputSpec
 from training.losses import LossWeights, grank_batch_loss
 from training.model import GRank, GRankConfig
 from training.train import fit
@@ -35,13 +39,11 @@ def test_auto_picks_the_gpu_and_returns_the_exact_top_k():
     np.testing.assert_allclose(np.take_along_axis(exact, rows, 1), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_grank_trains_and_chooses_its_ranker_weight_on_the_gpu():
-    """Users walk the catalogue in steps of one: a sequence model learns it in an epoch."""
-    rng = np.random.default_rng(0)
-    n_users, length, n_items = 300, 24, 200
-    starts = rng.integers(1, n_items + 1, n_users)
+def _walks(n_users: int, length: int, n_items: int) -> Timelines:
+    """Users walk the catalogue in steps of one from random starts, one event a minute."""
+    starts = np.random.default_rng(0).integers(1, n_items + 1, n_users)
     items = ((starts[:, None] + np.arange(length)) - 1) % n_items + 1
-    timelines = Timelines(
+    return Timelines(
         user_ids=np.arange(n_users),
         offsets=np.arange(0, n_users * length + 1, length),
         items=items.ravel(),
@@ -50,6 +52,41 @@ def test_grank_trains_and_chooses_its_ranker_weight_on_the_gpu():
         first_day=date(2000, 1, 1),
         last_day=date(2000, 1, 1),
     )
+
+
+def popularity_rankings(device: torch.device) -> np.ndarray:
+    """The last-week popularity baseline's top items for 300 queries, ranked on ``device``
+    over 200 items whose counts tie in a few levels."""
+    n_items = 200
+    timelines = _walks(300, 24, n_items)
+    _, _, test = leave_last_out(timelines)
+    rng = np.random.default_rng(1)
+    counts = np.zeros((2, n_items + 1, 2), np.float32)  # [as-of day, item row, column]
+    counts[1, 1:, 0] = rng.integers(0, 5, n_items)  # pop_7d
+    counts[1, 1:, 1] = rng.integers(0, 3, n_items)  # pop_total
+    history = FeatureHistory(
+        spec=InputSpec(item_numeric=("pop_7d", "pop_total")),
+        first_day=int(test.days.min()) - 1,  # the queries' days read as-of slot 1
+        user_ids=np.zeros(0, dtype=np.int64),
+        user_numeric=np.zeros((2, 1, 0), np.float32),
+        user_categorical=np.zeros((2, 1, 0), np.int64),
+        item_numeric=torch.as_tensor(counts, device=device),
+    )
+    scorer = Baselines({"popularity_7d": "pop_7d"}).scorers(history)["popularity_7d"]
+    spec = EvalConfig(16, 32, k1=50)
+    return rankings(scorer, timelines, test, spec, device, EvalInputs(history))["generator"]
+
+
+def test_the_popularity_baseline_ranks_ties_on_the_gpu_as_on_the_cpu():
+    """The gate's baseline must not depend on the device's top-k order of equal counts."""
+    cpu = popularity_rankings(torch.device("cpu"))
+    np.testing.assert_array_equal(popularity_rankings(torch.device("cuda")), cpu)
+
+
+def test_grank_trains_and_chooses_its_ranker_weight_on_the_gpu():
+    """Users walk the catalogue in steps of one: a sequence model learns it in an epoch."""
+    n_items = 200
+    timelines = _walks(300, 24, n_items)
     train_end, validation, _ = leave_last_out(timelines)
     torch.manual_seed(0)
     model = GRank(
