@@ -56,8 +56,12 @@ def _walks(n_users: int, length: int, n_items: int) -> Timelines:
 
 def popularity_rankings(device: torch.device) -> np.ndarray:
     """The last-week popularity baseline's top items for 300 queries, ranked on ``device``
-    over 200 items whose counts tie in a few levels."""
-    n_items = 200
+    over 400 items whose counts tie in a few levels.
+
+    The catalogue is twice the ranking's depth, so every rank holds an item the user has
+    not seen: the seen ones score -inf, and their order among themselves serves no one.
+    """
+    n_items = 400
     timelines = _walks(300, 24, n_items)
     _, _, test = leave_last_out(timelines)
     rng = np.random.default_rng(1)
