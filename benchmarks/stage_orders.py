@@ -63,8 +63,8 @@ def main() -> None:
         _, _, queries = next_day(data.timelines, day)
         stages = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
         assert data.baseline_inputs.features is not None
-        recent = f"popularity_{settings.train.recent_popularity_days}d"
-        popularity = job.baselines.scorers(data.baseline_inputs.features)[recent]
+        scorers = job.baselines.scorers(data.baseline_inputs.features)
+        popularity = scorers[settings.train.recent_popularity_baseline]
         popular = rankings(popularity, data.timelines, queries, spec, device, data.baseline_inputs)
         orders = {
             "generator order (stage 1)": stages["generator"],

@@ -233,6 +233,11 @@ class TrainSettings(BaseModel):
         """The ``item_features`` column that ranks the recent-popularity baseline (``pop_7d``)."""
         return window_column(POPULARITY, self.recent_popularity_days)
 
+    @property
+    def recent_popularity_baseline(self) -> str:
+        """The recent-popularity baseline's name in reports and verdicts (``popularity_7d``)."""
+        return f"popularity_{self.recent_popularity_days}d"
+
 
 class ServeSettings(BaseModel):
     """The index-free serving API, its snapshots and micro-batching (docs/serving.md).

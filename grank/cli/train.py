@@ -61,7 +61,6 @@ def daily_job(
         else np.zeros(0, dtype=np.int64)
     )
     inputs = select_groups(model_inputs(settings, lake_config(settings)), t.feature_groups)
-    recent = t.recent_popularity_days
     return DailyJob(
         features_dir=settings.features_dir,
         registry=settings.model_registry(),
@@ -77,7 +76,7 @@ def daily_job(
         baselines=Baselines(
             {
                 "popularity_all_time": "pop_total",
-                f"popularity_{recent}d": t.recent_popularity_column,
+                t.recent_popularity_baseline: t.recent_popularity_column,
             }
         ),
         val_quantile=t.val_quantile,

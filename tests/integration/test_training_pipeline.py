@@ -233,8 +233,8 @@ def test_the_popularity_baseline_ranks_as_serving_answers_before_a_model_passes(
         settings.features.daily_ttl_days,
         torch.device("cpu"),
     )
-    recent = f"popularity_{settings.train.recent_popularity_days}d"
-    scores = job.baselines.scorers(history)[recent].scores(np.array([day_number(job.test_day)]))
+    recent = job.baselines.scorers(history)[settings.train.recent_popularity_baseline]
+    scores = recent.scores(np.array([day_number(job.test_day)]))
     in_table = set(served)
     ranked = [row for row in scores[0].argsort(descending=True).tolist() if row in in_table]
     assert len(served) > 100 and ranked == served

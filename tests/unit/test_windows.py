@@ -82,6 +82,9 @@ def test_the_model_inputs_are_the_configured_windows_unless_set(tmp_path: Path) 
     settings = Settings(data_root=tmp_path, features=windows, train={"recent_popularity_days": 14})
     assert settings.train.inputs.item_numeric == ("pop_1d", "pop_14d", "pop_total", "age_days")
     assert settings.train.inputs.user_numeric[0] == "events_14d"
+    # the recent-popularity baseline is named after, and ranks by, the chosen window
+    assert settings.train.recent_popularity_baseline == "popularity_14d"
+    assert settings.train.recent_popularity_column == "pop_14d"
     chosen = {"recent_popularity_days": 14, "inputs": {"item_numeric": ["pop_14d"]}}
     settings = Settings(data_root=tmp_path, features=windows, train=chosen)
     assert settings.train.inputs == InputSpec(item_numeric=("pop_14d",))
