@@ -55,7 +55,7 @@ class RecentPopularity:
         """[B, item rows] scores for predictions made on ``days``: each row's place in the
         day's order, n_rows for the first down to 1 (exact in float32 below 2^24 rows)."""
         unique, inverse = np.unique(np.asarray(days), return_inverse=True)
-        table = self._history.item_numeric
+        table = self._history.item_table
         n_rows = table.shape[1]
         rows = torch.arange(n_rows, device=table.device)
         features = self._history.item_features(unique, rows.expand(len(unique), -1))

@@ -49,7 +49,9 @@ class FeatureHistory:
     user_ids: np.ndarray  # sorted
     user_numeric: np.ndarray  # [days+1, users+1, Fu] float32, scaled
     user_categorical: np.ndarray  # [days+1, users+1, Cu] int64 buckets
-    item_numeric: torch.Tensor  # [days+1, item rows, Fi] float32, scaled
+    # [days+1, item rows, Fi] float32, scaled: every column of ``spec.item_columns`` (the
+    # Ranker's, the prior's or the baselines' counts), not only the Ranker's numeric ones
+    item_table: torch.Tensor
 
     def _asof(self, days: np.ndarray, n_days: int) -> np.ndarray:
         index = np.asarray(days, dtype=np.int64) - 1 - self.first_day + 1
@@ -103,7 +105,7 @@ class FeatureHistory:
         """[B, K, Fi] features of ``candidates`` [B, K] for predictions made on ``days`` [B]."""
         if not self.spec.item_columns:
             return None
-        table = self.item_numeric
+        table = self.item_table
         asof = torch.as_tensor(self._asof(days, table.shape[0]), device=table.device)
         rows = candidates.clamp(0, table.shape[1] - 1)
         return table[asof[:, None], rows]
@@ -117,7 +119,7 @@ def no_features(spec: InputSpec, n_item_rows: int) -> FeatureHistory:
         user_ids=np.zeros(0, dtype=np.int64),
         user_numeric=np.zeros((1, 1, len(spec.user_numeric)), np.float32),
         user_categorical=np.zeros((1, 1, len(spec.user_categorical)), np.int64),
-        item_numeric=torch.zeros(1, n_item_rows, len(spec.item_columns)),
+        item_table=torch.zeros(1, n_item_rows, len(spec.item_columns)),
     )
 
 
@@ -178,7 +180,7 @@ def read_feature_history(
             user_categorical[index, slot, c] = [
                 hash_category(column, v, spec.categorical_buckets) for v in values
             ]
-    item_numeric = np.zeros((n_days + 1, n_item_rows, len(spec.item_columns)), np.float32)
+    item_table = np.zeros((n_days + 1, n_item_rows, len(spec.item_columns)), np.float32)
     for index, table in enumerate(item_tables, start=1):
         if table is None:
             continue
@@ -187,14 +189,14 @@ def read_feature_history(
         day_table = np.zeros((n_item_rows, len(spec.item_columns)), np.float32)
         for c, column in enumerate(spec.item_columns):
             day_table[ids[inside], c] = scale_numeric(_floats(table[column]))[inside]
-        item_numeric[index] = standardize_items(day_table)
+        item_table[index] = standardize_items(day_table)
     return FeatureHistory(
         spec=spec,
         first_day=(asof_first - EPOCH).days,
         user_ids=user_ids,
         user_numeric=user_numeric,
         user_categorical=user_categorical,
-        item_numeric=torch.as_tensor(item_numeric, device=device),
+        item_table=torch.as_tensor(item_table, device=device),
     )
 
 

@@ -74,7 +74,7 @@ def popularity_rankings(device: torch.device) -> np.ndarray:
         user_ids=np.zeros(0, dtype=np.int64),
         user_numeric=np.zeros((2, 1, 0), np.float32),
         user_categorical=np.zeros((2, 1, 0), np.int64),
-        item_numeric=torch.as_tensor(counts, device=device),
+        item_table=torch.as_tensor(counts, device=device),
     )
     scorer = Baselines({"popularity_7d": "pop_7d"}).scorers(history)["popularity_7d"]
     spec = EvalConfig(16, 32, k1=50)

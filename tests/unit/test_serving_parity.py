@@ -127,7 +127,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
             [[[0.0], [0.0]], [[0.0], scale_numeric(np.array([3.0]))]], np.float32
         ),
         user_categorical=np.array([[[0], [0]], [[0], [hash_category("gender", "F", 1024)]]]),
-        item_numeric=torch.as_tensor(item_table),
+        item_table=torch.as_tensor(item_table),
     )
     flags = np.array([1, 0] * 6)
     servable = np.ones(N_ITEMS + 1, dtype=bool)

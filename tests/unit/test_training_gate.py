@@ -311,7 +311,7 @@ def test_popularity_orders_equal_counts_by_the_all_time_count_then_by_item_id():
         user_ids=np.zeros(0, dtype=np.int64),
         user_numeric=np.zeros((2, 1, 0), np.float32),
         user_categorical=np.zeros((2, 1, 0), np.int64),
-        item_numeric=torch.as_tensor(np.stack([np.zeros((n_rows, 2)), np.c_[week, total]])).float(),
+        item_table=torch.as_tensor(np.stack([np.zeros((n_rows, 2)), np.c_[week, total]])).float(),
     )
     baselines = Baselines({"popularity_7d": "pop_7d", "popularity_all_time": "pop_total"})
     assert baselines.item_columns == ("pop_7d", "pop_total")

@@ -192,7 +192,7 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
         user_ids=np.zeros(0, dtype=np.int64),
         user_numeric=np.zeros((1, 1, 0), np.float32),
         user_categorical=np.zeros((1, 1, 0), np.int64),
-        item_numeric=popularity,
+        item_table=popularity,
     )
     inputs = EvalInputs(features=history)
     top = rankings(
@@ -210,7 +210,7 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
     assert len(set(ranker.values())) == 1 and model.config.ranker_weight == 1.0  # no correction
     assert model.config.prior_weight > 0 and set(scores) == {"0", "0.125", "0.25", "0.5", "1", "2"}
     assert scores[f"{model.config.prior_weight:g}"] > scores["0"]
-    flat = EvalInputs(features=replace(history, item_numeric=torch.zeros(2, 40, 1)))
+    flat = EvalInputs(features=replace(history, item_table=torch.zeros(2, 40, 1)))
     _, scores = calibrate_served_order(model, timelines, validation, spec, fit, flat)
     assert model.config.prior_weight == 0.0 and len(set(scores.values())) == 1
     no_prior = tiny(ranker_residual=True)
