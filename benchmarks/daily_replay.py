@@ -65,7 +65,9 @@ def main() -> None:
         "GRANK_DATA_ROOT": str(args.data_root),
         "GRANK_TRAIN__MAX_MINUTES": str(args.bootstrap_minutes),
     }
-    registry = Settings(data_root=args.data_root).model_registry()
+    settings = Settings(data_root=args.data_root)
+    registry = settings.model_registry()
+    recent = settings.train.recent_popularity_baseline  # popularity_7d by default
     rows = []
     for i in range(args.days):
         day = args.first + timedelta(days=i)
@@ -85,31 +87,32 @@ def main() -> None:
             "candidate": {m: results.get("candidate", {}).get(m) for m in METRICS},
             "previous_model": {m: results.get("published", {}).get(m) for m in METRICS},
             "popularity_all_time": results["popularity_all_time"],
-            "popularity_7d": results["popularity_7d"],
+            recent: results[recent],
             "seconds": {"build": build_s, "train": train_s, "evaluate": eval_s},
         }
         rows.append(row)
-        print(_line(row), flush=True)
+        print(_line(row, recent), flush=True)
     out = args.data_root / "replay.json"
     out.write_text(json.dumps(rows, indent=2))
-    summarize(rows, args.data_root / "replay.png")
+    summarize(rows, args.data_root / "replay.png", recent)
     print(f"table: {out}, chart: {args.data_root / 'replay.png'}")
 
 
-def _line(row: dict[str, Any]) -> str:
+def _line(row: dict[str, Any], recent: str) -> str:
     def cell(values: dict[str, Any]) -> str:
         return " ".join("   -  " if values.get(m) is None else f"{values[m]:.4f}" for m in METRICS)
 
     return (
         f"{row['day']} {row['gate']:8} q={row['queries']:3d}"
         f" | published {cell(row['published_model'])} | candidate {cell(row['candidate'])}"
-        f" | previous {cell(row['previous_model'])} | pop7d {cell(row['popularity_7d'])}"
+        f" | previous {cell(row['previous_model'])} | {recent} {cell(row[recent])}"
         f" | pop_all {cell(row['popularity_all_time'])} | train {row['seconds']['train']:.0f}s"
     )
 
 
-def summarize(rows: list[dict[str, Any]], chart: Path) -> None:
-    """Pooled (query-weighted) means, days won, and the PNG chart."""
+def summarize(rows: list[dict[str, Any]], chart: Path, recent: str) -> None:
+    """Pooled (query-weighted) means, days won, and the PNG chart; ``recent`` names the
+    recent-popularity baseline (train.recent_popularity_days)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,12 +128,12 @@ def summarize(rows: list[dict[str, Any]], chart: Path) -> None:
             for r in rows
             if r["published_model"].get(metric) is not None
             and r["published_model"][metric]
-            > max(r["popularity_7d"][metric], r["popularity_all_time"][metric])
+            > max(r[recent][metric], r["popularity_all_time"][metric])
         )
         print(
             f"{metric}: pooled published {pooled('published_model', metric):.4f}"
             f" candidate {pooled('candidate', metric):.4f}"
-            f" pop7d {pooled('popularity_7d', metric):.4f}"
+            f" {recent} {pooled(recent, metric):.4f}"
             f" pop_all {pooled('popularity_all_time', metric):.4f};"
             f" published beats both baselines on {wins} of {len(rows)} days"
         )
@@ -141,7 +144,7 @@ def summarize(rows: list[dict[str, Any]], chart: Path) -> None:
             ("published_model", "o-"),
             ("candidate", "d-"),
             ("previous_model", "x--"),
-            ("popularity_7d", "s:"),
+            (recent, "s:"),
             ("popularity_all_time", "^:"),
         ):
             values = [r[key].get(metric) for r in rows]

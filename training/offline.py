@@ -154,6 +154,42 @@ def _scores(
     return scores
 
 
+def gts_scores(
+    scorer: Scorer, data: OfflineData, spec: EvalConfig, inputs: EvalInputs, device: torch.device
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The split's "last" and "successive" targets, each under both seen filters."""
+    targets = {"last": data.split.test_last, "successive": data.split.test_successive}
+    return _scores(scorer, data, spec, inputs, device, targets)
+
+
+def gts_variant(
+    job: OfflineJob, data: OfflineData, variant: str, device: torch.device
+) -> tuple[GRank | TwoTower, Callable[[np.ndarray], Any], EvalConfig, FitConfig, EvalInputs]:
+    """A fresh, untrained ``variant`` for the global temporal split: the model, its loss
+    (given the phase's item counts), evaluation spec, fit config and inputs."""
+    n_rows = len(data.servable)
+    if variant == "dssm":
+        model = TwoTower(n_rows, job.model.dim, dropout=0.1)
+
+        def two_tower_loss(counts: np.ndarray) -> Any:
+            return two_tower_batch_loss(job.weights, log_q(counts, device))
+
+        spec = replace(job.spec, long_len=0)
+        config = replace(job.fit, lr=job.dssm_lr, stride=1, batch_size=1024)
+        return model, two_tower_loss, spec, config, EvalInputs(servable=data.servable)
+    grank_config = replace(
+        variant_config(job.model, job.feature_groups, variant), n_item_rows=n_rows
+    )
+    grank = GRank(grank_config)
+    inputs = data.features_of(grank_config.inputs)
+    _fit_ranges(grank, inputs, data.split.t_test)
+
+    def grank_loss(counts: np.ndarray) -> Any:
+        return grank_batch_loss(job.weights, log_q(counts, device))
+
+    return grank, grank_loss, job.spec, job.fit, inputs
+
+
 def run_gts(
     job: OfflineJob,
     data: OfflineData,
@@ -163,7 +199,6 @@ def run_gts(
 ) -> None:
     """Train and score each variant (and the baselines) on the global temporal split."""
     split = data.split
-    targets = {"last": split.test_last, "successive": split.test_successive}
     baseline_inputs = data.features_of(InputSpec(item_numeric=job.baselines.item_columns))
     history = baseline_inputs.features
     assert history is not None
@@ -172,34 +207,13 @@ def run_gts(
             name,
             {
                 "protocol": "gts",
-                "results": _scores(scorer, data, job.spec, baseline_inputs, device, targets),
+                "results": gts_scores(scorer, data, job.spec, baseline_inputs, device),
             },
         )
-    n_rows = len(data.servable)
     for variant in variants:
         started = time.perf_counter()
         seed_everything(job.fit.seed)
-        model: torch.nn.Module
-        if variant == "dssm":
-            model = TwoTower(n_rows, job.model.dim, dropout=0.1)
-            inputs = EvalInputs(servable=data.servable)
-            spec = replace(job.spec, long_len=0)
-            config = replace(job.fit, lr=job.dssm_lr, stride=1, batch_size=1024)
-
-            def make_loss(counts: np.ndarray) -> Any:
-                return two_tower_batch_loss(job.weights, log_q(counts, device))
-        else:
-            grank_config = replace(
-                variant_config(job.model, job.feature_groups, variant), n_item_rows=n_rows
-            )
-            model = GRank(grank_config)
-            inputs = data.features_of(grank_config.inputs)
-            _fit_ranges(model, inputs, split.t_test)
-            spec, config = job.spec, job.fit
-
-            def make_loss(counts: np.ndarray) -> Any:
-                return grank_batch_loss(job.weights, log_q(counts, device))
-
+        model, make_loss, spec, config, inputs = gts_variant(job, data, variant, device)
         result = fit_to_cutoff(
             model, make_loss, data.timelines, split, spec, config, job.catchup, device, inputs
         )
@@ -207,7 +221,7 @@ def run_gts(
             variant,
             {
                 "protocol": "gts",
-                "results": _scores(model, data, spec, inputs, device, targets),
+                "results": gts_scores(model, data, spec, inputs, device),
                 **_training_summary(job, result, started),
             },
         )

@@ -427,6 +427,24 @@ def fit_to_cutoff(
         inputs,
         parallel,
     )
+    catch_up(model, make_loss, timelines, split, spec, catchup, device, inputs, parallel)
+    return result
+
+
+def catch_up(
+    model: nn.Module,
+    make_loss: Callable[[np.ndarray], BatchLoss],
+    timelines: Timelines,
+    split: TemporalSplit,
+    spec: EvalConfig,
+    catchup: FitConfig,
+    device: torch.device,
+    inputs: EvalInputs = NO_INPUTS,
+    parallel: DataParallel = SINGLE,
+) -> None:
+    """Train ``catchup.max_epochs`` epochs on the windows whose targets fall between T_val
+    and T_test (:func:`fit_to_cutoff`'s second phase), ending on the last epoch."""
+    n_rows = int(model.item_vectors().shape[0])  # type: ignore[operator]
     recent = replace(timelines, first_target=np.minimum(split.fit_end, split.train_end))
     if catchup.max_epochs and (split.train_end > split.fit_end).any():
         fit(
@@ -441,7 +459,6 @@ def fit_to_cutoff(
             inputs,
             parallel,
         )
-    return result
 
 
 def validation_score(

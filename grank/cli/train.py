@@ -21,6 +21,7 @@ from grank.config import REPO_ROOT, Settings
 if TYPE_CHECKING:
     from training.daily import DailyJob
     from training.distributed import DataParallel
+    from training.offline import OfflineJob
 
 # `grank evaluate` exits with this when the gate refused the candidate: not an error of
 # the run (the DAG marks the task skipped and serving keeps what it has), but not a pass.
@@ -285,6 +286,36 @@ def rollback(settings: Settings, to: str | None, reason: str) -> None:
         )
 
 
+def offline_job(
+    settings: Settings, quantile: float, minutes: float | None, next_day_windows: bool
+) -> OfflineJob:
+    """`grank offline-eval`'s job: the configured model and its training, split at the
+    ``quantile`` of event times, each variant's fit budgeted to ``minutes`` (None: none)."""
+    from dataclasses import replace
+
+    from grank.dataset import lake_config, model_inputs
+    from training.offline import OfflineJob
+
+    # the setting itself, so the fit and the catch-up both follow it
+    train = settings.train.model_copy(update={"next_day_windows": next_day_windows})
+    settings = settings.model_copy(update={"train": train})
+    job = daily_job(settings, date.max)
+    return OfflineJob(
+        features_dir=settings.features_dir,
+        landed_days=job.landed_days,
+        model=job.model,
+        feature_groups=model_inputs(settings, lake_config(settings)),
+        weights=job.weights,
+        fit=replace(job.fit, max_seconds=minutes * 60 if minutes else None),
+        catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
+        spec=job.spec,
+        baselines=job.baselines,
+        quantile=quantile,
+        val_quantile=settings.train.val_quantile,
+        feature_ttl_days=settings.features.daily_ttl_days,
+    )
+
+
 @click.command("offline-eval")
 @click.option(
     "--protocol",
@@ -334,37 +365,17 @@ def offline_eval(
     measure the model on the literature's protocols; the daily gate measures what serves.
     """
     import json
-    from dataclasses import replace
 
     from common.atomic import atomic_write_text
     from common.errors import UserFacingError
-    from grank.dataset import lake_config, model_inputs
-    from training.offline import VARIANTS, OfflineJob, load, run_gts, run_loo
+    from training.offline import VARIANTS, load, run_gts, run_loo
     from training.train import pick_device
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         raise UserFacingError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    # the setting itself, so the fit and the catch-up both follow it
-    train = settings.train.model_copy(update={"next_day_windows": next_day_windows})
-    settings = settings.model_copy(update={"train": train})
-    job = daily_job(settings, date.max)
-    fit = replace(job.fit, max_seconds=minutes * 60 if minutes else None)
-    offline = OfflineJob(
-        features_dir=settings.features_dir,
-        landed_days=job.landed_days,
-        model=job.model,
-        feature_groups=model_inputs(settings, lake_config(settings)),
-        weights=job.weights,
-        fit=fit,
-        catchup=replace(job.finetune, max_epochs=settings.train.catchup_epochs),
-        spec=job.spec,
-        baselines=job.baselines,
-        quantile=quantile,
-        val_quantile=settings.train.val_quantile,
-        feature_ttl_days=settings.features.daily_ttl_days,
-    )
+    offline = offline_job(settings, quantile, minutes, next_day_windows)
     out = settings.offline_dir / protocol
     device = pick_device()
     data = load(offline, device)

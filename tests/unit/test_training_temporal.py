@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 
 import numpy as np
@@ -104,3 +105,45 @@ def test_preprocessing_drops_repeats_and_applies_k_core_iteratively():
     assert core.user_ids.tolist() == [1, 2]
     assert core.items.tolist() == [1, 2, 1, 1, 2]
     assert preprocess(timelines(rows), 2).items.tolist() == core.items.tolist()
+
+
+def test_the_catch_up_learns_only_from_targets_between_t_val_and_t_test():
+    """The model is frozen at T_test: the catch-up after the validated fit supervises
+    exactly the events in (T_val, T_test], never one after T_test (a leak into the test
+    targets) nor the fit's own events again; with no epochs it leaves the model as is."""
+    import torch
+
+    from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
+    from training.losses import grank_batch_loss
+    from training.model import GRank
+    from training.train import catch_up
+
+    tl = timelines(FIXTURE)
+    split = global_temporal_split(tl, t_test=100 * S, val_quantile=0.9)
+    supervised: set[int] = set()
+    loss = grank_batch_loss(LossWeights(hard_negatives=0, ranker_in_batch=True), None)
+
+    def recording(_counts: np.ndarray):
+        def batch_loss(model, batch):
+            supervised.update(batch.labels[batch.labels > 0].tolist())
+            supervised.update(batch.targets.tolist())
+            return loss(model, batch)
+
+        return batch_loss
+
+    torch.manual_seed(0)
+    model = GRank(
+        GRankConfig(n_item_rows=16, dim=8, n_heads=1, n_layers=1, short_seq_len=4, long_seq_len=4)
+    )
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    spec = EvalConfig(short_len=4, long_len=4, k1=12)
+    config = FitConfig(stride=1, next_day_windows=False, progress=False)
+    device = torch.device("cpu")
+    catch_up(model, recording, tl, split, spec, replace(config, max_epochs=0), device)
+    assert supervised == set()
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+    catch_up(model, recording, tl, split, spec, replace(config, max_epochs=2), device)
+    # the only event in (T_val, T_test] = (50 s, 100 s]: user 1's item 3 at 60 s
+    assert supervised == {3}
+    assert not torch.equal(model.item_vectors(), before["item_embedding.weight"])
