@@ -8,7 +8,8 @@ The gate compares a candidate model with the published one on the same queries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -95,20 +96,52 @@ def _all_scores(
     return scorer.user_vectors(short) @ scorer.item_vectors().T
 
 
+def _stages(
+    scorer: Scorer,
+    scores: torch.Tensor,
+    excluded: torch.Tensor,
+    long: torch.Tensor,
+    days: np.ndarray,
+    features: FeatureHistory | None,
+    k1: int,
+    with_ranker: bool,
+) -> dict[str, torch.Tensor]:
+    """One batch's Stage-1 top items (``excluded`` masked) and, ``with_ranker``, the
+    Ranker's order of the first ``k1`` of them."""
+    depth = min(max(RECALL_KS), scores.shape[1] - 1)
+    masked = scores.masked_fill(excluded, float("-inf"))
+    top = masked.topk(depth, dim=1).indices
+    if not with_ranker:
+        return {"generator": top}
+    assert isinstance(scorer, GRank)
+    candidates = top[:, : min(k1, depth)]
+    item_features = None if features is None else features.item_features(days, candidates)
+    rank = scorer.rank_scores(long, candidates, masked.gather(1, candidates), item_features)
+    order = rank.argsort(dim=1, descending=True)
+    return {"generator": top, "rank": candidates.gather(1, order)}
+
+
 @torch.no_grad()
-def rankings(
+def rankings_by_filter(
     scorer: Scorer,
     timelines: Timelines,
     queries: Queries,
-    spec: EvalConfig,
+    specs: Sequence[EvalConfig],
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     with_rank: bool = True,
-) -> dict[str, np.ndarray]:
-    """Top items per query and stage: ``generator`` (MIPS top, seen filtered) and, for a
-    GRank with a Ranker, ``rank`` (its order of the top ``k1``)."""
+) -> list[dict[str, np.ndarray]]:
+    """:func:`rankings` under each of ``specs``, which may differ in ``seen_len`` only.
+
+    Serving's seen filter and the literature's are two masks over the same scores, so
+    the model scores each batch once; a query whose masks agree (its history is no
+    longer than either filter reaches) takes the first spec's rankings.
+    """
     if len(queries) == 0:
         raise UserFacingError("no evaluation queries (every user has too few events)")
+    if not specs or any(replace(s, seen_len=specs[0].seen_len) != specs[0] for s in specs):
+        raise ValueError("evaluation specs scored together may differ in seen_len only")
+    spec = specs[0]
     was_training = isinstance(scorer, torch.nn.Module) and scorer.training
     if isinstance(scorer, torch.nn.Module):
         scorer.eval()
@@ -117,7 +150,7 @@ def rankings(
     )
     features = inputs.features
     with_ranker = with_rank and isinstance(scorer, GRank) and scorer.config.use_ranker
-    ranked: dict[str, list[np.ndarray]] = {}
+    ranked: list[dict[str, list[np.ndarray]]] = [{} for _ in specs]
     for start in range(0, len(queries), spec.batch_size):
         rows = slice(start, min(start + spec.batch_size, len(queries)))
         days = queries.days[rows]
@@ -131,25 +164,62 @@ def rankings(
                 device,
             )
         scores = _all_scores(scorer, torch.as_tensor(short[rows], device=device), user, days)
-        n_rows = scores.shape[1]
-        depth = min(max(RECALL_KS), n_rows - 1)
-        excluded = _excluded(timelines, queries, rows, n_rows, spec, inputs.servable, device)
-        scores = scores.masked_fill(excluded, float("-inf"))
-        top = scores.topk(depth, dim=1).indices
-        ranked.setdefault("generator", []).append(top.cpu().numpy())
-        if with_ranker:
-            assert isinstance(scorer, GRank)
-            candidates = top[:, : min(spec.k1, depth)]
-            long_b = torch.as_tensor(long[rows], device=device)
-            item_features = None if features is None else features.item_features(days, candidates)
-            rank = scorer.rank_scores(
-                long_b, candidates, scores.gather(1, candidates), item_features
-            )
-            order = rank.argsort(dim=1, descending=True)
-            ranked.setdefault("rank", []).append(candidates.gather(1, order).cpu().numpy())
+        long_b = torch.as_tensor(long[rows], device=device)
+        masks = [
+            _excluded(timelines, queries, rows, scores.shape[1], each, inputs.servable, device)
+            for each in specs
+        ]
+        first = _stages(scorer, scores, masks[0], long_b, days, features, spec.k1, with_ranker)
+        for i, mask in enumerate(masks):
+            staged = first
+            differ = (mask != masks[0]).any(dim=1).nonzero().squeeze(1)
+            if len(differ):
+                own = _stages(
+                    scorer,
+                    scores[differ],
+                    mask[differ],
+                    long_b[differ],
+                    days[differ.cpu().numpy()],
+                    features,
+                    spec.k1,
+                    with_ranker,
+                )
+                staged = {
+                    stage: top.index_copy(0, differ, own[stage]) for stage, top in first.items()
+                }
+            for stage, top in staged.items():
+                ranked[i].setdefault(stage, []).append(top.cpu().numpy())
     if was_training and isinstance(scorer, torch.nn.Module):
         scorer.train()
-    return {stage: np.concatenate(parts) for stage, parts in ranked.items()}
+    return [{stage: np.concatenate(parts) for stage, parts in each.items()} for each in ranked]
+
+
+def rankings(
+    scorer: Scorer,
+    timelines: Timelines,
+    queries: Queries,
+    spec: EvalConfig,
+    device: torch.device,
+    inputs: EvalInputs = NO_INPUTS,
+    with_rank: bool = True,
+) -> dict[str, np.ndarray]:
+    """Top items per query and stage: ``generator`` (MIPS top, seen filtered) and, for a
+    GRank with a Ranker, ``rank`` (its order of the top ``k1``)."""
+    return rankings_by_filter(scorer, timelines, queries, [spec], device, inputs, with_rank)[0]
+
+
+def _stage_metrics(ranked: dict[str, np.ndarray], queries: Queries) -> dict[str, dict[str, float]]:
+    return {
+        f"{stage}/filtered": ranking_metrics(
+            top,
+            queries.relevant_offsets,
+            queries.relevant_items,
+            RECALL_KS,
+            NDCG_KS,
+            queries.weights,
+        )
+        for stage, top in ranked.items()
+    }
 
 
 def evaluate(
@@ -165,17 +235,21 @@ def evaluate(
     ``queries.weights`` when set). ``with_rank=False`` skips stage 2 (early stopping
     watches the Generator only)."""
     ranked = rankings(scorer, timelines, queries, spec, device, inputs, with_rank)
-    return {
-        f"{stage}/filtered": ranking_metrics(
-            top,
-            queries.relevant_offsets,
-            queries.relevant_items,
-            RECALL_KS,
-            NDCG_KS,
-            queries.weights,
-        )
-        for stage, top in ranked.items()
-    }
+    return _stage_metrics(ranked, queries)
+
+
+def evaluate_by_filter(
+    scorer: Scorer,
+    timelines: Timelines,
+    queries: Queries,
+    specs: Sequence[EvalConfig],
+    device: torch.device,
+    inputs: EvalInputs = NO_INPUTS,
+) -> list[dict[str, dict[str, float]]]:
+    """:func:`evaluate` under each of ``specs`` (differing in ``seen_len`` only), from one
+    pass of the model (:func:`rankings_by_filter`)."""
+    ranked = rankings_by_filter(scorer, timelines, queries, specs, device, inputs)
+    return [_stage_metrics(each, queries) for each in ranked]
 
 
 def headline(metrics: dict[str, dict[str, float]], metric: str) -> float:

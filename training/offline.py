@@ -29,7 +29,7 @@ from features.lake import US_PER_DAY
 from training.baselines import Baselines, Popularity, TwoTower
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
-from training.evaluate import EvalInputs, Scorer, evaluate
+from training.evaluate import EvalInputs, Scorer, evaluate_by_filter
 from training.features import read_feature_history
 from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_groups
 from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
@@ -142,15 +142,12 @@ def _scores(
     literature's filter, so its scores are reused rather than computed twice.
     """
     literature = replace(spec, seen_len=None)
+    specs = [spec] if literature == spec else [spec, literature]
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for target, queries in protocol_queries.items():
-        served = evaluate(scorer, data.timelines, queries, spec, device, inputs)
-        scores[target] = served
-        scores[target + HISTORY_FILTER] = (
-            served
-            if literature == spec
-            else evaluate(scorer, data.timelines, queries, literature, device, inputs)
-        )
+        by_filter = evaluate_by_filter(scorer, data.timelines, queries, specs, device, inputs)
+        scores[target] = by_filter[0]
+        scores[target + HISTORY_FILTER] = by_filter[-1]
     return scores
 
 

@@ -14,7 +14,7 @@ from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines
-from training.evaluate import NO_INPUTS, EvalInputs, rankings
+from training.evaluate import NO_INPUTS, EvalInputs, rankings, rankings_by_filter
 from training.features import FeatureHistory
 from training.inputs import InputSpec
 from training.losses import (
@@ -240,6 +240,46 @@ def _all_users(n_users: int, length: int, relevant: np.ndarray) -> Queries:
         relevant_items=relevant.astype(np.int64),
         days=np.zeros(n_users, dtype=np.int64),
     )
+
+
+def test_one_pass_under_two_seen_filters_equals_a_pass_under_each():
+    """Serving's filter (the last 3 events) and the literature's (every event) from one
+    pass: each query's rankings equal those of a pass under its filter alone, in batches
+    that mix queries whose masks agree (short histories) and differ (long ones)."""
+    model = tiny(n_item_rows=300, ranker_residual=True, inputs=InputSpec(popularity_prior="p"))
+    model.config = replace(model.config, prior_weight=1.0)  # the Ranker reads each day's table
+    n_users, length = 30, 12
+    timelines = _random_timelines(n_users, length)
+    rng = np.random.default_rng(1)
+    queries = Queries(
+        users=np.arange(n_users),
+        cuts=rng.integers(1, length + 1, n_users),
+        relevant_offsets=np.arange(n_users + 1),
+        relevant_items=rng.integers(1, 40, n_users),
+        days=rng.integers(0, 3, n_users),
+    )
+    history = FeatureHistory(
+        spec=model.config.inputs,
+        first_day=-1,
+        user_ids=np.zeros(0, dtype=np.int64),
+        user_numeric=np.zeros((1, 1, 0), np.float32),
+        user_categorical=np.zeros((1, 1, 0), np.int64),
+        item_table=torch.randn(4, 300, 1) * 3,
+    )
+    inputs = EvalInputs(features=history)
+    served = EvalConfig(short_len=6, long_len=8, k1=20, batch_size=7, seen_len=3)
+    specs = [served, replace(served, seen_len=None)]
+    cpu = torch.device("cpu")
+    together = rankings_by_filter(model, timelines, queries, specs, cpu, inputs)
+    for spec, ranked in zip(specs, together, strict=True):
+        alone = rankings(model, timelines, queries, spec, cpu, inputs)
+        assert ranked.keys() == alone.keys() == {"generator", "rank"}
+        for stage, top in alone.items():
+            np.testing.assert_array_equal(ranked[stage], top)
+    differ = (together[0]["rank"] != together[1]["rank"]).any(axis=1)
+    assert differ.any() and not differ[queries.cuts <= 3].any()
+    with pytest.raises(ValueError, match="seen_len only"):
+        rankings_by_filter(model, timelines, queries, [served, replace(served, k1=10)], cpu)
 
 
 def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it():
