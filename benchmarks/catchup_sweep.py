@@ -1,18 +1,21 @@
 """Global temporal split scores of one fitted model under several catch-ups to T_test.
 
 ``grank offline-eval --protocol gts`` fits GRank on the events up to T_val with early
-stopping, then catches up on the events between T_val and T_test
-(``train.catchup_epochs`` epochs at ``train.finetune_lr``) before it is scored on the
-events after T_test. The targets sit right after T_test, so how much of the freshest
+stopping, then catches up on the events between T_val and T_test (as many epochs at
+``train.finetune_lr`` as validation chooses among ``train.catchup_epochs``) before it is
+scored on the events after T_test. The targets sit right after T_test, so how much of the freshest
 period the model has learned may matter as much as the fit. This script fits once and
-scores every catch-up setting from the same fitted weights, side by side:
+scores every catch-up setting from the same fitted weights, side by side, after the
+length ``offline-eval`` would choose among ``--epochs`` (training/train.py
+``choose_catch_up``, at ``train.finetune_lr``):
 
     GRANK_DATA_ROOT=<root> GRANK_TRAIN__DIM=128 GRANK_TRAIN__N_LAYERS=3 \\
         .venv/bin/python benchmarks/catchup_sweep.py --epochs 0,1,2,4 --lrs 5e-4,1e-3
 
 Each row is what ``grank offline-eval --protocol gts --variants grank`` reports with
 ``GRANK_TRAIN__CATCHUP_EPOCHS`` and ``GRANK_TRAIN__FINETUNE_LR`` set to the row's values
-(the same seed and the same fit, unless a ``--minutes`` budget ends the fit).
+(the same seed and the same fit, unless a ``--minutes`` budget ends the fit; the
+catch-up's shuffling draws from the random stream where the choice left it).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from grank.cli.train import offline_job
 from grank.config import Settings
 from training.model import GRank
 from training.offline import HISTORY_FILTER, gts_scores, gts_variant, load
-from training.train import catch_up, fit_to_cutoff, pick_device, seed_everything
+from training.train import (
+    catch_up,
+    choose_catch_up,
+    fit_to_cutoff,
+    pick_device,
+    seed_everything,
+)
 
 TARGETS = ("last", "successive")
 
@@ -65,9 +74,8 @@ def main() -> None:
         model.config = replace(model.config, ranker_weight=saved["ranker_weight"])
     else:
         started = time.perf_counter()
-        no_catchup = replace(job.catchup, max_epochs=0)
         result = fit_to_cutoff(
-            model, make_loss, data.timelines, data.split, spec, config, no_catchup, device, inputs
+            model, make_loss, data.timelines, data.split, spec, config, device, inputs
         )
         print(
             f"fit: best validation {result.best_score:.4f} at epoch {result.best_epoch}"
@@ -78,6 +86,18 @@ def main() -> None:
             saved = {"weights": model.state_dict(), "ranker_weight": model.config.ranker_weight}
             torch.save(saved, args.fitted)
     fitted = copy.deepcopy(model.state_dict())
+    chosen, trial = choose_catch_up(
+        model,
+        make_loss,
+        data.timelines,
+        data.split,
+        spec,
+        job.catchup,
+        tuple(epochs),
+        device,
+        inputs,
+    )
+    print(f"validation's choice among {epochs} epochs at {job.catchup.lr:g}: {chosen} ({trial})")
     header = "catch-up             filter       stage      Last N@10  HR@10  Succ N@10  HR@10"
     print(header)
     for lr in lrs:

@@ -199,8 +199,10 @@ class TrainSettings(BaseModel):
     # day's start, T_val = this quantile of the training events (training/temporal.py);
     # the days between T_val and the test day are then walked forward as warm starts
     val_quantile: float = 0.9
-    # `grank offline-eval`: epochs over the events between T_val and T_test, in one go
-    catchup_epochs: int = 1
+    # `grank offline-eval`: how many epochs over the events between T_val and T_test,
+    # in one go; validation chooses among these (training/train.py ``choose_catch_up``;
+    # one value: that many, unchosen). From the environment a number or a JSON list.
+    catchup_epochs: tuple[int, ...] = (0, 1, 2, 4)
     # every feature group the model could read besides the item sequences; the behaviour
     # types and the categorical user attributes come from the dataset config
     # (grank/dataset.py), these are the feature job's own columns (unless set: those of
@@ -215,6 +217,18 @@ class TrainSettings(BaseModel):
     k1: int = EvalConfig.k1
     recent_popularity_days: int = 7  # the recent-popularity baseline: one of the windows
     gate: GatePolicy = Field(default_factory=GatePolicy)
+
+    @field_validator("catchup_epochs", mode="before")
+    @classmethod
+    def _one_or_more_epochs(cls, value: object) -> object:
+        return (value,) if isinstance(value, int) else value
+
+    @field_validator("catchup_epochs")
+    @classmethod
+    def _epochs_to_choose_from(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or min(value) < 0:
+            raise ValueError(f"catchup_epochs needs one or more counts >= 0, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _ranker_has_negatives(self) -> TrainSettings:

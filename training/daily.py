@@ -216,7 +216,6 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
     def make_loss(counts: np.ndarray) -> BatchLoss:
         return grank_batch_loss(job.weights, log_q(counts, device))
 
-    no_catchup = replace(job.finetune, max_epochs=0)
     result = fit_to_cutoff(
         model,
         make_loss,
@@ -224,7 +223,6 @@ def _bootstrap(job: DailyJob, device: torch.device) -> dict[str, Any] | None:
         split,
         job.spec,
         job.fit,
-        no_catchup,
         device,
         data.model_inputs,
         parallel=job.parallel,

@@ -2,8 +2,9 @@
 
 ``grank offline-eval`` reads the same feature tables the daily pipeline reads, trains
 every variant the way the daily bootstrap trains (training/train.py ``fit_to_cutoff``:
-early stopping on the split's own validation, then a catch-up to T_test) and scores
-it on the events after T_test, next to the popularity baselines. The model is frozen at
+early stopping on the split's own validation), catches it up to T_test for as many
+epochs as the split repeated inside the catch-up's period prefers (``choose_catch_up``)
+and scores it on the events after T_test, next to the popularity baselines. The model is frozen at
 T_test; features are read as of the day before each prediction, as serving reads them.
 
 Variants: ``grank`` (the configured model), ``generator_only`` (no auxiliary path, no
@@ -35,7 +36,14 @@ from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_gr
 from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
 from training.model import GRank
 from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
-from training.train import FitResult, fit, fit_to_cutoff, seed_everything
+from training.train import (
+    FitResult,
+    catch_up,
+    choose_catch_up,
+    fit,
+    fit_to_cutoff,
+    seed_everything,
+)
 
 PROTOCOLS = ("gts", "loo")
 # the feature ablation: the sequence alone, each group alone on top of it, all of them
@@ -53,7 +61,8 @@ class OfflineJob:
     feature_groups: InputSpec  # every group's definition (the ablation picks among them)
     weights: LossWeights
     fit: FitConfig
-    catchup: FitConfig
+    catchup: FitConfig  # the catch-up's optimiser (its epochs: one of catchup_epochs)
+    catchup_epochs: tuple[int, ...]  # validation chooses among these (train.choose_catch_up)
     spec: EvalConfig
     baselines: Baselines
     quantile: float = 0.9
@@ -212,14 +221,29 @@ def run_gts(
         seed_everything(job.fit.seed)
         model, make_loss, spec, config, inputs = gts_variant(job, data, variant, device)
         result = fit_to_cutoff(
-            model, make_loss, data.timelines, split, spec, config, job.catchup, device, inputs
+            model, make_loss, data.timelines, split, spec, config, device, inputs
         )
+        epochs, trial_scores = choose_catch_up(
+            model,
+            make_loss,
+            data.timelines,
+            split,
+            spec,
+            job.catchup,
+            job.catchup_epochs,
+            device,
+            inputs,
+        )
+        catchup = replace(job.catchup, max_epochs=epochs)
+        catch_up(model, make_loss, data.timelines, split, spec, catchup, device, inputs)
         report(
             variant,
             {
                 "protocol": "gts",
                 "results": gts_scores(model, data, spec, inputs, device),
                 **_training_summary(job, result, started),
+                "catchup_epochs": epochs,
+                "catchup_trial_scores": trial_scores,
             },
         )
 

@@ -124,31 +124,53 @@ def global_temporal_split(
     # validation: users with a training-period event after T_val; target = the last of them
     val_users = np.flatnonzero((test_ends > val_ends) & (test_ends >= 2))
     validation = single_target_queries(timelines, val_users, test_ends[val_users] - 1)
-    last_users, last_cuts, users, cuts, weights = [], [], [], [], []
-    for u in np.flatnonzero(lengths > test_ends):
-        first = max(int(test_ends[u]), 1)  # no history before T_test: the first event is input
-        after = np.arange(first, int(lengths[u]))
-        if len(after) == 0:
-            continue
-        last_users.append(u)
-        last_cuts.append(after[-1])
-        users += [u] * len(after)
-        cuts += after.tolist()
-        weights += [1.0 / len(after)] * len(after)
-    as_array = np.asarray
+    # test: every event after T_test; a user without history before it uses the first
+    test_starts = np.maximum(test_ends, 1)
+    last_users = np.flatnonzero(lengths > test_starts)
     return TemporalSplit(
         t_test=t_test,
         t_val=t_val,
         fit_end=fit_end,
         train_end=train_end,
         validation=validation,
-        test_last=single_target_queries(
-            timelines, as_array(last_users, np.int64), as_array(last_cuts, np.int64)
-        ),
-        test_successive=single_target_queries(
-            timelines,
-            as_array(users, np.int64),
-            as_array(cuts, np.int64),
-            as_array(weights, np.float64),
-        ),
+        test_last=single_target_queries(timelines, last_users, lengths[last_users] - 1),
+        test_successive=successive_queries(timelines, test_starts, lengths),
     )
+
+
+def successive_queries(timelines: Timelines, starts: np.ndarray, stops: np.ndarray) -> Queries:
+    """Each user's positions ``starts[u] <= p < stops[u]`` as targets in turn, each
+    predicted from every event before it; weighted 1/n per user with n of them, so the
+    mean over queries is the per-user mean ("successive")."""
+    users = np.flatnonzero(stops > starts)
+    counts = (stops - starts)[users]
+    cuts = [np.arange(starts[u], stops[u], dtype=np.int64) for u in users]
+    return single_target_queries(
+        timelines,
+        np.repeat(users, counts).astype(np.int64),
+        np.concatenate(cuts) if cuts else np.zeros(0, dtype=np.int64),
+        np.repeat(1.0 / counts, counts),
+    )
+
+
+def catch_up_trial(timelines: Timelines, split: TemporalSplit) -> tuple[TemporalSplit, Queries]:
+    """The split repeated inside the catch-up's period (T_val, T_test], to choose how long
+    to catch up without the test targets: a catch-up up to T_mid (the median time of the
+    period's training events), judged on every later event up to T_test in turn.
+
+    Returns the split whose ``train_end`` stops at T_mid (what :func:`catch_up` trains
+    on) and those queries (empty when no training event falls after T_mid).
+    """
+    users = split.train_end > 0
+    ends = np.where(users, split.train_end, 0)
+    period = np.concatenate(
+        [
+            timelines.times[s + a : s + b]
+            for s, a, b in zip(timelines.offsets[:-1], split.fit_end, ends, strict=True)
+        ]
+    )
+    if len(period) == 0:
+        return split, successive_queries(timelines, ends, ends)
+    mid_ends = np.minimum(_ends_at(timelines, quantile_time(period, 0.5)), ends)
+    trial = replace(split, train_end=np.where(users, np.maximum(mid_ends, split.fit_end), 0))
+    return trial, successive_queries(timelines, np.maximum(trial.train_end, 1), ends)

@@ -41,7 +41,7 @@ from training.distributed import (
 from training.evaluate import NO_INPUTS, EvalInputs, Scorer, evaluate
 from training.losses import BatchLoss, TrainBatch
 from training.model import GRank
-from training.temporal import TemporalSplit
+from training.temporal import TemporalSplit, catch_up_trial
 
 
 @dataclass
@@ -399,25 +399,19 @@ def fit_to_cutoff(
     split: TemporalSplit,
     spec: EvalConfig,
     config: FitConfig,
-    catchup: FitConfig,
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
     parallel: DataParallel = SINGLE,
 ) -> FitResult:
-    """Train from scratch as the global temporal split prescribes, ending at T_test.
-
-    Fit on the events up to T_val with early stopping on the split's validation, then
-    catch up on the events between T_val and T_test for ``catchup.max_epochs`` epochs
-    (no early stopping there: the validation targets are training data by then), so the
-    model serves having seen the freshest history. ``make_loss(item_counts)`` builds each
-    phase's loss (its logQ correction follows that phase's targets). The daily bootstrap
-    skips the catch-up and walks forward day by day instead (training/daily.py).
-    """
+    """Train from scratch as the global temporal split prescribes: on the events up to
+    T_val, with early stopping on the split's validation. ``make_loss(item_counts)`` builds
+    the loss (its logQ correction follows the phase's targets). What follows up to T_test
+    differs: ``grank offline-eval`` catches up (:func:`catch_up`), the daily bootstrap walks
+    forward day by day (training/daily.py)."""
     n_rows = int(model.item_vectors().shape[0])  # type: ignore[operator]
-    counts = item_counts(timelines, split.fit_end, n_rows)
-    result = fit(
+    return fit(
         model,
-        make_loss(counts),
+        make_loss(item_counts(timelines, split.fit_end, n_rows)),
         timelines,
         split.fit_end,
         split.validation,
@@ -427,8 +421,6 @@ def fit_to_cutoff(
         inputs,
         parallel,
     )
-    catch_up(model, make_loss, timelines, split, spec, catchup, device, inputs, parallel)
-    return result
 
 
 def catch_up(
@@ -443,7 +435,8 @@ def catch_up(
     parallel: DataParallel = SINGLE,
 ) -> None:
     """Train ``catchup.max_epochs`` epochs on the windows whose targets fall between T_val
-    and T_test (:func:`fit_to_cutoff`'s second phase), ending on the last epoch."""
+    and T_test, ending on the last epoch (no early stopping: the validation targets are
+    training data here), so the model is frozen at T_test having seen the freshest events."""
     n_rows = int(model.item_vectors().shape[0])  # type: ignore[operator]
     recent = replace(timelines, first_target=np.minimum(split.fit_end, split.train_end))
     if catchup.max_epochs and (split.train_end > split.fit_end).any():
@@ -459,6 +452,50 @@ def catch_up(
             inputs,
             parallel,
         )
+
+
+def choose_catch_up(
+    model: nn.Module,
+    make_loss: Callable[[np.ndarray], BatchLoss],
+    timelines: Timelines,
+    split: TemporalSplit,
+    spec: EvalConfig,
+    catchup: FitConfig,
+    choices: tuple[int, ...],
+    device: torch.device,
+    inputs: EvalInputs = NO_INPUTS,
+) -> tuple[int, dict[str, float]]:
+    """How many epochs to catch up (one of ``choices``), and the score of each.
+
+    The catch-up trains on the validation targets, so no later validation can judge it,
+    and the test targets must not. Instead the split is repeated inside its period
+    (temporal.py ``catch_up_trial``): from the fitted weights, catch up to T_mid for each
+    choice and score the Generator (early stopping's metric) on every event between T_mid
+    and T_test in turn. Ties take fewer epochs; with a single choice, or no event after
+    T_mid, the fewest is taken unscored. The model ends with the weights it came with.
+    """
+    trial, queries = catch_up_trial(timelines, split)
+    if len(choices) == 1 or len(queries) == 0:
+        return min(choices), {}
+    fitted = copy.deepcopy(model.state_dict())
+    scores: dict[str, float] = {}
+    for epochs in sorted(choices):
+        catch_up(
+            model,
+            make_loss,
+            timelines,
+            trial,
+            spec,
+            replace(catchup, max_epochs=epochs),
+            device,
+            inputs,
+        )
+        scores[str(epochs)] = validation_score(
+            model, timelines, queries, spec, catchup.val_metric, inputs
+        )
+        model.load_state_dict(fitted)
+    best = max(sorted(choices), key=lambda epochs: scores[str(epochs)])  # first of ties
+    return best, scores
 
 
 def validation_score(

@@ -84,6 +84,10 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
         assert all(literature[m] >= serving[m] - 1e-9 for m in serving), (serving, literature)
     assert set(grank["results"]["last"]) == {"generator/filtered", "rank/filtered"}
     assert grank["next_day_windows"] is False  # the protocol's task by default
+    # the catch-up's length was chosen on the trial inside (T_val, T_test], not on the test
+    trial = grank["catchup_trial_scores"]
+    assert set(trial) == {"0", "1", "2", "4"}
+    assert trial[str(grank["catchup_epochs"])] == max(trial.values())
     only = json.loads((out / "generator_only.json").read_text())
     assert set(only["results"]["last"]) == {"generator/filtered"}
     for metrics in grank["results"]["successive"].values():

@@ -186,14 +186,7 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
     spec = EvalConfig(short_len=6, long_len=8, k1=39)
     popularity = torch.zeros(2, 40, 1)  # as-of index 1 serves predictions on day 0
     popularity[1, 1:, 0] = torch.randn(39).sort().values * 3  # item 39 the most popular
-    history = FeatureHistory(
-        spec=model.config.inputs,
-        first_day=-1,
-        user_ids=np.zeros(0, dtype=np.int64),
-        user_numeric=np.zeros((1, 1, 0), np.float32),
-        user_categorical=np.zeros((1, 1, 0), np.int64),
-        item_table=popularity,
-    )
+    history = item_feature_history(model, popularity)
     inputs = EvalInputs(features=history)
     top = rankings(
         model,
@@ -215,6 +208,18 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
     assert model.config.prior_weight == 0.0 and len(set(scores.values())) == 1
     no_prior = tiny(ranker_residual=True)
     assert calibrate_served_order(no_prior, timelines, validation, spec, fit, NO_INPUTS)[1] == {}
+
+
+def item_feature_history(model: GRank, item_table: torch.Tensor) -> FeatureHistory:
+    """Item features only: ``item_table[1 + day]`` is read for predictions on ``day``."""
+    return FeatureHistory(
+        spec=model.config.inputs,
+        first_day=-1,
+        user_ids=np.zeros(0, dtype=np.int64),
+        user_numeric=np.zeros((1, 1, 0), np.float32),
+        user_categorical=np.zeros((1, 1, 0), np.int64),
+        item_table=item_table,
+    )
 
 
 def _random_timelines(n_users: int, length: int) -> Timelines:
@@ -258,14 +263,7 @@ def test_one_pass_under_two_seen_filters_equals_a_pass_under_each():
         relevant_items=rng.integers(1, 40, n_users),
         days=rng.integers(0, 3, n_users),
     )
-    history = FeatureHistory(
-        spec=model.config.inputs,
-        first_day=-1,
-        user_ids=np.zeros(0, dtype=np.int64),
-        user_numeric=np.zeros((1, 1, 0), np.float32),
-        user_categorical=np.zeros((1, 1, 0), np.int64),
-        item_table=torch.randn(4, 300, 1) * 3,
-    )
+    history = item_feature_history(model, torch.randn(4, 300, 1) * 3)
     inputs = EvalInputs(features=history)
     served = EvalConfig(short_len=6, long_len=8, k1=20, batch_size=7, seen_len=3)
     specs = [served, replace(served, seen_len=None)]

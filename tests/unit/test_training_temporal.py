@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 
 import numpy as np
+import torch
+from torch import nn
 
+from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines
+from training.losses import BatchLoss, TrainBatch, grank_batch_loss
+from training.model import GRank
 from training.temporal import (
+    catch_up_trial,
     drop_consecutive_repeats,
     global_temporal_split,
     k_core,
     preprocess,
     quantile_time,
 )
+from training.train import catch_up, choose_catch_up
 
 S = 1_000_000  # one second in µs
 
@@ -107,43 +115,111 @@ def test_preprocessing_drops_repeats_and_applies_k_core_iteratively():
     assert preprocess(timelines(rows), 2).items.tolist() == core.items.tolist()
 
 
-def test_the_catch_up_learns_only_from_targets_between_t_val_and_t_test():
-    """The model is frozen at T_test: the catch-up after the validated fit supervises
-    exactly the events in (T_val, T_test], never one after T_test (a leak into the test
-    targets) nor the fit's own events again; with no epochs it leaves the model as is."""
-    import torch
+# ----------------------------------------------------------- the catch-up to T_test
+TINY = GRankConfig(n_item_rows=16, dim=8, n_heads=1, n_layers=1, short_seq_len=4, long_seq_len=4)
+SPEC = EvalConfig(short_len=4, long_len=4, k1=12)
+CPU = torch.device("cpu")
 
-    from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
-    from training.losses import grank_batch_loss
-    from training.model import GRank
-    from training.train import catch_up
 
-    tl = timelines(FIXTURE)
-    split = global_temporal_split(tl, t_test=100 * S, val_quantile=0.9)
+def recording_loss() -> tuple[set[int], Callable[[np.ndarray], BatchLoss]]:
+    """A real GRank loss that also records every item it supervises (labels and targets)."""
     supervised: set[int] = set()
     loss = grank_batch_loss(LossWeights(hard_negatives=0, ranker_in_batch=True), None)
 
-    def recording(_counts: np.ndarray):
-        def batch_loss(model, batch):
+    def make_loss(_counts: np.ndarray) -> BatchLoss:
+        def batch_loss(model: nn.Module, batch: TrainBatch) -> torch.Tensor:
             supervised.update(batch.labels[batch.labels > 0].tolist())
             supervised.update(batch.targets.tolist())
             return loss(model, batch)
 
         return batch_loss
 
-    torch.manual_seed(0)
-    model = GRank(
-        GRankConfig(n_item_rows=16, dim=8, n_heads=1, n_layers=1, short_seq_len=4, long_seq_len=4)
-    )
-    before = {name: t.clone() for name, t in model.state_dict().items()}
-    spec = EvalConfig(short_len=4, long_len=4, k1=12)
-    config = FitConfig(stride=1, next_day_windows=False, progress=False)
-    device = torch.device("cpu")
-    catch_up(model, recording, tl, split, spec, replace(config, max_epochs=0), device)
-    assert supervised == set()
-    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    return supervised, make_loss
 
-    catch_up(model, recording, tl, split, spec, replace(config, max_epochs=2), device)
+
+def tiny_model() -> GRank:
+    torch.manual_seed(0)
+    return GRank(TINY)
+
+
+def weights_of(model: GRank) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def same_weights(model: GRank, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
+# Inside the training period (T_test = 100 s) T_val is 45 s with val_quantile 0.5: the
+# median of 10, 15, 20, 30 | 60, 70, 80, 90. The catch-up's period (45 s, 100 s] holds 60,
+# 70, 80 and 90, so T_mid = 75 s: the trial catches up on 60 and 70 and is judged on 80
+# and 90 (user 1 picks the item user 2 picked at 70 s; user 2 one nobody picked before).
+TRIAL = {
+    1: [(10, 1), (20, 2), (60, 3), (80, 8), (110, 5)],
+    2: [(15, 6), (30, 7), (70, 8), (90, 9)],
+}
+
+
+def test_the_catch_up_trial_splits_the_catch_ups_period_at_its_median():
+    tl = timelines(TRIAL)
+    split = global_temporal_split(tl, t_test=100 * S, val_quantile=0.5)
+    assert split.t_val == 45 * S
+    assert split.fit_end.tolist() == [2, 2] and split.train_end.tolist() == [4, 4]
+    trial, queries = catch_up_trial(tl, split)
+    assert trial.fit_end.tolist() == [2, 2]
+    assert trial.train_end.tolist() == [3, 3]  # up to T_mid = 75 s: 60 s and 70 s
+    assert trial.validation == split.validation and trial.t_test == split.t_test
+    # judged on each later event up to T_test (80 s, 90 s; not 110 s), from all before it
+    assert queries.users.tolist() == [0, 1] and queries.cuts.tolist() == [3, 3]
+    assert queries.relevant_items.tolist() == [8, 9]
+    assert np.allclose(queries.weights, [1.0, 1.0])
+    # nothing in the period after T_mid: no queries (the choice falls back, unscored)
+    _, none = catch_up_trial(tl, replace(split, train_end=np.array([3, 2])))
+    assert len(none) == 0
+
+
+def test_the_catch_up_is_chosen_on_the_trial_and_leaves_the_fitted_model_as_it_was():
+    """The choice trains only on (T_val, T_mid], never on the events it is judged on
+    (after T_mid) nor on the test period; every choice starts from the same fitted
+    weights, which the model still holds afterwards."""
+    tl = timelines(TRIAL)
+    split = global_temporal_split(tl, t_test=100 * S, val_quantile=0.5)
+    supervised, recording = recording_loss()
+    model = tiny_model()
+    before = weights_of(model)
+    config = FitConfig(stride=1, next_day_windows=False, progress=False, lr=0.05)
+    assert choose_catch_up(model, recording, tl, split, SPEC, config, (2,), CPU) == (2, {})
+    assert supervised == set()
+
+    chosen, scores = choose_catch_up(model, recording, tl, split, SPEC, config, (3, 0, 1), CPU)
+    assert supervised == {3, 8}  # items at 60 s and 70 s, not 9 at 90 s
+    assert set(scores) == {"0", "1", "3"}
+    assert scores["3"] > scores["0"]  # user 1's item at 80 s was learned from user 2
+    best = max(scores.values())
+    assert scores[str(chosen)] == best
+    assert chosen == min(int(e) for e, v in scores.items() if v == best)
+    assert same_weights(model, before)
+    # a catch-up that learns nothing ties everywhere: the fewest epochs win the tie
+    frozen = replace(config, lr=0.0)
+    chosen, scores = choose_catch_up(model, recording, tl, split, SPEC, frozen, (2, 1), CPU)
+    assert chosen == 1 and scores["1"] == scores["2"]
+
+
+def test_the_catch_up_learns_only_from_targets_between_t_val_and_t_test():
+    """The model is frozen at T_test: the catch-up after the validated fit supervises
+    exactly the events in (T_val, T_test], never one after T_test (a leak into the test
+    targets) nor the fit's own events again; with no epochs it leaves the model as is."""
+    tl = timelines(FIXTURE)
+    split = global_temporal_split(tl, t_test=100 * S, val_quantile=0.9)
+    supervised, recording = recording_loss()
+    model = tiny_model()
+    before = weights_of(model)
+    config = FitConfig(stride=1, next_day_windows=False, progress=False)
+    catch_up(model, recording, tl, split, SPEC, replace(config, max_epochs=0), CPU)
+    assert supervised == set()
+    assert same_weights(model, before)
+
+    catch_up(model, recording, tl, split, SPEC, replace(config, max_epochs=2), CPU)
     # the only event in (T_val, T_test] = (50 s, 100 s]: user 1's item 3 at 60 s
     assert supervised == {3}
     assert not torch.equal(model.item_vectors(), before["item_embedding.weight"])
