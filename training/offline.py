@@ -4,8 +4,9 @@
 every variant the way the daily bootstrap trains (training/train.py ``fit_to_cutoff``:
 early stopping on the split's own validation), catches it up to T_test for as many
 epochs as the split repeated inside the catch-up's period prefers (``choose_catch_up``)
-and scores it on the events after T_test, next to the popularity baselines. The model is frozen at
-T_test; features are read as of the day before each prediction, as serving reads them.
+and scores it on the events after T_test, next to the popularity baselines. The model
+is frozen at T_test; features are read as of the day before each prediction, as
+serving reads them.
 
 Variants: ``grank`` (the configured model), ``generator_only`` (no auxiliary path, no
 Ranker), ``dssm`` (the two-tower baseline), and the feature ablation: ``sequence_only``,
