@@ -3,10 +3,10 @@
 ``grank offline-eval --protocol gts`` fits GRank on the events up to T_val with early
 stopping, then catches up on the events between T_val and T_test (as many epochs at
 ``train.finetune_lr`` as validation chooses among ``train.catchup_epochs``) before it is
-scored on the events after T_test. The targets sit right after T_test, so how much of the freshest
-period the model has learned may matter as much as the fit. This script fits once and
-scores every catch-up setting from the same fitted weights, side by side, after the
-length ``offline-eval`` would choose among ``--epochs`` (training/train.py
+scored on the events after T_test. The targets sit right after T_test, so how much of
+the freshest period the model has learned may matter as much as the fit. This script
+fits once and scores every catch-up setting from the same fitted weights, side by side,
+after the length ``offline-eval`` would choose among ``--epochs`` (training/train.py
 ``choose_catch_up``, at ``train.finetune_lr``):
 
     GRANK_DATA_ROOT=<root> GRANK_TRAIN__DIM=128 GRANK_TRAIN__N_LAYERS=3 \\
@@ -14,8 +14,9 @@ length ``offline-eval`` would choose among ``--epochs`` (training/train.py
 
 Each row is what ``grank offline-eval --protocol gts --variants grank`` reports with
 ``GRANK_TRAIN__CATCHUP_EPOCHS`` and ``GRANK_TRAIN__FINETUNE_LR`` set to the row's values
-(the same seed and the same fit, unless a ``--minutes`` budget ends the fit; the
-catch-up's shuffling draws from the random stream where the choice left it).
+(the same seed and the same fit, unless a ``--minutes`` budget ends the fit; every
+fit, the catch-up included, draws its batches from its own seeded stream, so trying
+the choices first does not move the rows).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def main() -> None:
     step = max(1, len(successive) // args.queries)
     queries = successive.select(np.arange(0, len(successive), step)[: args.queries])
     specs = [spec, replace(spec, seen_len=None)]
-    longer = float((queries.cuts > (spec.seen_len or 0)).mean()) if spec.seen_len else 0.0
+    longer = float((queries.cuts > spec.seen_len).mean()) if spec.seen_len else 0.0
     print(
         f"{len(queries):,} successive targets; {longer:.0%} with more history than serving's"
         f" filter of {spec.seen_len} events"

@@ -161,8 +161,7 @@ def catch_up_trial(timelines: Timelines, split: TemporalSplit) -> tuple[Temporal
     Returns the split whose ``train_end`` stops at T_mid (what :func:`catch_up` trains
     on) and those queries (empty when no training event falls after T_mid).
     """
-    users = split.train_end > 0
-    ends = np.where(users, split.train_end, 0)
+    ends = split.train_end  # 0 for users outside training: they take no part
     period = np.concatenate(
         [
             timelines.times[s + a : s + b]
@@ -172,5 +171,5 @@ def catch_up_trial(timelines: Timelines, split: TemporalSplit) -> tuple[Temporal
     if len(period) == 0:
         return split, successive_queries(timelines, ends, ends)
     mid_ends = np.minimum(_ends_at(timelines, quantile_time(period, 0.5)), ends)
-    trial = replace(split, train_end=np.where(users, np.maximum(mid_ends, split.fit_end), 0))
+    trial = replace(split, train_end=np.maximum(mid_ends, split.fit_end))
     return trial, successive_queries(timelines, np.maximum(trial.train_end, 1), ends)
