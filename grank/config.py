@@ -459,6 +459,9 @@ class Settings(BaseSettings):
                 n_item_rows=2,
                 short_seq_len=self.features.short_seq_len,
                 long_seq_len=self.features.long_seq_len,
+                # U learns a term of its own only from next-day windows; without them the
+                # newest event's slot is the better-trained reader (docs/model.md)
+                user_vector="query" if self.train.next_day_windows else "newest",
                 inputs=inputs,
             )
         )

@@ -41,6 +41,11 @@ class GRankConfig:
     # z-score among the day's items) the served score adds to the Ranker's. Validation
     # chooses it, 0 among the choices (training/train.py ``calibrate_served_order``).
     prior_weight: float = 0.0
+    # Where the Generator's user vector (the MIPS query) is read: "query", the output at
+    # the query token U, which next-day windows train as a loss term of its own; or
+    # "newest", the output at the newest event's slot, which every window trains for the
+    # next item (without next-day windows U would be one slot of 65; docs/model.md).
+    user_vector: Literal["query", "newest"] = "query"
     # features besides the item sequences (training/inputs.py); sequence-only by default
     inputs: InputSpec = field(default_factory=InputSpec)
 
@@ -57,6 +62,10 @@ class GRankConfig:
             raise UserFacingError("a prior_weight needs inputs.popularity_prior (its column)")
         if self.dim % self.n_heads:
             raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.user_vector not in ("query", "newest"):
+            raise UserFacingError(
+                f"user_vector must be 'query' or 'newest', got {self.user_vector!r}"
+            )
 
     @property
     def reads_item_features(self) -> bool:

@@ -216,10 +216,16 @@ def joint_loss(
     if config.use_ranker:
         if weights.ranker_in_batch:
             ca = in_batch_ranker_loss(
-                model, states[:, -1], batch, candidates, collides, correction, weights
+                model,
+                model.user_vector_of(states),
+                batch,
+                candidates,
+                collides,
+                correction,
+                weights,
             )
         else:
-            ca = top_ranker_loss(model, states[:, -1], batch, weights)
+            ca = top_ranker_loss(model, model.user_vector_of(states), batch, weights)
         total = total + weights.ca * ca
         parts["ca"] = float(ca.detach())
     return total, parts

@@ -7,7 +7,8 @@ Shapes are batch-first; item id 0 is padding; sequences are left-padded, oldest 
 the most recent event last. docs/model.md explains every choice the paper leaves open.
 
 - ``user_vectors(short_seq)``: the Generator's output at the user query token ``U``,
-  appended after the short history and read through causal self-attention.
+  appended after the short history and read through causal self-attention (or, with
+  ``user_vector = "newest"``, at the newest event's slot).
 - ``item_vectors()``: the shared item embedding table; ``user · item`` is the MIPS score.
 - ``rank_scores(long_seq, candidates, generator_scores)``: the Ranker, single-head
   cross-attention with each candidate as the query over the long history, then an MLP;
@@ -305,12 +306,19 @@ class GRank(nn.Module):
             return states, None
         return states, self.aux_head(self.final_norm(cand)).squeeze(-1)
 
+    def user_vector_of(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, d] MIPS query from the Generator's ``states`` [B, Ls+1, d]: the output at U,
+        or at the newest event's slot (``config.user_vector``). The newest slot of a user
+        without history is padding that sees only itself: one vector for every such user.
+        """
+        return states[:, -2] if self.config.user_vector == "newest" else states[:, -1]
+
     def user_vectors(
         self, short_seq: torch.Tensor, user: UserContext | None = None
     ) -> torch.Tensor:
-        """[B, d] MIPS query: the Generator's output at the user query token."""
+        """[B, d] MIPS query: the Generator's output where ``config.user_vector`` reads it."""
         states, _ = self.generator(short_seq, user=user)
-        return states[:, -1]
+        return self.user_vector_of(states)
 
     # ----------------------------------------------------------------- ranker
     def generator_scores(

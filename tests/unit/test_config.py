@@ -61,6 +61,11 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
         ranker_residual=True,
         inputs=inputs,
     )
+    # without next-day windows U is one next-token slot of 65: the newest slot reads
+    without = settings.model_copy(
+        update={"train": settings.train.model_copy(update={"next_day_windows": False})}
+    )
+    assert without.grank_config(inputs).user_vector == "newest"
     assert settings.eval_config() == EvalConfig(
         features.short_seq_len, features.long_seq_len, seen_len=features.long_seq_len
     )

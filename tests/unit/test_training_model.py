@@ -419,6 +419,30 @@ def test_query_labels_make_the_query_token_a_loss_term_of_its_own():
     )
 
 
+def test_the_user_vector_is_read_at_the_query_token_or_at_the_newest_slot():
+    """``user_vector``: MIPS reads U's output or the newest event's, and the Ranker learns
+    on the list that vector retrieves; the next-token terms do not change."""
+    short = torch.randint(1, 40, (6, 6))
+    long = torch.randint(1, 40, (6, 8))
+    labels, targets = torch.randint(1, 40, (6, 6)), torch.arange(10, 16)
+    query = tiny(ranker_residual=True)
+    newest = tiny(ranker_residual=True, user_vector="newest")
+    newest.load_state_dict(query.state_dict())
+    states, _ = query.generator(short)
+    assert torch.equal(query.user_vectors(short), states[:, -1])
+    assert torch.equal(newest.user_vectors(short), states[:, -2])
+    assert not torch.equal(states[:, -1], states[:, -2])
+    weights = LossWeights(candidates=4, hard_negatives=3, hard_pool=10)
+    parts = {}
+    for name, model in (("query", query), ("newest", newest)):
+        torch.manual_seed(2)  # the same draw of hard negatives from each one's top 10
+        _, parts[name] = joint_loss(model, TrainBatch(short, long, labels, targets), weights, None)
+    assert parts["query"]["ntp"] == parts["newest"]["ntp"]
+    assert parts["query"]["ca"] != parts["newest"]["ca"]
+    with pytest.raises(UserFacingError, match="user_vector"):
+        tiny(user_vector="last")
+
+
 def test_a_batch_with_no_history_slot_still_has_a_finite_loss():
     """A batch of next-day windows with nothing before their day (a last batch of one row)
     still trains U: the empty history term is 0, not an empty mean's NaN."""
