@@ -12,6 +12,9 @@ after the length ``offline-eval`` would choose among ``--epochs`` (training/trai
     GRANK_DATA_ROOT=<root> GRANK_TRAIN__DIM=128 GRANK_TRAIN__N_LAYERS=3 \\
         .venv/bin/python benchmarks/catchup_sweep.py --epochs 0,1,2,4 --lrs 5e-4,1e-3
 
+``--user-vectors query,newest`` repeats each row with the user vector read at U and at
+the newest event's slot (``GRankConfig.user_vector``), from the same fitted weights.
+
 Each row is what ``grank offline-eval --protocol gts --variants grank`` reports with
 ``GRANK_TRAIN__CATCHUP_EPOCHS`` and ``GRANK_TRAIN__FINETUNE_LR`` set to the row's values
 (the same seed and the same fit, unless a ``--minutes`` budget ends the fit; every
@@ -59,6 +62,12 @@ def main() -> None:
         help="Weights of the fit to T_val: read from here if the file exists (no fit), else"
         " written here after the fit.",
     )
+    parser.add_argument(
+        "--user-vectors",
+        default="",
+        help="Where to read the user vector, comma-separated (query, newest; default: the"
+        " configured one).",
+    )
     args = parser.parse_args()
     epochs = [int(value) for value in _floats(args.epochs)]
     lrs = _floats(args.lrs)
@@ -99,25 +108,35 @@ def main() -> None:
         inputs,
     )
     print(f"validation's choice among {epochs} epochs at {job.catchup.lr:g}: {chosen} ({trial})")
-    header = "catch-up             filter       stage      Last N@10  HR@10  Succ N@10  HR@10"
+    readouts = [part for part in args.user_vectors.split(",") if part] or [model.config.user_vector]
+    header = (
+        "catch-up             vector  filter       stage      Last N@10  HR@10  Succ N@10  HR@10"
+    )
     print(header)
     for lr in lrs:
         for count in epochs:
             if count == 0 and lr != lrs[0]:
                 continue  # no catch-up reads the same whatever its rate
-            model.load_state_dict(fitted)
-            catchup = replace(job.catchup, max_epochs=count, lr=lr)
-            catch_up(model, make_loss, data.timelines, data.split, spec, catchup, device, inputs)
-            scores = gts_scores(model, data, spec, inputs, device)
-            for name, suffix in (("serving's", ""), ("literature's", HISTORY_FILTER)):
-                for stage in ("rank", "generator"):
-                    last, successive = (scores[t + suffix][f"{stage}/filtered"] for t in TARGETS)
-                    print(
-                        f"{count} epochs at {lr:<8g}  {name:12} {stage:9}"
-                        f"  {last['ndcg@10']:.4f}  {last['recall@10']:.4f}"
-                        f"    {successive['ndcg@10']:.4f}  {successive['recall@10']:.4f}",
-                        flush=True,
-                    )
+            for readout in readouts:
+                model.load_state_dict(fitted)
+                # the catch-up's Ranker learns on the list this vector retrieves
+                model.config = replace(model.config, user_vector=readout)
+                catchup = replace(job.catchup, max_epochs=count, lr=lr)
+                catch_up(
+                    model, make_loss, data.timelines, data.split, spec, catchup, device, inputs
+                )
+                scores = gts_scores(model, data, spec, inputs, device)
+                for name, suffix in (("serving's", ""), ("literature's", HISTORY_FILTER)):
+                    for stage in ("rank", "generator"):
+                        last, successive = (
+                            scores[t + suffix][f"{stage}/filtered"] for t in TARGETS
+                        )
+                        print(
+                            f"{count} epochs at {lr:<8g}  {readout:6}  {name:12} {stage:9}"
+                            f"  {last['ndcg@10']:.4f}  {last['recall@10']:.4f}"
+                            f"    {successive['ndcg@10']:.4f}  {successive['recall@10']:.4f}",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

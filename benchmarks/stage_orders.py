@@ -9,6 +9,9 @@ queries and with the same seen filter and servable items as ``grank evaluate``:
     GRANK_DATA_ROOT=/tmp/r .venv/bin/python benchmarks/stage_orders.py \\
         --candidate-day 2000-12-07 --first 2000-12-07 --days 8
 
+Both orders are also scored with the user vector read at the other place
+(``GRankConfig.user_vector``: U or the newest event's slot), from the same weights.
+
 ``--seen-filter all`` filters every item of the user's history instead of serving's last
 ``long_seq_len`` events: what a complete seen filter would change, for every order.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from datetime import date, timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +34,27 @@ import torch
 from grank.cli.train import daily_job
 from grank.config import Settings
 from training.checkpoint import load_checkpoint
-from training.daily import read_day_data
-from training.data import next_day
+from training.config import EvalConfig
+from training.daily import DayData, read_day_data
+from training.data import Queries, next_day
 from training.evaluate import final_stage, rankings
 from training.metrics import per_query_metrics
+from training.model import GRank
 
 METRICS = ("recall@10", "recall@50", "recall@200", "ndcg@10")
+CPU = torch.device("cpu")
+
+
+def _rankings_with(
+    model: GRank, changes: dict[str, Any], data: DayData, queries: Queries, spec: EvalConfig
+) -> dict[str, np.ndarray]:
+    """The candidate's rankings with ``changes`` to its config, which stays as it was."""
+    served = model.config
+    model.config = replace(served, **changes)
+    try:
+        return rankings(model, data.timelines, queries, spec, CPU, data.model_inputs)
+    finally:
+        model.config = served
 
 
 def main() -> None:
@@ -46,7 +65,7 @@ def main() -> None:
     parser.add_argument("--seen-filter", choices=("serving", "all"), default="serving")
     args = parser.parse_args()
     settings = Settings()
-    device = torch.device("cpu")
+    device = CPU
     registry = settings.model_registry()
     model, manifest = load_checkpoint(
         registry.checkpoint_path(registry.candidate(args.candidate_day))
@@ -71,12 +90,14 @@ def main() -> None:
             "ranker order (stage 2, served)": final_stage(stages),
             "popularity, recent days": popular["generator"],
         }
+
         if model.config.prior_weight:  # the served order without its popularity prior
-            served = model.config
-            model.config = replace(served, prior_weight=0.0)
-            without = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
-            model.config = served
+            without = _rankings_with(model, {"prior_weight": 0.0}, data, queries, spec)
             orders["ranker order, prior weight 0"] = final_stage(without)
+        other = "newest" if model.config.user_vector == "query" else "query"
+        elsewhere = _rankings_with(model, {"user_vector": other}, data, queries, spec)
+        orders[f"generator order, {other} vector"] = elsewhere["generator"]
+        orders[f"ranker order, {other} vector"] = final_stage(elsewhere)
         for name, top in orders.items():
             metrics = per_query_metrics(
                 top, queries.relevant_offsets, queries.relevant_items, (10, 50, 200), (10,)
@@ -86,8 +107,8 @@ def main() -> None:
         print(f"{day}: {len(queries)} queries", flush=True)
 
     print(f"\n{'order':32} " + " ".join(f"{m:>10}" for m in METRICS))
-    for name, metrics in per_query.items():
-        means = [float(np.concatenate(metrics[m]).mean()) for m in METRICS]
+    for name, by_metric in per_query.items():
+        means = [float(np.concatenate(by_metric[m]).mean()) for m in METRICS]
         print(f"{name:32} " + " ".join(f"{v:10.4f}" for v in means))
 
 
