@@ -345,9 +345,10 @@ def offline_job(
     "--next-day-windows/--next-item-windows",
     default=False,
     show_default=True,
-    help="What the query token learns: each window's next item, what these protocols'"
-    " targets ask (each sees every earlier event), or the day after the history, as the"
-    " daily pipeline trains it (train.next_day_windows).",
+    help="What the user vector learns: each window's next item, what these protocols'"
+    " targets ask (each sees every earlier event; read at the newest event's slot), or the"
+    " day after the history, at the query token, as the daily pipeline trains it"
+    " (train.next_day_windows).",
 )
 @click.pass_obj
 def offline_eval(
