@@ -65,7 +65,6 @@ def main() -> None:
     parser.add_argument("--seen-filter", choices=("serving", "all"), default="serving")
     args = parser.parse_args()
     settings = Settings()
-    device = CPU
     registry = settings.model_registry()
     model, manifest = load_checkpoint(
         registry.checkpoint_path(registry.candidate(args.candidate_day))
@@ -78,19 +77,18 @@ def main() -> None:
         day = args.first + timedelta(days=offset)
         job = daily_job(settings, day)
         spec = job.spec if args.seen_filter == "serving" else replace(job.spec, seen_len=None)
-        data = read_day_data(job, first_history, model.config.inputs, n_rows, device, day)
+        data = read_day_data(job, first_history, model.config.inputs, n_rows, CPU, day)
         _, _, queries = next_day(data.timelines, day)
-        stages = rankings(model, data.timelines, queries, spec, device, data.model_inputs)
+        stages = rankings(model, data.timelines, queries, spec, CPU, data.model_inputs)
         assert data.baseline_inputs.features is not None
         scorers = job.baselines.scorers(data.baseline_inputs.features)
         popularity = scorers[settings.train.recent_popularity_baseline]
-        popular = rankings(popularity, data.timelines, queries, spec, device, data.baseline_inputs)
+        popular = rankings(popularity, data.timelines, queries, spec, CPU, data.baseline_inputs)
         orders = {
             "generator order (stage 1)": stages["generator"],
             "ranker order (stage 2, served)": final_stage(stages),
             "popularity, recent days": popular["generator"],
         }
-
         if model.config.prior_weight:  # the served order without its popularity prior
             without = _rankings_with(model, {"prior_weight": 0.0}, data, queries, spec)
             orders["ranker order, prior weight 0"] = final_stage(without)
