@@ -214,18 +214,13 @@ def joint_loss(
         total = total + weights.sa * sa
         parts["sa"] = float(sa.detach())
     if config.use_ranker:
+        user_vectors = model.user_vector_of(states)  # the Ranker reorders what these retrieve
         if weights.ranker_in_batch:
             ca = in_batch_ranker_loss(
-                model,
-                model.user_vector_of(states),
-                batch,
-                candidates,
-                collides,
-                correction,
-                weights,
+                model, user_vectors, batch, candidates, collides, correction, weights
             )
         else:
-            ca = top_ranker_loss(model, model.user_vector_of(states), batch, weights)
+            ca = top_ranker_loss(model, user_vectors, batch, weights)
         total = total + weights.ca * ca
         parts["ca"] = float(ca.detach())
     return total, parts
