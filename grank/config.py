@@ -492,6 +492,9 @@ class Settings(BaseSettings):
                 stride=self.features.short_seq_len,
                 max_seconds=t.max_minutes * 60 or None,
                 bf16=bf16,
+                # with next-day windows U is trained, and validated, as it serves; without,
+                # validation chooses where to read the vector, the newest slot on ties
+                user_vectors=() if t.next_day_windows else ("newest", "query", "both"),
             )
         )
 

@@ -14,6 +14,9 @@ from typing import Any, Literal
 from common.errors import UserFacingError
 from training.inputs import InputSpec
 
+UserVector = Literal["query", "newest", "both"]
+USER_VECTORS: tuple[UserVector, ...] = ("query", "newest", "both")
+
 
 @dataclass(frozen=True)
 class GRankConfig:
@@ -44,8 +47,9 @@ class GRankConfig:
     # Where the Generator's user vector (the MIPS query) is read: "query", the output at
     # the query token U, which next-day windows train as a loss term of its own; or
     # "newest", the output at the newest event's slot, which every window trains for the
-    # next item (without next-day windows U would be one slot of 65; docs/model.md).
-    user_vector: Literal["query", "newest"] = "query"
+    # next item (without next-day windows U would be one slot of 65; docs/model.md); or
+    # "both", the mean of the two.
+    user_vector: UserVector = "query"
     # features besides the item sequences (training/inputs.py); sequence-only by default
     inputs: InputSpec = field(default_factory=InputSpec)
 
@@ -62,9 +66,9 @@ class GRankConfig:
             raise UserFacingError("a prior_weight needs inputs.popularity_prior (its column)")
         if self.dim % self.n_heads:
             raise UserFacingError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.user_vector not in ("query", "newest"):
+        if self.user_vector not in USER_VECTORS:
             raise UserFacingError(
-                f"user_vector must be 'query' or 'newest', got {self.user_vector!r}"
+                f"user_vector must be one of {USER_VECTORS}, got {self.user_vector!r}"
             )
 
     @property
@@ -149,6 +153,10 @@ class FitConfig:
     # ...and then, for a model with a popularity prior, among these weights of the prior
     # (0: none; the scale is the Generator's score per standard deviation of popularity)
     prior_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
+    # ...and before both, where the user vector is read (``GRankConfig.user_vector``):
+    # validation chooses among these, ties keeping the earlier (training/train.py
+    # ``choose_user_vector``; empty: keep the model's)
+    user_vectors: tuple[UserVector, ...] = ()
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     # the query token also learns, and is judged, as it serves: from the history up to the
     # day before, one of the day's events as target (data.make_windows, docs/model.md)
@@ -162,6 +170,8 @@ class FitConfig:
             raise UserFacingError(f"ranker_weights must lie in [0, 1], got {self.ranker_weights}")
         if any(weight < 0.0 for weight in self.prior_weights):
             raise UserFacingError(f"prior_weights must be at least 0, got {self.prior_weights}")
+        if unknown := set(self.user_vectors) - set(USER_VECTORS):
+            raise UserFacingError(f"user_vectors must be among {USER_VECTORS}, got {unknown}")
 
     def fixed_epochs(self, epochs: int) -> FitConfig:
         """This config training exactly ``epochs`` epochs and ending on the last: for fits

@@ -308,10 +308,14 @@ class GRank(nn.Module):
 
     def user_vector_of(self, states: torch.Tensor) -> torch.Tensor:
         """[B, d] MIPS query from the Generator's ``states`` [B, Ls+1, d]: the output at U,
-        or at the newest event's slot (``config.user_vector``). The newest slot of a user
-        without history is padding that sees only itself: one vector for every such user.
+        at the newest event's slot, or their mean (``config.user_vector``). The newest slot
+        of a user without history is padding that sees only itself: one vector for every
+        such user.
         """
-        return states[:, -2] if self.config.user_vector == "newest" else states[:, -1]
+        readout = self.config.user_vector
+        if readout == "both":
+            return (states[:, -1] + states[:, -2]) / 2
+        return states[:, -2] if readout == "newest" else states[:, -1]
 
     def user_vectors(
         self, short_seq: torch.Tensor, user: UserContext | None = None

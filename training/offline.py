@@ -308,6 +308,7 @@ def _training_summary(job: OfflineJob, result: FitResult, started: float) -> dic
         "best_epoch": result.best_epoch,
         "val_score": result.best_score,
         "stop_reason": result.stop_reason,
+        "user_vector_scores": result.user_vector_scores,
         "ranker_weight_scores": result.ranker_weight_scores,
         "prior_weight_scores": result.prior_weight_scores,
         "next_day_windows": job.fit.next_day_windows,

@@ -55,6 +55,8 @@ class FitResult:
     kept_epoch: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
+    # validation's Generator metric by candidate user-vector readout (empty: none chosen)
+    user_vector_scores: dict[str, float] = field(default_factory=dict)
     # validation's served metric by candidate Ranker weight (empty: none was chosen)
     ranker_weight_scores: dict[str, float] = field(default_factory=dict)
     # ...and by candidate weight of the popularity prior, on the chosen Ranker weight
@@ -252,6 +254,9 @@ def fit(
         model.load_state_dict(average.state_dict())
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
     if config.keep_best:  # a validation fit to choose weights by also chooses the blend
+        run.result.user_vector_scores = choose_user_vector(
+            model, timelines, validation, spec, config, inputs, parallel
+        )
         run.result.ranker_weight_scores, run.result.prior_weight_scores = calibrate_served_order(
             model, timelines, validation, spec, config, inputs, parallel
         )
@@ -511,6 +516,41 @@ def validation_score(
     scorer: Scorer = model  # type: ignore[assignment]
     metrics = evaluate(scorer, timelines, validation, spec, device, inputs, with_rank=False)
     return metrics["generator/filtered"][metric]
+
+
+def choose_user_vector(
+    model: nn.Module,
+    timelines: Timelines,
+    validation: Queries,
+    spec: EvalConfig,
+    config: FitConfig,
+    inputs: EvalInputs,
+    parallel: DataParallel = SINGLE,
+) -> dict[str, float]:
+    """Read the user vector where the Generator's list scores best on validation, among
+    ``config.user_vectors`` (ties keep the earlier); returns each readout's score ({} where
+    there is nothing to choose). Rank 0 scores; every rank takes its choice.
+
+    Training fixes none of them as the best: U is trained for the next item as one slot
+    of many, the newest slot by every window, and which reads a user better (or their
+    mean) depends on the model's size and the data (docs/model.md).
+    """
+    if not (isinstance(model, GRank) and config.user_vectors):
+        return {}
+    scores: dict[str, float] = {}
+    if parallel.is_main:
+        for readout in config.user_vectors:
+            model.config = replace(model.config, user_vector=readout)
+            scores[readout] = validation_score(
+                model, timelines, validation, spec, config.val_metric, inputs
+            )
+    chosen = list(scores).index(max(scores, key=scores.__getitem__)) if scores else 0
+    readout = config.user_vectors[int(from_main(chosen, parallel))]
+    model.config = replace(model.config, user_vector=readout)
+    if config.progress and parallel.is_main:
+        tried = ", ".join(f"{r}: {v:.4f}" for r, v in scores.items())
+        tqdm.write(f"user vector {readout} (val {config.val_metric} {tried})")
+    return scores
 
 
 def calibrate_served_order(

@@ -66,6 +66,9 @@ def test_the_settings_defaults_are_the_layers_defaults(clean_env, tmp_path: Path
         update={"train": settings.train.model_copy(update={"next_day_windows": False})}
     )
     assert without.grank_config(inputs).user_vector == "newest"
+    # ...and validation chooses among the places (ties keep it); with windows, U serves
+    assert without.fit_config(bf16=False).user_vectors == ("newest", "query", "both")
+    assert settings.fit_config(bf16=False).user_vectors == ()
     assert settings.eval_config() == EvalConfig(
         features.short_seq_len, features.long_seq_len, seen_len=features.long_seq_len
     )

@@ -25,7 +25,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_served_order
+from training.train import calibrate_served_order, choose_user_vector
 
 
 def tiny(**overrides: object) -> GRank:
@@ -432,6 +432,9 @@ def test_the_user_vector_is_read_at_the_query_token_or_at_the_newest_slot():
     assert torch.equal(query.user_vectors(short), states[:, -1])
     assert torch.equal(newest.user_vectors(short), states[:, -2])
     assert not torch.equal(states[:, -1], states[:, -2])
+    both = tiny(ranker_residual=True, user_vector="both")
+    both.load_state_dict(query.state_dict())
+    torch.testing.assert_close(both.user_vectors(short), (states[:, -1] + states[:, -2]) / 2)
     weights = LossWeights(candidates=4, hard_negatives=3, hard_pool=10)
     parts = {}
     for name, model in (("query", query), ("newest", newest)):
@@ -441,6 +444,34 @@ def test_the_user_vector_is_read_at_the_query_token_or_at_the_newest_slot():
     assert parts["query"]["ca"] != parts["newest"]["ca"]
     with pytest.raises(UserFacingError, match="user_vector"):
         tiny(user_vector="last")
+
+
+def test_validation_chooses_where_the_user_vector_is_read():
+    """Targets are the Generator's first item as one readout lists it: validation takes
+    that readout wherever it stands among the choices, and none without choices."""
+    n_users, length = 20, 6
+    timelines = _random_timelines(n_users, length)
+    spec = EvalConfig(short_len=6, long_len=8, k1=39)
+    fit = FitConfig(progress=False)
+    for readout, choices in (
+        ("query", ("newest", "both", "query")),
+        ("newest", ("query", "both", "newest")),
+    ):
+        model = tiny(user_vector=readout)
+        first = rankings(
+            model, timelines, _all_users(n_users, length, np.zeros(0)), spec, torch.device("cpu")
+        )["generator"][:, 0]
+        validation = _all_users(n_users, length, first)
+        model.config = replace(model.config, user_vector=choices[0])
+        scores = choose_user_vector(
+            model, timelines, validation, spec, replace(fit, user_vectors=choices), NO_INPUTS
+        )
+        assert model.config.user_vector == readout and list(scores) == list(choices)
+        assert scores[readout] == pytest.approx(1.0) and min(scores.values()) < 1.0
+    assert choose_user_vector(model, timelines, validation, spec, fit, NO_INPUTS) == {}
+    assert model.config.user_vector == "newest"
+    with pytest.raises(UserFacingError, match="user_vectors"):
+        FitConfig(user_vectors=("last",))  # type: ignore[arg-type]
 
 
 def test_a_batch_with_no_history_slot_still_has_a_finite_loss():
