@@ -12,8 +12,9 @@ after the length ``offline-eval`` would choose among ``--epochs`` (training/trai
     GRANK_DATA_ROOT=<root> GRANK_TRAIN__DIM=128 GRANK_TRAIN__N_LAYERS=3 \\
         .venv/bin/python benchmarks/catchup_sweep.py --epochs 0,1,2,4 --lrs 5e-4,1e-3
 
-``--user-vectors query,newest`` repeats each row with the user vector read at U and at
-the newest event's slot (``GRankConfig.user_vector``), from the same fitted weights.
+``--user-vectors query,newest,both`` repeats each row with the user vector read at U, at
+the newest event's slot and at their mean (``GRankConfig.user_vector``; without the
+option, where the fit's validation chose), from the same fitted weights.
 
 Each row is what ``grank offline-eval --protocol gts --variants grank`` reports with
 ``GRANK_TRAIN__CATCHUP_EPOCHS`` and ``GRANK_TRAIN__FINETUNE_LR`` set to the row's values
@@ -65,8 +66,8 @@ def main() -> None:
     parser.add_argument(
         "--user-vectors",
         default="",
-        help="Where to read the user vector, comma-separated (query, newest; default: the"
-        " configured one).",
+        help="Where to read the user vector, comma-separated (query, newest, both; default:"
+        " the configured one).",
     )
     args = parser.parse_args()
     epochs = [int(value) for value in _floats(args.epochs)]
@@ -81,7 +82,8 @@ def main() -> None:
     if args.fitted and args.fitted.is_file():
         saved = torch.load(args.fitted, weights_only=True)
         model.load_state_dict(saved["weights"])
-        model.config = replace(model.config, ranker_weight=saved["ranker_weight"])
+        chosen_by_validation = {k: saved[k] for k in ("ranker_weight", "user_vector") if k in saved}
+        model.config = replace(model.config, **chosen_by_validation)
     else:
         started = time.perf_counter()
         result = fit_to_cutoff(
@@ -89,11 +91,16 @@ def main() -> None:
         )
         print(
             f"fit: best validation {result.best_score:.4f} at epoch {result.best_epoch}"
-            f" ({result.stop_reason}; {time.perf_counter() - started:.0f}s)"
+            f" ({result.stop_reason}; {time.perf_counter() - started:.0f}s); user vector"
+            f" {model.config.user_vector} {result.user_vector_scores}"
         )
         if args.fitted:
-            # the Ranker weight validation chose is part of the fitted model
-            saved = {"weights": model.state_dict(), "ranker_weight": model.config.ranker_weight}
+            # what validation chose (the Ranker weight, the readout) is part of the fitted model
+            saved = {
+                "weights": model.state_dict(),
+                "ranker_weight": model.config.ranker_weight,
+                "user_vector": model.config.user_vector,
+            }
             torch.save(saved, args.fitted)
     fitted = copy.deepcopy(model.state_dict())
     chosen, trial = choose_catch_up(

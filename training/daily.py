@@ -367,6 +367,7 @@ def _manifest(
         "val_score": result.best_score,
         "kept_epoch": result.kept_epoch,
         "stop_reason": result.stop_reason,
+        "user_vector_scores": result.user_vector_scores,
         "ranker_weight_scores": result.ranker_weight_scores,
         "prior_weight_scores": result.prior_weight_scores,
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],

@@ -242,7 +242,7 @@ def run_gts(
             {
                 "protocol": "gts",
                 "results": gts_scores(model, data, spec, inputs, device),
-                **_training_summary(job, result, started),
+                **_training_summary(job, model, result, started),
                 "catchup_epochs": epochs,
                 "catchup_trial_scores": trial_scores,
             },
@@ -297,14 +297,17 @@ def run_loo(
             {
                 "protocol": "loo",
                 "results": _scores(model, data, job.spec, inputs, device, targets),
-                **_training_summary(job, result, started),
+                **_training_summary(job, model, result, started),
             },
         )
 
 
-def _training_summary(job: OfflineJob, result: FitResult, started: float) -> dict[str, Any]:
+def _training_summary(
+    job: OfflineJob, model: GRank | TwoTower, result: FitResult, started: float
+) -> dict[str, Any]:
     """How a variant trained, beside its scores: a table row is read with its budget."""
     return {
+        "user_vector": model.config.user_vector if isinstance(model, GRank) else None,
         "best_epoch": result.best_epoch,
         "val_score": result.best_score,
         "stop_reason": result.stop_reason,

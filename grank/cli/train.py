@@ -346,7 +346,7 @@ def offline_job(
     default=False,
     show_default=True,
     help="What the user vector learns: each window's next item, what these protocols'"
-    " targets ask (each sees every earlier event; read at the newest event's slot), or the"
+    " targets ask (each sees every earlier event; read where validation chooses), or the"
     " day after the history, at the query token, as the daily pipeline trains it"
     " (train.next_day_windows).",
 )

@@ -84,6 +84,10 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
         assert all(literature[m] >= serving[m] - 1e-9 for m in serving), (serving, literature)
     assert set(grank["results"]["last"]) == {"generator/filtered", "rank/filtered"}
     assert grank["next_day_windows"] is False  # the protocol's task by default
+    # ...so validation chose where the user vector is read, and the report says which
+    readouts = grank["user_vector_scores"]
+    assert set(readouts) == {"newest", "query", "both"}
+    assert readouts[grank["user_vector"]] == max(readouts.values())
     # the catch-up's length was chosen on the trial inside (T_val, T_test], not on the test
     trial = grank["catchup_trial_scores"]
     assert set(trial) == {"0", "1", "2", "4"}
@@ -104,6 +108,8 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
         "grank",
         "popularity_all_time",
     }
-    assert json.loads((root / "offline" / "loo" / "grank.json").read_text())["next_day_windows"]
+    loo_grank = json.loads((root / "offline" / "loo" / "grank.json").read_text())
+    assert loo_grank["next_day_windows"]  # U trained as it serves: nothing to choose
+    assert loo_grank["user_vector"] == "query" and loo_grank["user_vector_scores"] == {}
     bad = runner.invoke(cli, ["offline-eval", "--variants", "sasrec"], env=env)
     assert bad.exit_code != 0 and "unknown variants ['sasrec']" in str(bad.exception)

@@ -257,6 +257,8 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     assert set(tried) == {"1", "0.75", "0.5", "0.25", "0"}
     best = max(tried.values())
     assert manifest["config"]["ranker_weight"] == max(float(w) for w in tried if tried[w] == best)
+    # next-day windows train U as it serves: it reads the vector, no readout is chosen
+    assert manifest["config"]["user_vector"] == "query" and manifest["user_vector_scores"] == {}
     # next-day evidence of the whole days between T_val and the test day: none here, T_val
     # falls on the last training day of this short window
     assert manifest["backtest"] == {}
