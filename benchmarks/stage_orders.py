@@ -9,8 +9,9 @@ queries and with the same seen filter and servable items as ``grank evaluate``:
     GRANK_DATA_ROOT=/tmp/r .venv/bin/python benchmarks/stage_orders.py \\
         --candidate-day 2000-12-07 --first 2000-12-07 --days 8
 
-Both orders are also scored with the user vector read at the other place
-(``GRankConfig.user_vector``: U or the newest event's slot), from the same weights.
+Both orders are also scored with the user vector read at each other place
+(``GRankConfig.user_vector``: U, the newest event's slot, their mean), from the same
+weights.
 
 ``--seen-filter all`` filters every item of the user's history instead of serving's last
 ``long_seq_len`` events: what a complete seen filter would change, for every order.
@@ -34,7 +35,7 @@ import torch
 from grank.cli.train import daily_job
 from grank.config import Settings
 from training.checkpoint import load_checkpoint
-from training.config import EvalConfig
+from training.config import USER_VECTORS, EvalConfig
 from training.daily import DayData, read_day_data
 from training.data import Queries, next_day
 from training.evaluate import final_stage, rankings
@@ -92,10 +93,11 @@ def main() -> None:
         if model.config.prior_weight:  # the served order without its popularity prior
             without = _rankings_with(model, {"prior_weight": 0.0}, data, queries, spec)
             orders["ranker order, prior weight 0"] = final_stage(without)
-        other = "newest" if model.config.user_vector == "query" else "query"
-        elsewhere = _rankings_with(model, {"user_vector": other}, data, queries, spec)
-        orders[f"generator order, {other} vector"] = elsewhere["generator"]
-        orders[f"ranker order, {other} vector"] = final_stage(elsewhere)
+        for other in USER_VECTORS:
+            if other != model.config.user_vector:
+                elsewhere = _rankings_with(model, {"user_vector": other}, data, queries, spec)
+                orders[f"generator order, {other} vector"] = elsewhere["generator"]
+                orders[f"ranker order, {other} vector"] = final_stage(elsewhere)
         for name, top in orders.items():
             metrics = per_query_metrics(
                 top, queries.relevant_offsets, queries.relevant_items, (10, 50, 200), (10,)
@@ -104,10 +106,10 @@ def main() -> None:
                 per_query.setdefault(name, {}).setdefault(metric, []).append(metrics[metric])
         print(f"{day}: {len(queries)} queries", flush=True)
 
-    print(f"\n{'order':32} " + " ".join(f"{m:>10}" for m in METRICS))
+    print(f"\n{'order':34} " + " ".join(f"{m:>10}" for m in METRICS))
     for name, by_metric in per_query.items():
         means = [float(np.concatenate(by_metric[m]).mean()) for m in METRICS]
-        print(f"{name:32} " + " ".join(f"{v:10.4f}" for v in means))
+        print(f"{name:34} " + " ".join(f"{v:10.4f}" for v in means))
 
 
 if __name__ == "__main__":
