@@ -155,7 +155,7 @@ class FitConfig:
     prior_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
     # ...and before both, where the user vector is read (``GRankConfig.user_vector``):
     # validation chooses among these, ties keeping the earlier (training/train.py
-    # ``choose_user_vector``; empty: keep the model's)
+    # ``calibrate_served_order``; empty: keep the model's)
     user_vectors: tuple[UserVector, ...] = ()
     bf16: bool = False  # autocast the forward pass to bf16 (~1.4x steps/s where native)
     # the query token also learns, and is judged, as it serves: from the history up to the

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserFacingError
-from training.config import EvalConfig, FitConfig, GRankConfig
+from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines, Windows, from_day_start, item_counts, make_windows
 from training.distributed import (
     SINGLE,
@@ -253,12 +253,10 @@ def fit(
     elif average is not None:
         model.load_state_dict(average.state_dict())
     run.result.kept_epoch = run.result.best_epoch if config.keep_best else len(run.result.history)
-    if config.keep_best:  # a validation fit to choose weights by also chooses the blend
-        run.result.user_vector_scores = choose_user_vector(
-            model, timelines, validation, spec, config, inputs, parallel
-        )
-        run.result.ranker_weight_scores, run.result.prior_weight_scores = calibrate_served_order(
-            model, timelines, validation, spec, config, inputs, parallel
+    if config.keep_best:  # a validation fit to choose weights by also chooses what serves
+        result = run.result
+        result.user_vector_scores, result.ranker_weight_scores, result.prior_weight_scores = (
+            calibrate_served_order(model, timelines, validation, spec, config, inputs, parallel)
         )
     require_same_weights(model, parallel)
     run.result.seconds = time.perf_counter() - started
@@ -518,41 +516,6 @@ def validation_score(
     return metrics["generator/filtered"][metric]
 
 
-def choose_user_vector(
-    model: nn.Module,
-    timelines: Timelines,
-    validation: Queries,
-    spec: EvalConfig,
-    config: FitConfig,
-    inputs: EvalInputs,
-    parallel: DataParallel = SINGLE,
-) -> dict[str, float]:
-    """Read the user vector where the Generator's list scores best on validation, among
-    ``config.user_vectors`` (ties keep the earlier); returns each readout's score ({} where
-    there is nothing to choose). Rank 0 scores; every rank takes its choice.
-
-    Training fixes none of them as the best: U is trained for the next item as one slot
-    of many, the newest slot by every window, and which reads a user better (or their
-    mean) depends on the model's size and the data (docs/model.md).
-    """
-    if not (isinstance(model, GRank) and config.user_vectors):
-        return {}
-    scores: dict[str, float] = {}
-    if parallel.is_main:
-        for readout in config.user_vectors:
-            model.config = replace(model.config, user_vector=readout)
-            scores[readout] = validation_score(
-                model, timelines, validation, spec, config.val_metric, inputs
-            )
-    chosen = list(scores).index(max(scores, key=scores.__getitem__)) if scores else 0
-    readout = config.user_vectors[int(from_main(chosen, parallel))]
-    model.config = replace(model.config, user_vector=readout)
-    if config.progress and parallel.is_main:
-        tried = ", ".join(f"{r}: {v:.4f}" for r, v in scores.items())
-        tqdm.write(f"user vector {readout} (val {config.val_metric} {tried})")
-    return scores
-
-
 def calibrate_served_order(
     model: nn.Module,
     timelines: Timelines,
@@ -561,12 +524,18 @@ def calibrate_served_order(
     config: FitConfig,
     inputs: EvalInputs,
     parallel: DataParallel = SINGLE,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Choose on the validation queries how the served order (Stage 2) is blended; returns
-    the score of each weight tried, of the Ranker and of the prior ({} where there is
-    nothing to choose). Rank 0 scores; every rank takes its choice.
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Choose on the validation queries how what serves is formed; returns the score of
+    each choice tried: where the user vector is read, the Ranker's weight, the prior's
+    ({} where there is nothing to choose). Rank 0 scores; every rank takes its choice.
 
-    First a residual Ranker's ``ranker_weight`` among ``config.ranker_weights`` (ties keep
+    First where the user vector is read (``GRankConfig.user_vector``) among
+    ``config.user_vectors``, on the Generator's order (ties keep the earlier). Training
+    fixes none of them as the best: without next-day windows U is one next-token slot of
+    many, the newest slot is trained by every window, and which reads a user better (or
+    their mean) depends on the model's size and the data (docs/model.md).
+
+    Then a residual Ranker's ``ranker_weight`` among ``config.ranker_weights`` (ties keep
     the larger). The Ranker is trained to reorder the Generator's top, but nothing
     promises that its correction helps on every protocol and dataset: where it does not,
     serving the Generator's order (weight 0) or a damped correction beats it, and
@@ -575,32 +544,40 @@ def calibrate_served_order(
     Then, on that choice, a popularity prior's ``prior_weight`` among
     ``config.prior_weights`` (ties keep the smaller: no evidence, no prior).
     """
-    if not (isinstance(model, GRank) and model.config.use_ranker):
-        return {}, {}
-    ranked = model
-    knobs = ranked.config
+    if not isinstance(model, GRank):
+        return {}, {}, {}
 
-    def choose(
-        knob: Literal["ranker_weight", "prior_weight"],
-        weights: tuple[float, ...],
-        tie_break: Callable[..., float],
-    ) -> dict[str, float]:
-        return _choose_weight(
-            ranked, knob, weights, tie_break, timelines, validation, spec, config, inputs, parallel
+    def choose(knob: Knob, values: tuple[Any, ...], tie_break: TieBreak) -> dict[str, float]:
+        return _choose(
+            model, knob, values, tie_break, timelines, validation, spec, config, inputs, parallel
         )
 
+    readout = choose("user_vector", config.user_vectors, _first) if config.user_vectors else {}
+    knobs = model.config
+    if not knobs.use_ranker:
+        return readout, {}, {}
     with_ranker = knobs.ranker_residual and config.ranker_weights
     ranker = choose("ranker_weight", config.ranker_weights, max) if with_ranker else {}
     with_prior = knobs.inputs.popularity_prior is not None and config.prior_weights
     prior = choose("prior_weight", config.prior_weights, min) if with_prior else {}
-    return ranker, prior
+    return readout, ranker, prior
 
 
-def _choose_weight(
+# what validation chooses after a fit (GRankConfig's fields), and how ties among the
+# best-scoring values are broken
+Knob = Literal["user_vector", "ranker_weight", "prior_weight"]
+TieBreak = Callable[[list[Any]], Any]
+
+
+def _first(tied: list[Any]) -> Any:
+    return tied[0]
+
+
+def _choose(
     model: GRank,
-    knob: Literal["ranker_weight", "prior_weight"],
-    weights: tuple[float, ...],
-    tie_break: Callable[..., float],
+    knob: Knob,
+    values: tuple[Any, ...],
+    tie_break: TieBreak,
     timelines: Timelines,
     validation: Queries,
     spec: EvalConfig,
@@ -608,28 +585,31 @@ def _choose_weight(
     inputs: EvalInputs,
     parallel: DataParallel,
 ) -> dict[str, float]:
-    """Set ``knob`` to the weight whose served order scores best on validation
-    (``tie_break`` among equals); every rank takes rank 0's choice (only rank 0 scores)."""
-    scores: dict[float, float] = {}
+    """Set ``knob`` to the value whose order scores best on validation (``tie_break``
+    among equals): the Generator's order for where the user vector is read, the served
+    order for the weights. Every rank takes rank 0's choice (only rank 0 scores)."""
+    stage = "generator" if knob == "user_vector" else "rank"
+    scores: list[float] = []
+    chosen = 0
     if parallel.is_main:
         device = next(model.parameters()).device
-        for weight in weights:
-            model.config = _with_weight(model.config, knob, weight)
-            metrics = evaluate(model, timelines, validation, spec, device, inputs)
-            scores[weight] = metrics["rank/filtered"][config.val_metric]
-    best = max(scores.values(), default=0.0)
-    chosen = tie_break((w for w, v in scores.items() if v == best), default=0.0)
-    model.config = _with_weight(model.config, knob, from_main(chosen, parallel))
+        for value in values:
+            model.config = replace(model.config, **{knob: value})
+            metrics = evaluate(
+                model, timelines, validation, spec, device, inputs, with_rank=stage == "rank"
+            )
+            scores.append(metrics[f"{stage}/filtered"][config.val_metric])
+        tied = [value for value, score in zip(values, scores, strict=True) if score == max(scores)]
+        chosen = values.index(tie_break(tied))
+    value = values[int(from_main(chosen, parallel))]
+    model.config = replace(model.config, **{knob: value})
+    tried = {_label(value): score for value, score in zip(values, scores, strict=False)}
     if config.progress and parallel.is_main:
-        tried = ", ".join(f"{w:g}: {v:.4f}" for w, v in scores.items())
-        chosen = getattr(model.config, knob)
-        tqdm.write(f"{knob.replace('_', ' ')} {chosen:g} (val {config.val_metric} {tried})")
-    return {f"{w:g}": v for w, v in scores.items()}
+        listed = ", ".join(f"{label}: {score:.4f}" for label, score in tried.items())
+        tqdm.write(f"{knob.replace('_', ' ')} {_label(value)} (val {config.val_metric} {listed})")
+    return tried
 
 
-def _with_weight(
-    config: GRankConfig, knob: Literal["ranker_weight", "prior_weight"], weight: float
-) -> GRankConfig:
-    if knob == "ranker_weight":
-        return replace(config, ranker_weight=weight)
-    return replace(config, prior_weight=weight)
+def _label(value: float | str) -> str:
+    """A choice as reports name it: weights in their shortest form ("0.25"), places as is."""
+    return f"{value:g}" if isinstance(value, float) else value

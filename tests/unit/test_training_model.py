@@ -25,7 +25,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_served_order, choose_user_vector
+from training.train import calibrate_served_order
 
 
 def tiny(**overrides: object) -> GRank:
@@ -199,15 +199,15 @@ def test_validation_takes_the_prior_only_where_popularity_predicts_the_targets()
     most_popular = top[np.arange(n_users), popularity[1, top, 0].numpy().argmax(axis=1)]
     validation = _all_users(n_users, length, most_popular)
     fit = FitConfig(progress=False)
-    ranker, scores = calibrate_served_order(model, timelines, validation, spec, fit, inputs)
+    _, ranker, scores = calibrate_served_order(model, timelines, validation, spec, fit, inputs)
     assert len(set(ranker.values())) == 1 and model.config.ranker_weight == 1.0  # no correction
     assert model.config.prior_weight > 0 and set(scores) == {"0", "0.125", "0.25", "0.5", "1", "2"}
     assert scores[f"{model.config.prior_weight:g}"] > scores["0"]
     flat = EvalInputs(features=replace(history, item_table=torch.zeros(2, 40, 1)))
-    _, scores = calibrate_served_order(model, timelines, validation, spec, fit, flat)
+    _, _, scores = calibrate_served_order(model, timelines, validation, spec, fit, flat)
     assert model.config.prior_weight == 0.0 and len(set(scores.values())) == 1
     no_prior = tiny(ranker_residual=True)
-    assert calibrate_served_order(no_prior, timelines, validation, spec, fit, NO_INPUTS)[1] == {}
+    assert calibrate_served_order(no_prior, timelines, validation, spec, fit, NO_INPUTS)[2] == {}
 
 
 def item_feature_history(model: GRank, item_table: torch.Tensor) -> FeatureHistory:
@@ -298,14 +298,14 @@ def test_validation_chooses_the_generators_order_over_a_ranker_that_scrambles_it
         model.ranker_mlp[-1].weight.mul_(1e4)
     model.config = replace(model.config, ranker_weight=1.0)
     fit = FitConfig(progress=False)
-    scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
+    _, scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
     assert model.config.ranker_weight == 0.0
     assert scores["0"] == pytest.approx(1.0) and scores["1"] < 0.5
     assert set(scores) == {"1", "0.75", "0.5", "0.25", "0"}
     with torch.no_grad():
         model.ranker_mlp[-1].weight.zero_()
         model.ranker_mlp[-1].bias.zero_()
-    scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
+    _, scores, _ = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
     assert model.config.ranker_weight == 1.0 and len(set(scores.values())) == 1
 
 
@@ -463,12 +463,13 @@ def test_validation_chooses_where_the_user_vector_is_read():
         )["generator"][:, 0]
         validation = _all_users(n_users, length, first)
         model.config = replace(model.config, user_vector=choices[0])
-        scores = choose_user_vector(
+        scores, _, _ = calibrate_served_order(
             model, timelines, validation, spec, replace(fit, user_vectors=choices), NO_INPUTS
         )
         assert model.config.user_vector == readout and list(scores) == list(choices)
         assert scores[readout] == pytest.approx(1.0) and min(scores.values()) < 1.0
-    assert choose_user_vector(model, timelines, validation, spec, fit, NO_INPUTS) == {}
+    nothing = calibrate_served_order(model, timelines, validation, spec, fit, NO_INPUTS)
+    assert nothing == ({}, {}, {})  # no readouts offered, no residual Ranker, no prior
     assert model.config.user_vector == "newest"
     with pytest.raises(UserFacingError, match="user_vectors"):
         FitConfig(user_vectors=("last",))  # type: ignore[arg-type]
