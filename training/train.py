@@ -516,6 +516,12 @@ def validation_score(
     return metrics["generator/filtered"][metric]
 
 
+# what validation chooses after a fit (GRankConfig's fields), and how ties among the
+# best-scoring values are broken
+Knob = Literal["user_vector", "ranker_weight", "prior_weight"]
+TieBreak = Callable[[list[Any]], Any]
+
+
 def calibrate_served_order(
     model: nn.Module,
     timelines: Timelines,
@@ -561,12 +567,6 @@ def calibrate_served_order(
     with_prior = knobs.inputs.popularity_prior is not None and config.prior_weights
     prior = choose("prior_weight", config.prior_weights, min) if with_prior else {}
     return readout, ranker, prior
-
-
-# what validation chooses after a fit (GRankConfig's fields), and how ties among the
-# best-scoring values are broken
-Knob = Literal["user_vector", "ranker_weight", "prior_weight"]
-TieBreak = Callable[[list[Any]], Any]
 
 
 def _first(tied: list[Any]) -> Any:
