@@ -558,15 +558,15 @@ def calibrate_served_order(
             model, knob, values, tie_break, timelines, validation, spec, config, inputs, parallel
         )
 
-    readout = choose("user_vector", config.user_vectors, _first) if config.user_vectors else {}
+    readouts = choose("user_vector", config.user_vectors, _first) if config.user_vectors else {}
     knobs = model.config
     if not knobs.use_ranker:
-        return readout, {}, {}
+        return readouts, {}, {}
     with_ranker = knobs.ranker_residual and config.ranker_weights
     ranker = choose("ranker_weight", config.ranker_weights, max) if with_ranker else {}
     with_prior = knobs.inputs.popularity_prior is not None and config.prior_weights
     prior = choose("prior_weight", config.prior_weights, min) if with_prior else {}
-    return readout, ranker, prior
+    return readouts, ranker, prior
 
 
 def _first(tied: list[Any]) -> Any:
@@ -599,10 +599,12 @@ def _choose(
                 model, timelines, validation, spec, device, inputs, with_rank=stage == "rank"
             )
             scores.append(metrics[f"{stage}/filtered"][config.val_metric])
-        tied = [value for value, score in zip(values, scores, strict=True) if score == max(scores)]
+        best = max(scores)
+        tied = [value for value, score in zip(values, scores, strict=True) if score == best]
         chosen = values.index(tie_break(tied))
     value = values[int(from_main(chosen, parallel))]
     model.config = replace(model.config, **{knob: value})
+    # rank 0's scores by value; other ranks scored nothing
     tried = {_label(value): score for value, score in zip(values, scores, strict=False)}
     if config.progress and parallel.is_main:
         listed = ", ".join(f"{label}: {score:.4f}" for label, score in tried.items())
