@@ -23,7 +23,7 @@ the most recent event last. docs/model.md explains every choice the paper leaves
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +220,7 @@ class GRank(nn.Module):
         with torch.no_grad():
             table.weight.copy_(torch.cat([weight.detach(), extra.to(weight.dtype)]))
         self.item_embedding = table
-        self.config = GRankConfig(**{**self.config.to_dict(), "n_item_rows": n_item_rows})
+        self.config = replace(self.config, n_item_rows=n_item_rows)
 
     def fit_feature_ranges(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Remember the training range of the profile features (training sets it once)."""

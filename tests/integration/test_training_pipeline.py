@@ -12,6 +12,9 @@ from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -302,6 +305,44 @@ def test_cli_train_evaluate_warm_start_and_gate(built_root, tmp_path):
     code, out = grank(["evaluate", "--date", "1998-04-03"], env)
     assert code == 0, out
     assert "PUBLISHED stays" in out and registry.published() == second
+
+
+def test_a_warm_start_gives_items_new_to_the_catalogue_their_rows(built_root, tmp_path):
+    """A team's catalogue grows: the day after a bootstrap lists an item no model has a row
+    for. The warm start grows the item table, saves the grown model and the gate scores it
+    (and the published model, grown the same way) on the day."""
+    root = models_root(built_root, tmp_path)
+    env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
+    registry = ModelRegistry(root / "models")
+    for command in ("train", "evaluate"):
+        code, out = grank([command, "--date", "1998-04-03"], env)
+        assert code == 0, out
+    # the lake as it is the next day: the same events, one new row in the item dimension
+    (root / "lake").unlink()
+    raw = root / "lake" / "raw"
+    (raw / "items").mkdir(parents=True)
+    for entry in (built_root / "lake").iterdir():
+        if entry.name != "raw":
+            (root / "lake" / entry.name).symlink_to(entry)
+    for entry in (built_root / "lake" / "raw").iterdir():
+        if entry.name != "items":
+            (raw / entry.name).symlink_to(entry)
+    items = pq.read_table(built_root / "lake" / "raw" / "items" / "items.parquet")
+    new_item = int(pc.max(items["item_id"]).as_py()) + 1
+    row = {name: None for name in items.column_names} | {"item_id": new_item}
+    pq.write_table(
+        pa.concat_tables([items, pa.Table.from_pylist([row], items.schema)]),
+        raw / "items" / "items.parquet",
+    )
+
+    code, out = grank(["train", "--date", "1998-04-04"], env)
+    assert code == 0, out
+    assert "warm start from" in out
+    _, manifest = load_checkpoint(registry.checkpoint_path(registry.candidate(date(1998, 4, 4))))
+    assert manifest["config"]["n_item_rows"] == new_item + 1
+    code, out = grank(["evaluate", "--date", "1998-04-04"], env)
+    assert code == 0, out
+    assert registry.published() == registry.candidate(date(1998, 4, 4))
 
 
 def test_the_bootstrap_walks_forward_as_the_daily_warm_starts_train(built_root, tmp_path):

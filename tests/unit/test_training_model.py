@@ -316,8 +316,10 @@ def test_disabled_paths_refuse_and_grow_keeps_trained_rows():
     with pytest.raises(ValueError):
         model.rank_scores(SHORT, torch.tensor([[1], [2]]))
     before = model.item_vectors().detach().clone()
+    config = model.config
     model.grow_items(50)
-    assert model.config.n_item_rows == 50
+    assert model.config == replace(config, n_item_rows=50)  # still a typed config...
+    assert GRankConfig.from_dict(model.config.to_dict()) == model.config  # ...that saves
     assert torch.equal(model.item_vectors()[:40], before)
     assert model.item_vectors()[40:].abs().max() < 0.2
 
