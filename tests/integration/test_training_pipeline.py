@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from common.errors import UserFacingError
+from features.lake import LakeLayout
 from grank.cli import cli
 from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
@@ -318,21 +319,20 @@ def test_a_warm_start_gives_items_new_to_the_catalogue_their_rows(built_root, tm
         code, out = grank([command, "--date", "1998-04-03"], env)
         assert code == 0, out
     # the lake as it is the next day: the same events, one new row in the item dimension
-    (root / "lake").unlink()
-    raw = root / "lake" / "raw"
-    (raw / "items").mkdir(parents=True)
-    for entry in (built_root / "lake").iterdir():
-        if entry.name != "raw":
-            (root / "lake" / entry.name).symlink_to(entry)
-    for entry in (built_root / "lake" / "raw").iterdir():
-        if entry.name != "items":
-            (raw / entry.name).symlink_to(entry)
-    items = pq.read_table(built_root / "lake" / "raw" / "items" / "items.parquet")
+    built, grown = LakeLayout(built_root / "lake"), LakeLayout(root / "lake")
+    grown.root.unlink()
+    grown.dimension_dir("items").mkdir(parents=True)
+    for entry in built.root.iterdir():
+        if entry != built.raw_dir:
+            (grown.root / entry.name).symlink_to(entry)
+    for entry in built.raw_dir.iterdir():
+        if entry != built.dimension_dir("items"):
+            (grown.raw_dir / entry.name).symlink_to(entry)
+    items = pq.read_table(built.items_file)
     new_item = int(pc.max(items["item_id"]).as_py()) + 1
     row = {name: None for name in items.column_names} | {"item_id": new_item}
     pq.write_table(
-        pa.concat_tables([items, pa.Table.from_pylist([row], items.schema)]),
-        raw / "items" / "items.parquet",
+        pa.concat_tables([items, pa.Table.from_pylist([row], items.schema)]), grown.items_file
     )
 
     code, out = grank(["train", "--date", "1998-04-04"], env)
