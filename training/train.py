@@ -221,7 +221,7 @@ def fit(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    average = _weight_average(model, optimizer, config.weight_average_decay)
+    average = weight_average(model, optimizer, config.weight_average_decay)
     started = time.perf_counter()
     run = _Fit(
         model=model,
@@ -263,11 +263,17 @@ def fit(
     return run.result
 
 
-def _weight_average(
+def weight_average(
     model: nn.Module, optimizer: torch.optim.Optimizer, decay: float
 ) -> nn.Module | None:
     """A copy of ``model`` that follows its weights' exponential moving average after
     every optimizer step (None when ``decay`` is 0): what validation scores and keeps.
+
+    The average is bias-corrected, as Adam's moments are: after step t it weighs the
+    weights after steps 1..t by ``decay ** (t - i)``, normalised, and the untrained
+    initial weights not at all. Without that a slow decay (a memory of several epochs)
+    would keep a share ``decay ** t`` of random weights for the first thousands of steps,
+    which is all a short time budget trains.
 
     Buffers are not averaged: the model's are constants set before training (the user
     features' ranges), copied once with the model.
@@ -277,10 +283,13 @@ def _weight_average(
     average = copy.deepcopy(model).requires_grad_(False)
     averaged: list[torch.Tensor] = list(average.parameters())
     trained: list[torch.Tensor] = list(model.parameters())
+    kept = 1.0  # decay ** steps: the initial weights' share before the correction
 
     @torch.no_grad()
     def follow(*_: object) -> None:
-        torch._foreach_lerp_(averaged, trained, 1.0 - decay)
+        nonlocal kept
+        kept *= decay
+        torch._foreach_lerp_(averaged, trained, (1.0 - decay) / (1.0 - kept))
 
     optimizer.register_step_post_hook(follow)
     return average

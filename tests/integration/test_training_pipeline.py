@@ -142,18 +142,18 @@ def tiny_untrained_grank(max_item_id: int) -> GRank:
 
 def test_validation_scores_and_keeps_the_weight_average_without_changing_training(built_root):
     trained, plain = tiny_fit(built_root, epochs=2)
-    # a decay of ~1: the average barely leaves the initial weights while training moves on
+    # a decay of ~1: the average is the plain mean of the weights after every step
     averaged, result = tiny_fit(built_root, epochs=2, weight_average_decay=1 - 1e-7)
     assert [h["loss"] for h in result.history] == [h["loss"] for h in plain.history]
+    assert result.history[0]["val_recall@10"] != plain.history[0]["val_recall@10"]
     initial = tiny_untrained_grank(averaged.config.n_item_rows - 1).state_dict()
     for name, tensor in averaged.state_dict().items():
-        if tensor.is_floating_point():
-            assert torch.allclose(tensor, initial[name], atol=1e-4), name
+        if tensor.is_floating_point() and not torch.equal(tensor, initial[name]):
+            assert not torch.allclose(tensor, trained.state_dict()[name], atol=1e-6), name
     assert any(
-        not torch.allclose(tensor, initial[name], atol=1e-2)
-        for name, tensor in trained.state_dict().items()
+        not torch.allclose(tensor, initial[name], atol=1e-3)
+        for name, tensor in averaged.state_dict().items()
     )
-    assert result.history[0]["val_recall@10"] < plain.history[0]["val_recall@10"]
 
 
 def test_an_epoch_without_validation_gain_lowers_the_learning_rate(built_root):

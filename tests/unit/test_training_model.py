@@ -25,7 +25,7 @@ from training.losses import (
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_served_order
+from training.train import calibrate_served_order, weight_average
 
 
 def tiny(**overrides: object) -> GRank:
@@ -610,3 +610,24 @@ def test_a_ranker_loss_needs_negatives():
     with pytest.raises(UserFacingError, match="ranker_hard_negatives must be at least 1"):
         LossWeights(hard_negatives=0)
     assert LossWeights(hard_negatives=0, ranker_in_batch=True).hard_negatives == 0
+
+
+def test_the_weight_average_weighs_the_trained_steps_and_never_the_initial_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    decay = 0.9
+    average = weight_average(model, optimizer, decay)
+    assert average is not None
+    after_each_step = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+        after_each_step.append([p.detach().clone() for p in model.parameters()])
+    shares = torch.tensor([decay ** (3 - step) for step in range(4)])
+    shares /= shares.sum()
+    for index, averaged in enumerate(average.parameters()):
+        expected = sum(s * after[index] for s, after in zip(shares, after_each_step, strict=True))
+        assert torch.allclose(averaged, expected, atol=1e-6)
+    assert weight_average(model, optimizer, 0.0) is None
