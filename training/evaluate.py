@@ -208,7 +208,9 @@ def rankings(
     return rankings_by_filter(scorer, timelines, queries, [spec], device, inputs, with_rank)[0]
 
 
-def _stage_metrics(ranked: dict[str, np.ndarray], queries: Queries) -> dict[str, dict[str, float]]:
+def _stage_metrics(
+    ranked: dict[str, np.ndarray], queries: Queries, intervals: bool = False
+) -> dict[str, dict[str, float]]:
     return {
         f"{stage}/filtered": ranking_metrics(
             top,
@@ -217,6 +219,7 @@ def _stage_metrics(ranked: dict[str, np.ndarray], queries: Queries) -> dict[str,
             RECALL_KS,
             NDCG_KS,
             queries.weights,
+            queries.users if intervals else None,
         )
         for stage, top in ranked.items()
     }
@@ -245,11 +248,13 @@ def evaluate_by_filter(
     specs: Sequence[EvalConfig],
     device: torch.device,
     inputs: EvalInputs = NO_INPUTS,
+    intervals: bool = False,
 ) -> list[dict[str, dict[str, float]]]:
     """:func:`evaluate` under each of ``specs`` (differing in ``seen_len`` only), from one
-    pass of the model (:func:`rankings_by_filter`)."""
+    pass of the model (:func:`rankings_by_filter`); ``intervals`` adds each metric's 95%
+    bootstrap interval over the queries' users (``training.metrics.ranking_metrics``)."""
     ranked = rankings_by_filter(scorer, timelines, queries, specs, device, inputs)
-    return [_stage_metrics(each, queries) for each in ranked]
+    return [_stage_metrics(each, queries, intervals) for each in ranked]
 
 
 def headline(metrics: dict[str, dict[str, float]], metric: str) -> float:

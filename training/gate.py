@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.atomic import atomic_write_bytes
+from training.metrics import user_bootstrap_interval
 
 CANDIDATE = "candidate"
 PUBLISHED = "published"
@@ -97,15 +98,10 @@ def read_evidence(folders: list[Path], first_day: int, last_day: int) -> pa.Tabl
 
 def paired_interval(diffs: np.ndarray, users: np.ndarray, policy: GatePolicy) -> Interval:
     """Bootstrap interval of ``mean(diffs)``, resampling whole users with replacement."""
-    unique, index = np.unique(users, return_inverse=True)
-    sums = np.bincount(index, weights=diffs, minlength=len(unique))
-    counts = np.bincount(index, minlength=len(unique)).astype(np.float64)
-    rng = np.random.default_rng(policy.seed)
-    draws = rng.integers(0, len(unique), size=(policy.resamples, len(unique)))
-    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    tail = (1.0 - policy.confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return Interval(float(diffs.mean()), float(low), float(high))
+    low, high = user_bootstrap_interval(
+        diffs, users, resamples=policy.resamples, confidence=policy.confidence, seed=policy.seed
+    )
+    return Interval(float(diffs.mean()), low, high)
 
 
 def decide(records: pa.Table | None, baselines: list[str], policy: GatePolicy) -> Verdict:

@@ -57,7 +57,42 @@ def ranking_metrics(
     recall_ks: tuple[int, ...],
     ndcg_ks: tuple[int, ...],
     weights: np.ndarray | None = None,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Means of :func:`per_query_metrics`, weighted by ``weights`` when given."""
+    """Means of :func:`per_query_metrics`, weighted by ``weights`` when given; with the
+    queries' ``users``, each mean's 95% interval too, as ``<metric>.low`` / ``.high``
+    (:func:`user_bootstrap_interval`)."""
     per_query = per_query_metrics(ranked, relevant_offsets, relevant_items, recall_ks, ndcg_ks)
-    return {name: float(np.average(v, weights=weights)) for name, v in per_query.items()}
+    out = {name: float(np.average(v, weights=weights)) for name, v in per_query.items()}
+    if users is not None:
+        for name, values in per_query.items():
+            out[f"{name}.low"], out[f"{name}.high"] = user_bootstrap_interval(
+                values, users, weights
+            )
+    return out
+
+
+def user_bootstrap_interval(
+    values: np.ndarray,
+    users: np.ndarray,
+    weights: np.ndarray | None = None,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of the (``weights``-weighted) mean of ``values``, resampling
+    whole users with replacement.
+
+    A user's queries are drawn together: many targets of one user are one unit of
+    evidence, so the interval is as wide as that many users make it, not that many queries.
+    """
+    unique, index = np.unique(users, return_inverse=True)
+    weight = np.ones(len(values)) if weights is None else weights
+    sums = np.bincount(index, weights=weight * values, minlength=len(unique))
+    totals = np.bincount(index, weights=weight, minlength=len(unique))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(unique), size=(resamples, len(unique)))
+    means = sums[draws].sum(axis=1) / totals[draws].sum(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)

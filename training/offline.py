@@ -146,7 +146,8 @@ def _scores(
     device: torch.device,
     protocol_queries: dict[str, Any],
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Each target scored under serving's seen filter and under the literature's.
+    """Each target scored under serving's seen filter and under the literature's, each
+    metric with its 95% bootstrap interval over the test users.
 
     A deployment that filters the whole history (``seen_len`` None) already serves the
     literature's filter, so its scores are reused rather than computed twice.
@@ -155,7 +156,9 @@ def _scores(
     specs = [spec] if literature == spec else [spec, literature]
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for target, queries in protocol_queries.items():
-        by_filter = evaluate_by_filter(scorer, data.timelines, queries, specs, device, inputs)
+        by_filter = evaluate_by_filter(
+            scorer, data.timelines, queries, specs, device, inputs, intervals=True
+        )
         scores[target] = by_filter[0]
         scores[target + HISTORY_FILTER] = by_filter[-1]
     return scores

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # `grank evaluate` exits with this when the gate refused the candidate: not an error of
 # the run (the DAG marks the task skipped and serving keeps what it has), but not a pass.
 EXIT_REFUSED = 99
+# what `offline-eval` prints per target and stage (its JSON holds every metric)
+OFFLINE_SHOWN = (("N@10", "ndcg@10"), ("HR@10", "recall@10"), ("R@50", "recall@50"))
 
 
 def _git_commit() -> str:
@@ -393,14 +395,21 @@ def offline_eval(
         assert isinstance(rows, dict)
         for target, stages in rows.items():
             for stage, metrics in stages.items():
-                click.echo(
-                    f"{name:24} {target:26} {stage:20} N@10 {metrics['ndcg@10']:.4f}"
-                    f"  HR@10 {metrics['recall@10']:.4f}  R@50 {metrics['recall@50']:.4f}"
+                shown = "  ".join(
+                    f"{label} {_with_interval(metrics, metric)}" for label, metric in OFFLINE_SHOWN
                 )
+                click.echo(f"{name:24} {target:26} {stage:20} {shown}")
 
     run = run_gts if protocol == "gts" else run_loo
     run(offline, data, chosen, device, report)
     click.echo(f"results: {out}")
+
+
+def _with_interval(metrics: dict[str, float], metric: str) -> str:
+    """``metric``'s mean and its 95% interval over users, as offline-eval prints them."""
+    return (
+        f"{metrics[metric]:.4f} [{metrics[f'{metric}.low']:.4f}, {metrics[f'{metric}.high']:.4f}]"
+    )
 
 
 @model.command()

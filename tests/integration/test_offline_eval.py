@@ -96,6 +96,9 @@ def test_gts_and_leave_one_out_tables(root: Path) -> None:
     assert set(only["results"]["last"]) == {"generator/filtered"}
     for metrics in grank["results"]["successive"].values():
         assert 0.0 <= metrics["ndcg@10"] <= metrics["recall@10"] <= 1.0
+        # each mean comes with its 95% interval over the test users
+        assert metrics["ndcg@10.low"] <= metrics["ndcg@10"] <= metrics["ndcg@10.high"]
+        assert metrics["ndcg@10.low"] < metrics["ndcg@10.high"]
 
     loo = runner.invoke(
         cli,

@@ -26,7 +26,7 @@ from training.losses import (
     in_batch_candidates,
     softmax_first,
 )
-from training.metrics import ranking_metrics
+from training.metrics import ranking_metrics, user_bootstrap_interval
 
 
 def test_recall_and_ndcg_single_relevant():
@@ -40,6 +40,29 @@ def test_recall_and_ndcg_single_relevant():
     assert "recall@10" not in out  # deeper than the lists
     assert out["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 3)
     assert out["ndcg@4"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / 3)
+
+
+def test_intervals_resample_users_not_queries():
+    # two users, 50 queries each, one always hit and one never: the mean is 0.5, but two
+    # users are all the evidence there is, so the interval spans both of them
+    values = np.r_[np.ones(50), np.zeros(50)]
+    users = np.r_[np.zeros(50, dtype=int), np.ones(50, dtype=int)]
+    assert user_bootstrap_interval(values, users) == (0.0, 1.0)
+    low, high = user_bootstrap_interval(values, np.arange(100))  # 100 users, one each
+    assert 0.35 < low < 0.5 < high < 0.65
+    # per-user weights (1/n each) give every user one vote, whatever their query count
+    weighted = ranking_metrics(
+        np.array([[1], [1], [1], [2]]),
+        np.arange(5),
+        np.array([1, 1, 1, 1]),
+        (1,),
+        (),
+        np.array([1 / 3, 1 / 3, 1 / 3, 1.0]),
+        np.array([7, 7, 7, 9]),
+    )
+    assert weighted["recall@1"] == pytest.approx(0.5)
+    assert (weighted["recall@1.low"], weighted["recall@1.high"]) == (0.0, 1.0)
+    assert user_bootstrap_interval(np.full(10, 0.25), np.arange(10)) == (0.25, 0.25)
 
 
 def test_recall_and_ndcg_several_relevant():
