@@ -199,6 +199,10 @@ class TrainSettings(BaseModel):
     # day's start, T_val = this quantile of the training events (training/temporal.py);
     # the days between T_val and the test day are then walked forward as warm starts
     val_quantile: float = 0.9
+    # ...and each validation user's targets: up to this many of their events between T_val
+    # and the cut-off, evenly spaced and ending on the last, averaged per user (1: the
+    # last alone, the literature's validation; training/temporal.py)
+    val_targets: int = Field(default=1, ge=1)
     # `grank offline-eval`: how many epochs over the events between T_val and T_test,
     # in one go; validation chooses among these (training/train.py ``choose_catch_up``;
     # one value: that many, unchosen). From the environment a number or a JSON list.

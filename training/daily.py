@@ -89,6 +89,7 @@ class DailyJob:
     gate: GatePolicy
     baselines: Baselines
     val_quantile: float  # bootstrap: T_val = this quantile of the training events
+    val_targets: int  # bootstrap: validation targets per user (temporal.py)
     feature_ttl_days: int  # as Feast serves the daily views (features/feast_repo)
     train_window_days: int  # bootstrap: days before D to train on; 0 = all
     from_scratch: bool = False
@@ -251,7 +252,7 @@ def _bootstrap_data(job: DailyJob, device: torch.device) -> tuple[DayData, Tempo
     n_rows = _n_rows(job, probe.max_item_id)
     data = read_day_data(job, first, job.model.inputs, n_rows, device)
     split = global_temporal_split(
-        data.timelines, day_number(day) * US_PER_DAY - 1, job.val_quantile
+        data.timelines, day_number(day) * US_PER_DAY - 1, job.val_quantile, job.val_targets
     )
     if len(split.validation) == 0:
         raise UserFacingError(f"no validation events between T_val and {day}: too little history")

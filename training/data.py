@@ -395,7 +395,8 @@ def from_day_start(timelines: Timelines, queries: Queries) -> Queries:
 
     Serving reads the sequence as of the day before all day long; a model whose query
     token learns only that situation (``make_windows(next_day=True)``) is validated in it.
-    Queries without an event before their day are dropped.
+    Queries without an event before their day are dropped; a user who keeps some of
+    their weighted queries keeps their whole weight (a per-user mean stays one).
     """
     cuts = np.array(
         [
@@ -407,7 +408,12 @@ def from_day_start(timelines: Timelines, queries: Queries) -> Queries:
         dtype=np.int64,
     )
     kept = queries.select(np.flatnonzero(cuts > 0))
-    return replace(kept, cuts=cuts[cuts > 0])
+    weights = kept.weights
+    if weights is not None and len(kept):
+        before = np.bincount(queries.users, weights=queries.weights)
+        after = np.bincount(kept.users, weights=weights, minlength=len(before))
+        weights = weights * (before / np.where(after > 0, after, 1.0))[kept.users]
+    return replace(kept, cuts=cuts[cuts > 0], weights=weights)
 
 
 # ----------------------------------------------------------------------- batches

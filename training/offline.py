@@ -68,6 +68,7 @@ class OfflineJob:
     baselines: Baselines
     quantile: float = 0.9
     val_quantile: float = 0.9
+    val_targets: int = 1  # validation targets per user (temporal.py)
     k_core: int = 5
     feature_ttl_days: int = 2
     dssm_lr: float = 3e-3
@@ -104,7 +105,7 @@ def load(job: OfflineJob, device: torch.device) -> OfflineData:
     if timelines.n_users == 0:
         raise UserFacingError(f"nothing left after the {job.k_core}-core preprocessing")
     t_test = quantile_time(timelines.times, job.quantile)
-    split = global_temporal_split(timelines, t_test, job.val_quantile)
+    split = global_temporal_split(timelines, t_test, job.val_quantile, job.val_targets)
     n_rows = max(timelines.max_item_id, job.model.n_item_rows - 1) + 1
     servable = np.zeros(n_rows, dtype=bool)
     servable[np.unique(timelines.items)] = True  # the preprocessed catalogue is what ranks

@@ -14,7 +14,10 @@ explicitly (their split code depends on pandas 1.5 semantics of ``groupby().nth(
   a test user without history before T_test uses their first later event as input;
 - validation repeats the split inside the training period: T_val is the same quantile
   of the training events' times; the model trains on events up to T_val and is validated
-  on each validation user's last event up to T_test.
+  on each validation user's last event up to T_test (the "last" target), or on up to
+  ``val_targets`` of their events between T_val and T_test, evenly spaced and ending on
+  the last, averaged per user (the "successive" target, sampled): one target per user
+  is as noisy as the Last test, too noisy to choose among options a few percent apart.
 
 Positions are per timeline: "cut" k means the events before position k are the input.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from common.errors import UserFacingError
 from training.data import Queries, Timelines, single_target_queries
 
 
@@ -109,9 +113,12 @@ def _ends_at(timelines: Timelines, moment: int) -> np.ndarray:
 
 
 def global_temporal_split(
-    timelines: Timelines, t_test: int, val_quantile: float = 0.9
+    timelines: Timelines, t_test: int, val_quantile: float = 0.9, val_targets: int = 1
 ) -> TemporalSplit:
-    """Split ``timelines`` at ``t_test`` (unix µs, inclusive) with validation at T_val."""
+    """Split ``timelines`` at ``t_test`` (unix µs, inclusive) with validation at T_val,
+    on up to ``val_targets`` events per validation user (1: their last)."""
+    if val_targets < 1:
+        raise UserFacingError(f"val_targets must be at least 1, got {val_targets}")
     lengths = np.diff(timelines.offsets)
     test_ends = _ends_at(timelines, t_test)
     train_end = np.where(test_ends >= 2, test_ends, 0)
@@ -121,9 +128,12 @@ def global_temporal_split(
     t_val = quantile_time(train_times, val_quantile)
     val_ends = _ends_at(timelines, t_val)
     fit_end = np.where(val_ends >= 2, val_ends, 0)
-    # validation: users with a training-period event after T_val; target = the last of them
+    # validation: users with a training-period event after T_val; targets = the last of
+    # them, or up to val_targets of them ending on the last
     val_users = np.flatnonzero((test_ends > val_ends) & (test_ends >= 2))
-    validation = single_target_queries(timelines, val_users, test_ends[val_users] - 1)
+    validation = spread_queries(
+        timelines, val_users, np.maximum(val_ends, 1)[val_users], test_ends[val_users], val_targets
+    )
     # test: every event after T_test; a user without history before it uses the first
     test_starts = np.maximum(test_ends, 1)
     last_users = np.flatnonzero(lengths > test_starts)
@@ -143,12 +153,28 @@ def successive_queries(timelines: Timelines, starts: np.ndarray, stops: np.ndarr
     predicted from every event before it; weighted 1/n per user with n of them, so the
     mean over queries is the per-user mean ("successive")."""
     users = np.flatnonzero(stops > starts)
-    counts = (stops - starts)[users]
-    cuts = [np.arange(starts[u], stops[u], dtype=np.int64) for u in users]
+    every = int((stops - starts)[users].max(initial=1))
+    return spread_queries(timelines, users, starts[users], stops[users], every)
+
+
+def spread_queries(
+    timelines: Timelines, users: np.ndarray, starts: np.ndarray, stops: np.ndarray, limit: int
+) -> Queries:
+    """Up to ``limit`` of user ``users[i]``'s positions ``starts[i] <= p < stops[i]`` as
+    targets, evenly spaced and always ending on the last, each predicted from every event
+    before it; weighted 1/n per user with n of them, so the mean over queries is the
+    per-user mean. Every user must have at least one position."""
+    cuts = [
+        stop - 1 - np.unique(np.round(np.linspace(0, stop - start - 1, min(limit, stop - start))))
+        for start, stop in zip(starts, stops, strict=True)
+    ]
+    counts = np.array([len(c) for c in cuts], dtype=np.int64)
     return single_target_queries(
         timelines,
         np.repeat(users, counts).astype(np.int64),
-        np.concatenate(cuts) if cuts else np.zeros(0, dtype=np.int64),
+        np.concatenate([np.sort(c) for c in cuts]).astype(np.int64)
+        if cuts
+        else np.zeros(0, dtype=np.int64),
         np.repeat(1.0 / counts, counts),
     )
 

@@ -83,6 +83,7 @@ def daily_job(
             }
         ),
         val_quantile=t.val_quantile,
+        val_targets=t.val_targets,
         feature_ttl_days=settings.features.daily_ttl_days,
         train_window_days=t.train_window_days,
         from_scratch=from_scratch,
@@ -315,6 +316,7 @@ def offline_job(
         baselines=job.baselines,
         quantile=quantile,
         val_quantile=settings.train.val_quantile,
+        val_targets=settings.train.val_targets,
         feature_ttl_days=settings.features.daily_ttl_days,
     )
 

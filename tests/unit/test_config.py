@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields, replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from features.config import BuildConfig, LookupLimits, QualityConfig, SparkConfig, StoreConfig
 from grank.cli import main
+from grank.cli.train import daily_job, offline_job
 from grank.config import Settings
 from serving.config import ServeConfig
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
@@ -131,6 +133,7 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
         "GRANK_TRAIN__K1": "50",
         "GRANK_TRAIN__GATE__BASELINE_MARGIN": "-0.5",
         "GRANK_TRAIN__RECENT_POPULARITY_DAYS": "14",
+        "GRANK_TRAIN__VAL_TARGETS": "4",
         "GRANK_FEATURES__SHORT_SEQ_LEN": "16",
         "GRANK_FEATURES__POPULARITY_WINDOWS_DAYS": "[1, 14]",
         "GRANK_FEATURES__KEEP_STATE_DAYS": "3",
@@ -163,6 +166,8 @@ def test_every_env_name_reaches_the_layer_that_takes_it(clean_env, tmp_path: Pat
     assert (weights.sa, weights.hard_negatives, weights.hard_pool) == (0.3, 4, 50)
     assert settings.eval_config().k1 == 50
     assert settings.train.gate.baseline_margin == -0.5
+    assert daily_job(settings, date(2000, 1, 1)).val_targets == 4
+    assert offline_job(settings, 0.9, None, False).val_targets == 4
     # the model's default inputs are the columns of the configured windows
     assert settings.train.inputs == InputSpec(
         user_numeric=("events_14d", "events_total", "mean_value", "tenure_days"),

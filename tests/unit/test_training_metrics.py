@@ -205,3 +205,10 @@ def test_validation_from_the_day_start_sees_what_serving_sees():
     assert served.cuts.tolist() == [2, 2]  # user 0 loses item 3, rated on the target's day
     assert served.relevant_items.tolist() == [4, 9]
     assert served.days.tolist() == [d + 1, d + 3]
+    # per-user weights: user 0 loses its day-d target (nothing before), keeping its weight
+    weighted = single_target_queries(
+        tl, np.array([0, 0, 2, 2]), np.array([1, 3, 1, 2]), np.array([0.5, 0.5, 0.5, 0.5])
+    )
+    served = from_day_start(tl, weighted)
+    assert served.users.tolist() == [0, 2, 2] and served.cuts.tolist() == [2, 1, 2]
+    assert np.allclose(served.weights, [1.0, 0.5, 0.5])

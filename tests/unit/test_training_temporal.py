@@ -7,9 +7,11 @@ from dataclasses import replace
 from datetime import date
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from common.errors import UserFacingError
 from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines
 from training.losses import BatchLoss, TrainBatch, grank_batch_loss
@@ -90,6 +92,37 @@ def test_the_split_follows_the_protocol_on_a_hand_made_fixture():
     assert np.allclose(succ.weights, [1.0, 0.5, 0.5, 0.5, 0.5])
     # the prediction day is each target's own day
     assert succ.days.tolist() == [0] * 5
+
+
+# T_test = 100 s; T_val = 50 s with val_quantile 0.5 (the median of 10, 20, 30, 40 | 60,
+# 70, 80, 90, 95, 97): user 1 has five validation events, user 2 two, user 3 none
+SPREAD = {
+    1: [(10, 1), (20, 2), (60, 3), (70, 4), (80, 5), (90, 6), (95, 7), (120, 8)],
+    2: [(30, 2), (40, 3), (97, 9)],
+    3: [(5, 1), (6, 2)],
+}
+
+
+def test_validation_spreads_its_targets_over_the_period_and_weighs_each_user_equally():
+    tl = timelines(SPREAD)
+    last = global_temporal_split(tl, t_test=100 * S, val_quantile=0.5)
+    assert last.t_val == 50 * S
+    assert last.validation.cuts.tolist() == [6, 2]  # each user's last event up to T_test
+    assert np.allclose(last.validation.weights, [1.0, 1.0])
+    spread = global_temporal_split(tl, t_test=100 * S, val_quantile=0.5, val_targets=3)
+    # user 1: three of positions 2..6, evenly spaced and ending on the last; user 2: its
+    # only one (a validation user's input always holds an event)
+    assert spread.validation.users.tolist() == [0, 0, 0, 1]
+    assert spread.validation.cuts.tolist() == [2, 4, 6, 2]
+    assert spread.validation.relevant_items.tolist() == [3, 5, 7, 9]
+    assert np.allclose(spread.validation.weights, [1 / 3, 1 / 3, 1 / 3, 1.0])
+    every = global_temporal_split(tl, t_test=100 * S, val_quantile=0.5, val_targets=99)
+    assert every.validation.cuts.tolist() == [2, 3, 4, 5, 6, 2]
+    # the rest of the split does not depend on the validation targets
+    assert every.test_successive.cuts.tolist() == last.test_successive.cuts.tolist()
+    assert every.fit_end.tolist() == last.fit_end.tolist() == [2, 2, 2]
+    with pytest.raises(UserFacingError, match="val_targets"):
+        global_temporal_split(tl, t_test=100 * S, val_quantile=0.5, val_targets=0)
 
 
 def test_quantile_matches_pandas_linear_interpolation():
