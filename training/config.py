@@ -133,7 +133,9 @@ class FitConfig:
     batch_size: int = 64
     # the bootstrap trains to convergence: early stopping on the temporal validation
     max_epochs: int = 200
-    patience: int = 3
+    # epochs without a validation gain before the fit stops: validation can sit on a
+    # plateau for three epochs and rise again (docs/benchmarks.md, "Patience")
+    patience: int = 6
     plateau_lr_factor: float = 1.0  # lr x this after an epoch without validation gain; 1 = off
     grad_clip: float = 10.0
     stride: int = 64

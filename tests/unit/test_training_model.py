@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import training.train
 from common.errors import UserFacingError
 from training.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from training.config import EvalConfig, FitConfig
-from training.data import Queries, Timelines
+from training.data import Queries, Timelines, leave_last_out
 from training.evaluate import NO_INPUTS, EvalInputs, rankings, rankings_by_filter
 from training.features import FeatureHistory
 from training.inputs import InputSpec
@@ -21,11 +22,12 @@ from training.losses import (
     LossWeights,
     TrainBatch,
     generator_hard_negatives,
+    grank_batch_loss,
     joint_loss,
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
-from training.train import calibrate_served_order, weight_average
+from training.train import calibrate_served_order, fit, weight_average
 
 
 def tiny(**overrides: object) -> GRank:
@@ -631,3 +633,35 @@ def test_the_weight_average_weighs_the_trained_steps_and_never_the_initial_weigh
         expected = sum(s * after[index] for s, after in zip(shares, after_each_step, strict=True))
         assert torch.allclose(averaged, expected, atol=1e-6)
     assert weight_average(model, optimizer, 0.0) is None
+
+
+def _fit_with_validation_scores(monkeypatch, scores: list[float], config: FitConfig):
+    """A tiny fit whose epochs validate at ``scores`` in turn (the last one repeats)."""
+    scored: list[float] = []
+
+    def scripted(*_args: object) -> float:
+        scored.append(scores[min(len(scored), len(scores) - 1)])
+        return scored[-1]
+
+    monkeypatch.setattr(training.train, "validation_score", scripted)
+    timelines = _random_timelines(8, 10)
+    train_end, validation, _ = leave_last_out(timelines)
+    loss = grank_batch_loss(LossWeights(candidates=4, hard_negatives=2), None)
+    spec = EvalConfig(short_len=6, long_len=8)
+    return fit(tiny(), loss, timelines, train_end, validation, spec, config, torch.device("cpu"))
+
+
+def test_the_default_patience_trains_through_a_three_epoch_plateau(monkeypatch):
+    """On ML-1M a fit's validation sat level for three epochs and then rose well past it
+    (docs/benchmarks.md, "Patience"): the default fit trains on and keeps the later best."""
+    plateau_then_gain = [0.10, 0.12, 0.12, 0.12, 0.12, 0.14, 0.13]
+    config = FitConfig(
+        max_epochs=20, stride=4, next_day_windows=False, weight_average_decay=0.0, progress=False
+    )
+    result = _fit_with_validation_scores(monkeypatch, plateau_then_gain, config)
+    assert result.best_epoch == 6
+    assert len(result.history) == 6 + config.patience
+    assert result.stop_reason == f"no validation gain for {config.patience} epochs"
+    # three epochs of patience stop on the plateau and keep its first epoch
+    short = _fit_with_validation_scores(monkeypatch, plateau_then_gain, replace(config, patience=3))
+    assert (short.best_epoch, len(short.history)) == (2, 5)
