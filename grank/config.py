@@ -154,6 +154,8 @@ class TrainSettings(BaseModel):
     temperature: float = LossWeights.temperature
     ntp_negatives: Literal["full", "in_batch"] = LossWeights.ntp_negatives
     logq_correction: bool = LossWeights.logq
+    ntp_future_window: int = Field(default=LossWeights.future_window, ge=1)
+    ntp_future_weight: float = Field(default=LossWeights.future_weight, ge=0.0)
     candidates_per_row: int = LossWeights.candidates
     ranker_hard_negatives: int = LossWeights.hard_negatives
     ranker_on_served: bool = LossWeights.ranker_on_served
@@ -479,6 +481,8 @@ class Settings(BaseSettings):
             temperature=t.temperature,
             ntp_negatives=t.ntp_negatives,
             logq=t.logq_correction,
+            future_window=t.ntp_future_window,
+            future_weight=t.ntp_future_weight,
             candidates=t.candidates_per_row,
             hard_negatives=t.ranker_hard_negatives,
             hard_pool=t.k1,  # the candidates the Ranker will reorder

@@ -102,6 +102,12 @@ class LossWeights:
         "full"  # "full" | "in_batch" (logQ-corrected, cheaper)
     )
     logq: bool = True
+    # each history slot also learns the items after its next one, up to ``future_window``
+    # events ahead (1 = the next item only), their mean weighted by ``future_weight``: on
+    # logs whose order inside a sitting is noise (a rating session), the next few items
+    # are as much the answer as the next one (docs/model.md, "Losses")
+    future_window: int = 1
+    future_weight: float = 0.5
     candidates: int = 32  # in-batch candidates per row for L_SA and L_CA (paper: 300)
     # L_CA negatives per row drawn from the Generator's top ``hard_pool``: the Ranker
     # learns to reorder what it will be shown
@@ -116,6 +122,10 @@ class LossWeights:
     ranker_on_served: bool = True
 
     def __post_init__(self) -> None:
+        if self.future_window < 1:
+            raise UserFacingError(f"future_window must be at least 1, got {self.future_window}")
+        if self.future_window > 1 and self.ntp_negatives != "full":
+            raise UserFacingError("a future_window above 1 needs ntp_negatives 'full'")
         if not self.ranker_in_batch and self.hard_negatives < 1:
             raise UserFacingError(
                 "the Ranker learns from hard negatives only (ranker_in_batch_negatives is"

@@ -122,6 +122,7 @@ def ntp_loss(
     negatives: torch.Tensor,
     weights: LossWeights,
     log_q: torch.Tensor | None,
+    later: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token InfoNCE: ``states`` [N, d] score their ``labels`` [N] (> 0).
 
@@ -129,6 +130,9 @@ def ntp_loss(
     (the batch's targets; N·M·d instead of N·n_items·d), logQ-corrected, collisions masked.
     No slot (N = 0: a batch of next-day windows with nothing before their day) is a loss of
     0 that stays in the graph, not an empty mean's NaN.
+
+    ``later`` [N, W - 1] (full softmax only): the items after each label (0: none), scored
+    by the same softmax; their mean cross-entropy adds ``weights.future_weight`` times.
     """
     if len(labels) == 0:
         return states.sum() * 0.0
@@ -138,7 +142,15 @@ def ntp_loss(
     if weights.ntp_negatives == "full":
         logits = queries @ item_table.T
         logits[:, 0] = float("-inf")  # padding is never an answer
-        return F.cross_entropy(logits, labels)
+        if later is None or not bool((later > 0).any()):
+            return F.cross_entropy(logits, labels)
+        log_p = F.log_softmax(logits, dim=1)
+        next_loss = -log_p.gather(1, labels[:, None]).mean()
+        known = later > 0
+        # padding's column is -inf: read a real one there and drop it by the mask
+        later_log_p = log_p.gather(1, torch.where(known, later, labels[:, None]))
+        later_loss = -later_log_p[known].mean()
+        return next_loss + weights.future_weight * later_loss
     positive = (queries * item_table[labels]).sum(-1, keepdim=True)
     logits = torch.cat([positive, queries @ item_table[negatives].T], dim=1)
     if weights.logq and log_q is not None:
@@ -155,6 +167,15 @@ def ntp_loss(
     return softmax_first(logits, collides)
 
 
+def later_labels(labels: torch.Tensor, window: int) -> torch.Tensor | None:
+    """[B, L, window - 1]: the items 2..window events after each slot (0: outside the
+    window's training events), read from the window's own next-item ``labels`` [B, L]."""
+    if window <= 1:
+        return None
+    shifted = [F.pad(labels[:, ahead:], (0, ahead)) for ahead in range(1, window)]
+    return torch.stack(shifted, dim=-1)
+
+
 def joint_loss(
     model: GRank, batch: TrainBatch, weights: LossWeights, log_q: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -166,9 +187,12 @@ def joint_loss(
     states, aux_scores = model.generator(
         batch.short, candidates if config.use_aux else None, user=batch.user
     )
+    later = later_labels(batch.labels, weights.future_window)
     if batch.query_labels is None:
         slot_labels = torch.cat([batch.labels, targets[:, None]], dim=1)  # U predicts the target
         supervised = slot_labels > 0
+        if later is not None:  # U's slot has its target only
+            later = torch.cat([later, torch.zeros_like(later[:, :1])], dim=1)
         total = weights.ntp * ntp_loss(
             states[supervised],
             slot_labels[supervised],
@@ -176,6 +200,7 @@ def joint_loss(
             targets,
             weights,
             log_q,
+            None if later is None else later[supervised],
         )
         parts = {"ntp": float(total.detach())}
     else:
@@ -189,6 +214,7 @@ def joint_loss(
             targets,
             weights,
             log_q,
+            None if later is None else later[supervised],
         )
         parts = {"ntp": float(total.detach())}
         # U's term is the mean over the global batch's (row, label) pairs: a process whose

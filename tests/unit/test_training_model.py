@@ -24,6 +24,8 @@ from training.losses import (
     generator_hard_negatives,
     grank_batch_loss,
     joint_loss,
+    later_labels,
+    ntp_loss,
     top_ranker_loss,
 )
 from training.model import GRank, GRankConfig
@@ -477,6 +479,52 @@ def test_validation_chooses_where_the_user_vector_is_read():
     assert model.config.user_vector == "newest"
     with pytest.raises(UserFacingError, match="user_vectors"):
         FitConfig(user_vectors=("last",))  # type: ignore[arg-type]
+
+
+def test_each_slot_reads_the_items_after_its_next_one_within_the_window():
+    labels = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    assert later_labels(labels, 1) is None
+    assert later_labels(labels, 3).tolist() == [[[0, 3], [3, 4], [4, 5], [5, 6], [6, 0], [0, 0]]]
+
+
+def test_the_later_items_add_their_mean_cross_entropy_to_the_next_items():
+    """The later term is the mean -log p of the known later items under the same full
+    softmax, weighted; no known later item leaves the next-item loss exactly."""
+    torch.manual_seed(0)
+    states, table = torch.randn(3, 8), torch.randn(10, 8)
+    labels = torch.tensor([1, 2, 3])
+    later = torch.tensor([[4, 5], [6, 0], [0, 0]])
+    weights = LossWeights(future_window=3, future_weight=0.5)
+    log_p = torch.log_softmax(
+        torch.cat([torch.full((3, 1), -1e30), (states @ table.T)[:, 1:]], 1), 1
+    )
+    expected = (
+        -log_p[[0, 1, 2], labels].mean() - 0.5 * (log_p[0, 4] + log_p[0, 5] + log_p[1, 6]) / 3
+    )
+    loss = ntp_loss(states, labels, table, labels, weights, None, later)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    plain = ntp_loss(states, labels, table, labels, weights, None)
+    assert float(ntp_loss(states, labels, table, labels, weights, None, later * 0)) == float(plain)
+    assert float(plain) == pytest.approx(float(-log_p[[0, 1, 2], labels].mean()), rel=1e-5)
+
+
+def test_a_later_window_changes_the_history_term_only():
+    short, long = torch.randint(1, 40, (4, 6)), torch.randint(1, 40, (4, 8))
+    labels, targets = torch.randint(1, 40, (4, 6)), torch.arange(10, 14)
+    model = tiny().eval()
+    base = LossWeights(candidates=4, hard_negatives=0, ranker_in_batch=True)
+
+    def loss_parts(window: int) -> dict[str, float]:
+        torch.manual_seed(1)  # the same in-batch candidates for both
+        batch = TrainBatch(short, long, labels, targets)
+        return joint_loss(model, batch, replace(base, future_window=window), None)[1]
+
+    parts = {window: loss_parts(window) for window in (1, 4)}
+    assert parts[4]["ntp"] > parts[1]["ntp"] and parts[4]["ca"] == parts[1]["ca"]
+    with pytest.raises(UserFacingError, match="future_window"):
+        LossWeights(future_window=0)
+    with pytest.raises(UserFacingError, match="full"):
+        LossWeights(future_window=2, ntp_negatives="in_batch")
 
 
 def test_a_batch_with_no_history_slot_still_has_a_finite_loss():
