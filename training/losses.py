@@ -142,11 +142,10 @@ def ntp_loss(
     if weights.ntp_negatives == "full":
         logits = queries @ item_table.T
         logits[:, 0] = float("-inf")  # padding is never an answer
-        if later is None or not bool((later > 0).any()):
+        if later is None or not bool((known := later > 0).any()):
             return F.cross_entropy(logits, labels)
         log_p = F.log_softmax(logits, dim=1)
         next_loss = -log_p.gather(1, labels[:, None]).mean()
-        known = later > 0
         # padding's column is -inf: read a real one there and drop it by the mask
         later_log_p = log_p.gather(1, torch.where(known, later, labels[:, None]))
         later_loss = -later_log_p[known].mean()
