@@ -189,7 +189,6 @@ class TrainSettings(BaseModel):
     # train the query token also as it serves (docs/model.md, "Data and windows")
     next_day_windows: bool = FitConfig.next_day_windows
     next_day_targets: int = Field(default=FitConfig.next_day_targets, ge=1)
-    item_mask_rate: float = Field(default=FitConfig.item_mask_rate, ge=0.0, lt=1.0)
     train_window_days: int = 0  # days before the test day to train on from scratch; 0 = all
     # data-parallel training processes `grank train` starts on this machine (torchrun);
     # the global batch stays batch_size, each process trains on batch_size / processes

@@ -175,9 +175,6 @@ class FitConfig:
     next_day_windows: bool = True
     # the day's distinct items U learns per next-day window (training/data.make_windows)
     next_day_targets: int = 8
-    # the share of older short-history items each epoch drops from its windows
-    # (data.mask_history; 0 = off)
-    item_mask_rate: float = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -185,8 +182,6 @@ class FitConfig:
             raise UserFacingError(f"ranker_weights must lie in [0, 1], got {self.ranker_weights}")
         if any(weight < 0.0 for weight in self.prior_weights):
             raise UserFacingError(f"prior_weights must be at least 0, got {self.prior_weights}")
-        if not 0.0 <= self.item_mask_rate < 1.0:
-            raise UserFacingError(f"item_mask_rate must lie in [0, 1), got {self.item_mask_rate}")
         if unknown := set(self.user_vectors) - set(USER_VECTORS):
             raise UserFacingError(f"user_vectors must be among {USER_VECTORS}, got {unknown}")
 

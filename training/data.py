@@ -450,27 +450,6 @@ def _left_padded(seq: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def mask_history(windows: Windows, rate: float, rng: np.random.Generator) -> Windows:
-    """``windows`` with a random ``rate`` of their older short-history items dropped.
-
-    A dropped item becomes padding, which attention hides, and its slot's own next-item
-    label is cleared (that slot sees nothing to predict from); the slot before it still
-    learns the dropped item. The newest item of each window is kept: it is where the
-    user vector is read. Drawn again every epoch, so the model learns to predict from a
-    history with gaps, as a rating log's order inside a sitting is noise (docs/model.md).
-    """
-    if rate <= 0.0:
-        return windows
-    drop = rng.random(windows.short.shape) < rate
-    drop[:, -1] = False
-    drop &= windows.short > 0
-    return replace(
-        windows,
-        short=np.where(drop, 0, windows.short),
-        labels=np.where(drop, 0, windows.labels),
-    )
-
-
 def make_windows(
     timelines: Timelines,
     train_end: np.ndarray,

@@ -27,15 +27,7 @@ from tqdm import tqdm
 
 from common.errors import UserFacingError
 from training.config import EvalConfig, FitConfig
-from training.data import (
-    Queries,
-    Timelines,
-    Windows,
-    from_day_start,
-    item_counts,
-    make_windows,
-    mask_history,
-)
+from training.data import Queries, Timelines, Windows, from_day_start, item_counts, make_windows
 from training.distributed import (
     SINGLE,
     DataParallel,
@@ -342,7 +334,6 @@ class _Fit:
             config.next_day_windows,
             config.next_day_targets,
         )
-        windows = mask_history(windows, config.item_mask_rate, self.rng)
         self.epoch_started = time.perf_counter()
         try:
             loss, steps, self.result.stop_reason = train_epoch(

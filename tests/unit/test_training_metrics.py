@@ -17,7 +17,6 @@ from training.data import (
     from_day_start,
     leave_last_out,
     make_windows,
-    mask_history,
     next_day,
     single_target_queries,
 )
@@ -153,27 +152,6 @@ def test_next_day_split_and_pre_window_history_is_not_a_target():
         next_day(tl, date(2000, 1, 5))
     with pytest.raises(UserFacingError, match="no training events"):
         make_windows(tl, np.array([2, 0]), 4, 4, 4, np.random.default_rng(0))
-
-
-def test_masking_drops_older_history_items_and_their_own_labels_only():
-    d = day_number(date(2000, 1, 1))
-    tl = timelines([list(range(1, 41))], [[d] * 40], [0])
-    windows = make_windows(tl, np.array([40]), 8, 8, 8, np.random.default_rng(0))
-    assert mask_history(windows, 0.0, np.random.default_rng(0)) is windows
-    masked = mask_history(windows, 0.5, np.random.default_rng(0))
-    dropped = (windows.short > 0) & (masked.short == 0)
-    assert 0 < dropped.sum() < (windows.short > 0).sum()
-    # a dropped slot is padding with no label; every other slot, and the newest item of
-    # each window, is kept as it was
-    assert (masked.labels[dropped] == 0).all()
-    kept = ~dropped
-    assert (masked.short[kept] == windows.short[kept]).all()
-    assert (masked.labels[kept] == windows.labels[kept]).all()
-    assert (masked.short[:, -1] == windows.short[:, -1]).all()
-    assert (masked.targets == windows.targets).all()
-    # the slot before a dropped item still learns it
-    rows, slots = np.nonzero(dropped[:, 1:] & ~dropped[:, :-1])
-    assert len(rows) and (masked.labels[rows, slots] == windows.short[rows, slots + 1]).all()
 
 
 def test_next_day_windows_serve_from_the_day_before():
