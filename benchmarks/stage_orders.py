@@ -16,6 +16,9 @@ weights.
 ``--seen-filter all`` filters every item of the user's history instead of serving's last
 ``long_seq_len`` events: what a complete seen filter would change, for every order.
 
+``--per-day`` adds each day's N@10 and R@50 per order: which days a model wins against
+both popularity baselines, the count the daily replay reports for what served.
+
 The candidate is the one ``grank train --date <candidate-day>`` committed (trained on
 every event before that day); the features of every scored day must be built. Later days
 are scored with the same, increasingly stale, model: the comparison is between the two
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--first", type=date.fromisoformat, required=True)
     parser.add_argument("--days", type=int, default=8)
     parser.add_argument("--seen-filter", choices=("serving", "all"), default="serving")
+    parser.add_argument("--per-day", action="store_true", help="each day's N@10 and R@50 too")
     args = parser.parse_args()
     settings = Settings()
     registry = settings.model_registry()
@@ -74,6 +78,7 @@ def main() -> None:
     n_rows = model.config.n_item_rows
 
     per_query: dict[str, dict[str, list[np.ndarray]]] = {}
+    days: list[date] = []
     for offset in range(args.days):
         day = args.first + timedelta(days=offset)
         job = daily_job(settings, day)
@@ -82,14 +87,13 @@ def main() -> None:
         _, _, queries = next_day(data.timelines, day)
         stages = rankings(model, data.timelines, queries, spec, CPU, data.model_inputs)
         assert data.baseline_inputs.features is not None
-        scorers = job.baselines.scorers(data.baseline_inputs.features)
-        popularity = scorers[settings.train.recent_popularity_baseline]
-        popular = rankings(popularity, data.timelines, queries, spec, CPU, data.baseline_inputs)
         orders = {
             "generator order (stage 1)": stages["generator"],
             "ranker order (stage 2, served)": final_stage(stages),
-            "popularity, recent days": popular["generator"],
         }
+        for name, baseline in job.baselines.scorers(data.baseline_inputs.features).items():
+            popular = rankings(baseline, data.timelines, queries, spec, CPU, data.baseline_inputs)
+            orders[name] = popular["generator"]
         if model.config.prior_weight:  # the served order without its popularity prior
             without = _rankings_with(model, {"prior_weight": 0.0}, data, queries, spec)
             orders["ranker order, prior weight 0"] = final_stage(without)
@@ -104,12 +108,20 @@ def main() -> None:
             )
             for metric in METRICS:
                 per_query.setdefault(name, {}).setdefault(metric, []).append(metrics[metric])
+        days.append(day)
         print(f"{day}: {len(queries)} queries", flush=True)
 
     print(f"\n{'order':34} " + " ".join(f"{m:>10}" for m in METRICS))
     for name, by_metric in per_query.items():
         means = [float(np.concatenate(by_metric[m]).mean()) for m in METRICS]
         print(f"{name:34} " + " ".join(f"{v:10.4f}" for v in means))
+    if args.per_day:
+        for metric in ("ndcg@10", "recall@50"):
+            header = f"{metric} per day"
+            print(f"\n{header:34} " + " ".join(f"{d:%m-%d}" for d in days))
+            for name, by_metric in per_query.items():
+                means = [float(day_values.mean()) for day_values in by_metric[metric]]
+                print(f"{name:34} " + " ".join(f"{v:.3f}" for v in means))
 
 
 if __name__ == "__main__":
