@@ -2,7 +2,7 @@
 
 Serving (and the gate) returns the Ranker's order of the Generator's top ``k1``. This
 script scores one committed candidate on the next-day queries of consecutive days, both
-orders side by side, with popularity of the last 7 days (and, for a candidate whose
+orders side by side, with both popularity baselines (and, for a candidate whose
 validation chose a popularity prior, its served order without the prior), on the same
 queries and with the same seen filter and servable items as ``grank evaluate``:
 
