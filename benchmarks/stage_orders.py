@@ -78,9 +78,8 @@ def main() -> None:
     n_rows = model.config.n_item_rows
 
     per_query: dict[str, dict[str, list[np.ndarray]]] = {}
-    days: list[date] = []
-    for offset in range(args.days):
-        day = args.first + timedelta(days=offset)
+    days = [args.first + timedelta(days=offset) for offset in range(args.days)]
+    for day in days:
         job = daily_job(settings, day)
         spec = job.spec if args.seen_filter == "serving" else replace(job.spec, seen_len=None)
         data = read_day_data(job, first_history, model.config.inputs, n_rows, CPU, day)
@@ -108,7 +107,6 @@ def main() -> None:
             )
             for metric in METRICS:
                 per_query.setdefault(name, {}).setdefault(metric, []).append(metrics[metric])
-        days.append(day)
         print(f"{day}: {len(queries)} queries", flush=True)
 
     print(f"\n{'order':34} " + " ".join(f"{m:>10}" for m in METRICS))
