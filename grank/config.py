@@ -197,9 +197,6 @@ class TrainSettings(BaseModel):
     finetune_lr: float = 5e-4
     finetune_max_epochs: int = 3
     finetune_max_minutes: float = 0.0
-    # ...which also trains again on the events of this many days before the new ones
-    # (0: the new days alone); the bootstrap's walk-forward does the same
-    finetune_replay_days: int = Field(default=0, ge=0)
     # bootstrap (no published model): validation = the global temporal split at the test
     # day's start, T_val = this quantile of the training events (training/temporal.py);
     # the days between T_val and the test day are then walked forward as warm starts

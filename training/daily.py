@@ -92,7 +92,6 @@ class DailyJob:
     val_targets: int  # bootstrap: validation targets per user (temporal.py)
     feature_ttl_days: int  # as Feast serves the daily views (features/feast_repo)
     train_window_days: int  # bootstrap: days before D to train on; 0 = all
-    finetune_replay_days: int  # each fine-tune also retrains this many days before its new ones
     from_scratch: bool = False
     git_commit: str = "unknown"
     parallel: DataParallel = SINGLE  # this process' place among the training processes
@@ -288,11 +287,7 @@ def _walk_forward(
     while day <= job.test_day:
         before = events_before(timelines, day)
         if job.finetune.max_epochs and (before > trained).any():
-            start = trained
-            if job.finetune_replay_days:
-                replayed = day - timedelta(days=1 + job.finetune_replay_days)
-                start = np.minimum(trained, events_before(timelines, replayed))
-            recent = replace(timelines, first_target=np.maximum(timelines.first_target, start))
+            recent = replace(timelines, first_target=np.maximum(timelines.first_target, trained))
             result = fit(
                 model,
                 make_loss(item_counts(recent, before, n_rows)),
@@ -317,13 +312,11 @@ def _walk_forward(
 
 
 def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any] | None:
-    """Fine-tune the published lineage's model on the days after its last training day
-    (and the ``finetune_replay_days`` before them, within the lineage's data)."""
+    """Fine-tune the published lineage's model on the days after its last training day."""
     day = job.test_day
     model, base_manifest = load_checkpoint(job.registry.checkpoint_path(base), str(device))
-    lineage_first = date.fromisoformat(base_manifest["data_first_day"])
-    new_first = date.fromisoformat(base_manifest["data_last_day"]) + timedelta(days=1)
-    probe = read_timelines(job.features_dir, new_first, day, job.landed_days)
+    first = date.fromisoformat(base_manifest["data_last_day"]) + timedelta(days=1)
+    probe = read_timelines(job.features_dir, first, day, job.landed_days)
     if probe.first_day >= day:
         raise UserFacingError(
             f"the published model {base} already covers {probe.first_day - timedelta(1)};"
@@ -333,7 +326,6 @@ def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any
     seed_everything(job.fit.seed)  # grown rows must not depend on history
     model.grow_items(n_rows)
     n_rows = model.config.n_item_rows
-    first = max(new_first - timedelta(days=job.finetune_replay_days), lineage_first)
     data = read_day_data(job, first, model.config.inputs, n_rows, device)
     train_end, validation, _ = next_day(data.timelines, day)
     counts = item_counts(data.timelines, train_end, n_rows)
@@ -351,7 +343,9 @@ def _warm_start(job: DailyJob, base: str, device: torch.device) -> dict[str, Any
         data.model_inputs,
         job.parallel,
     )
-    manifest = _manifest(job, lineage_first, base, result, job.finetune)
+    manifest = _manifest(
+        job, date.fromisoformat(base_manifest["data_first_day"]), base, result, job.finetune
+    )
     manifest["n_train_events"] = int(counts.sum())
     return _commit(job, model, manifest, result)
 

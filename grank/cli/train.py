@@ -86,7 +86,6 @@ def daily_job(
         val_targets=t.val_targets,
         feature_ttl_days=settings.features.daily_ttl_days,
         train_window_days=t.train_window_days,
-        finetune_replay_days=t.finetune_replay_days,
         from_scratch=from_scratch,
         git_commit=_git_commit(),
         parallel=parallel or SINGLE,

@@ -24,7 +24,7 @@ from features.lake import LakeLayout
 from grank.cli import cli
 from tests.conftest import TRAINING_LAST
 from training.checkpoint import load_checkpoint
-from training.data import leave_last_out, next_day, read_timelines
+from training.data import leave_last_out, read_timelines
 from training.evaluate import EvalConfig
 from training.losses import LossWeights, grank_batch_loss
 from training.model import GRank, GRankConfig
@@ -343,38 +343,6 @@ def test_a_warm_start_gives_items_new_to_the_catalogue_their_rows(built_root, tm
     code, out = grank(["evaluate", "--date", "1998-04-04"], env)
     assert code == 0, out
     assert registry.published() == registry.candidate(date(1998, 4, 4))
-
-
-def test_a_warm_start_can_also_retrain_the_days_before_the_new_ones(built_root, tmp_path):
-    """``finetune_replay_days`` widens a warm start's training events to the days before
-    the new ones (within the lineage's data); by default it trains the new days alone."""
-    root = models_root(built_root, tmp_path)
-    env = {**TINY_ENV, "GRANK_DATA_ROOT": str(root)}
-    registry = ModelRegistry(root / "models")
-    for command in ("train", "evaluate"):
-        code, out = grank([command, "--date", "1998-04-03"], env)
-        assert code == 0, out
-
-    def events_of(first: date) -> int:
-        """The training events of ``first``..1998-04-03 (each user's last is validation)."""
-        timelines = read_timelines(root / "features", first, date(1998, 4, 4))
-        train_end, _, _ = next_day(timelines, date(1998, 4, 4))
-        return int((train_end - timelines.first_target).sum())
-
-    trained = {}
-    for replay_days in (0, 2, 30):
-        code, out = grank(
-            ["train", "--date", "1998-04-04"],
-            {**env, "GRANK_TRAIN__FINETUNE_REPLAY_DAYS": str(replay_days)},
-        )
-        assert code == 0 and "warm start from" in out, out
-        manifest = registry.manifest(registry.candidate(date(1998, 4, 4)))
-        assert manifest["data_first_day"] == "1998-03-25"
-        trained[replay_days] = manifest["n_train_events"]
-    assert trained[0] == events_of(date(1998, 4, 3))
-    assert trained[2] == events_of(date(1998, 4, 1)) > trained[0]
-    # no further back than the lineage's first day
-    assert trained[30] == events_of(date(1998, 3, 25))
 
 
 def test_the_bootstrap_walks_forward_as_the_daily_warm_starts_train(built_root, tmp_path):
