@@ -74,28 +74,34 @@ def main() -> None:
         build = ["features", "build", "--date", str(day)] + (["--rebuild"] if i == 0 else [])
         _, build_s, _ = run(build, env)
         _, train_s, _ = run(["train", "--date", str(day)], env)
-        code, eval_s, _ = run(["evaluate", "--date", str(day)], env)
-        report = json.loads((registry.evaluation_dir(day) / "metrics.json").read_text())
-        results = report["results"]
-        published = "candidate" if code == 0 else "published"
-        serving = results.get(published, {})
-        row = {
-            "day": str(day),
-            "gate": "passed" if code == 0 else "refused",
-            "queries": report["n_queries"],
-            "published_model": {m: serving.get(m) for m in METRICS},
-            "candidate": {m: results.get("candidate", {}).get(m) for m in METRICS},
-            "previous_model": {m: results.get("published", {}).get(m) for m in METRICS},
-            "popularity_all_time": results["popularity_all_time"],
-            recent: results[recent],
-            "seconds": {"build": build_s, "train": train_s, "evaluate": eval_s},
-        }
+        _, eval_s, _ = run(["evaluate", "--date", str(day)], env)
+        row = day_row(registry.evaluation_dir(day), recent)
+        row["seconds"] = {"build": build_s, "train": train_s, "evaluate": eval_s}
         rows.append(row)
         print(_line(row, recent), flush=True)
     out = args.data_root / "replay.json"
     out.write_text(json.dumps(rows, indent=2))
     summarize(rows, args.data_root / "replay.png", recent)
     print(f"table: {out}, chart: {args.data_root / 'replay.png'}")
+
+
+def day_row(evaluation_dir: Path, recent: str) -> dict[str, Any]:
+    """One day of the table from ``grank evaluate``'s report: what served the next day
+    (the candidate if the gate passed it, else the model published before it)."""
+    report = json.loads((evaluation_dir / "metrics.json").read_text())
+    results = report["results"]
+    passed = report["gate"]["publishable"]
+    serving = results.get("candidate" if passed else "published", {})
+    return {
+        "day": evaluation_dir.name,
+        "gate": "passed" if passed else "refused",
+        "queries": report["n_queries"],
+        "published_model": {m: serving.get(m) for m in METRICS},
+        "candidate": {m: results.get("candidate", {}).get(m) for m in METRICS},
+        "previous_model": {m: results.get("published", {}).get(m) for m in METRICS},
+        "popularity_all_time": results["popularity_all_time"],
+        recent: results[recent],
+    }
 
 
 def _line(row: dict[str, Any], recent: str) -> str:
