@@ -89,7 +89,7 @@ def _worker(args: argparse.Namespace) -> None:
             job.spec.long_len,
             config.stride,
             rng,
-            data.model_inputs.flags,
+            data.model_inputs.codes,
         )
         started = time.perf_counter()
         _, epoch_steps, _ = train_epoch(

@@ -177,6 +177,9 @@ class TrainSettings(BaseModel):
     # validation chooses among prior_weights, 0 included. Off: on ML-1M validation chose a
     # weight that cost next-day N@10 (docs/model.md, docs/benchmarks.md)
     popularity_prior: bool = False
+    # each short-history token also reads the time since the user's event before it
+    # (training/inputs.py ``event_codes``; the store's ts_seq online)
+    time_gaps: bool = False
     prior_weights: tuple[float, ...] = FitConfig.prior_weights
     # the bootstrap validates and keeps an exponential moving average of its weights
     # (decay per step; 0 = off); warm starts, a handful of steps a day, end on their own

@@ -51,4 +51,5 @@ def model_inputs(settings: Settings, config: DatasetConfig) -> InputSpec:
         popularity_prior=(
             settings.train.recent_popularity_column if settings.train.popularity_prior else None
         ),
+        time_gaps=settings.train.time_gaps,
     )

@@ -8,10 +8,10 @@ made on D+1:
 - offline, as training does it: the feature tables, point in time (training_examples up
   to the end of D; user_features/item_features of D), through the training readers.
 
-Every tensor must be equal: sequences, behaviour flags, profile features, and the item
-features of a sample of items. A difference means the model serves on inputs it was not
-trained on (a column materialized from the wrong day, an encoding that drifted, ...).
-This module sits at the edge because it is the one place that reads both paths.
+Every tensor must be equal: sequences, event codes (behaviours and times), profile
+features, and the item features of a sample of items. A difference means the model serves
+on inputs it was not trained on (a column materialized from the wrong day, an encoding
+that drifted, ...). This module sits at the edge because it is the one place that reads both paths.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from serving.encoding import encode_users, item_feature_table, user_columns
 from serving.sequences import FeastUserSource
 from training.data import Queries, day_number, query_histories, read_timelines
 from training.features import read_feature_history
-from training.inputs import behavior_flags
+from training.inputs import event_codes
 from training.model import GRankConfig
 
 
@@ -62,18 +62,14 @@ def check_skew(
     # a prediction on D+1 with every event up to the end of D as its history
     queries = Queries(rows, lengths, np.zeros(len(rows) + 1, np.int64), np.zeros(0, np.int64), days)
     spec = config.inputs
-    flags = (
-        behavior_flags(spec.behaviors, timelines.event_types(), timelines.event_values())
-        if spec.behaviors
-        else None
-    )
-    short, long, long_flags = query_histories(
-        timelines, queries, config.short_seq_len, config.long_seq_len, flags
+    codes = event_codes(spec, timelines.event_types(), timelines.event_values(), timelines.times)
+    short, long, long_codes = query_histories(
+        timelines, queries, config.short_seq_len, config.long_seq_len, codes
     )
     history = read_feature_history(
         features_dir, spec, tomorrow, tomorrow, config.n_item_rows, ttl_days, torch.device("cpu")
     )
-    offline = history.user_context(long, long_flags, user_ids, days, torch.device("cpu"))
+    offline = history.user_context(long, long_codes, user_ids, days, torch.device("cpu"))
 
     source = FeastUserSource(feast_dir)
     online_histories = source.get([int(u) for u in user_ids], user_columns(config))
@@ -89,7 +85,7 @@ def check_skew(
                 online.long_seq.numpy() if online.long_seq is not None else None,
                 long,
             ),
-            "behaviour flags": (_np(online.long_flags), long_flags),
+            "event codes": (_np(online.long_codes), long_codes),
             "user numeric features": (_np(online.numeric), _np(offline.numeric)),
             "user categorical features": (_np(online.categorical), _np(offline.categorical)),
         }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from serving.sequences import ItemSource, UserHistory
-from training.inputs import behavior_flags, encode_categorical, scale_numeric, standardize_items
+from training.inputs import encode_categorical, event_codes, scale_numeric, standardize_items
 from training.model import GRankConfig, UserContext
 
 
@@ -29,21 +29,24 @@ def encode_users(
 ) -> tuple[torch.Tensor, UserContext]:
     """The Generator's inputs for these users, encoded exactly as training encodes them.
 
-    Sequences are left-padded to the model's lengths; behaviour flags come from the long
-    sequence's event types and values; profile columns are scaled or hashed
+    Sequences are left-padded to the model's lengths; event codes come from the long
+    sequence's event types, values and times; profile columns are scaled or hashed
     (training/inputs.py, the one definition both sides share).
     """
     spec = config.inputs
     short = _left_pad([h.short for h in histories], config.short_seq_len)
     long = _left_pad([h.long for h in histories], config.long_seq_len)
-    flags = None
-    if spec.behaviors:
-        rows = []
+    codes = None
+    if spec.uses_event_codes:
+        rows: list[np.ndarray] = []
         for h in histories:
             kinds = np.array(h.event_types or [""] * len(h.long), dtype=object)
             values = np.array(h.values or [np.nan] * len(h.long), dtype=np.float64)
-            rows.append(behavior_flags(spec.behaviors, kinds, values))
-        flags = _left_pad(rows, config.long_seq_len)
+            times = np.array(h.times or [0] * len(h.long), dtype=np.int64)
+            event = event_codes(spec, kinds, values, times)
+            assert event is not None  # the spec reads codes
+            rows.append(event)
+        codes = _left_pad(rows, config.long_seq_len)
     numeric = categorical = None
     if spec.user_numeric:
         raw = np.array([[_number(h.features.get(c)) for c in spec.user_numeric] for h in histories])
@@ -56,7 +59,7 @@ def encode_users(
                 spec.categorical_buckets,
             )
         )
-    return short, UserContext(long, flags, numeric, categorical)
+    return short, UserContext(long, codes, numeric, categorical)
 
 
 def item_feature_table(config: GRankConfig, items: ItemSource) -> torch.Tensor:

@@ -31,14 +31,16 @@ SERVICES = (GENERATOR_SERVICE, RANKER_SERVICE, USER_CONTEXT_SERVICE, ITEM_CONTEX
 class UserHistory:
     """A user's item ids, oldest first: ``short`` feeds the Generator, ``long`` the Ranker.
 
-    ``event_types``/``values`` are aligned with ``long`` (empty when the store has none);
-    ``features`` holds the user's profile columns as the online store returned them.
+    ``event_types``/``values``/``times`` (unix microseconds) are aligned with ``long``
+    (empty when the store has none); ``features`` holds the user's profile columns as the
+    online store returned them.
     """
 
     short: tuple[int, ...]
     long: tuple[int, ...]
     event_types: tuple[str, ...] = ()
     values: tuple[float, ...] = ()
+    times: tuple[int, ...] = ()
     features: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -115,7 +117,7 @@ class FeastUserSource:
         if not user_ids:
             return {}
         names = ["short_item_seq", "item_seq"]
-        names += [n for n in ("event_type_seq", "value_seq") if n in self._refs]
+        names += [n for n in ("event_type_seq", "value_seq", "ts_seq") if n in self._refs]
         names += list(user_columns)
         refs = sorted({self._ref(name) for name in names})
         response = self._store.get_online_features(
@@ -124,6 +126,7 @@ class FeastUserSource:
             full_feature_names=True,
         ).to_dict()
         column = {name: response[self._ref(name).replace(":", "__")] for name in names}
+        missing = [None] * len(user_ids)
         result: dict[int, UserHistory | None] = {}
         for row, user in enumerate(user_ids):
             short, long = column["short_item_seq"][row], column["item_seq"][row]
@@ -133,11 +136,12 @@ class FeastUserSource:
             result[int(user)] = UserHistory(
                 short=tuple(int(i) for i in short or ()),
                 long=tuple(int(i) for i in long or ()),
-                event_types=tuple(column.get("event_type_seq", [None] * len(user_ids))[row] or ()),
+                event_types=tuple(column.get("event_type_seq", missing)[row] or ()),
                 values=tuple(
                     float("nan") if v is None else float(v)
-                    for v in column.get("value_seq", [None] * len(user_ids))[row] or ()
+                    for v in column.get("value_seq", missing)[row] or ()
                 ),
+                times=tuple(int(t) for t in column.get("ts_seq", missing)[row] or ()),
                 features={name: column[name][row] for name in user_columns},
             )
         return result

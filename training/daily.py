@@ -64,7 +64,7 @@ from training.gate import (
     read_evidence,
     write_evidence,
 )
-from training.inputs import InputSpec, behavior_flags
+from training.inputs import InputSpec, event_codes
 from training.losses import BatchLoss, grank_batch_loss, log_q
 from training.model import GRank
 from training.registry import ModelRegistry
@@ -124,11 +124,7 @@ def read_day_data(
     """Timelines of ``first..test_day`` and the features for predictions made on the days
     ``predictions_from..test_day`` (default: every day of the timelines)."""
     timelines = read_timelines(job.features_dir, first, job.test_day, job.landed_days)
-    flags = (
-        behavior_flags(spec.behaviors, timelines.event_types(), timelines.event_values())
-        if spec.behaviors
-        else None
-    )
+    codes = event_codes(spec, timelines.event_types(), timelines.event_values(), timelines.times)
     servable = _servable(job.catalogue, n_rows)
     first_day = predictions_from or timelines.first_day
 
@@ -146,7 +142,7 @@ def read_day_data(
     baseline_spec = InputSpec(item_numeric=job.baselines.item_columns)
     return DayData(
         timelines=timelines,
-        model_inputs=EvalInputs(history(spec), flags, servable),
+        model_inputs=EvalInputs(history(spec), codes, servable),
         baseline_inputs=EvalInputs(history(baseline_spec), None, servable),
     )
 

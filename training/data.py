@@ -433,7 +433,7 @@ class Windows:
     targets: np.ndarray
     users: np.ndarray  # timeline row of each window's user
     days: np.ndarray  # UTC day number of each window's target
-    long_flags: np.ndarray | None = None  # behaviour bitmasks aligned with ``long``
+    long_codes: np.ndarray | None = None  # behaviour bitmasks aligned with ``long``
     # [N, M]: what the query token U learns to predict (0: nothing); None: every window's
     # target, as one more next-token slot
     query_labels: np.ndarray | None = None
@@ -457,7 +457,7 @@ def make_windows(
     long_len: int,
     stride: int,
     rng: np.random.Generator,
-    flags: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
     next_day: bool = False,
     next_day_targets: int = 1,
 ) -> Windows:
@@ -465,7 +465,7 @@ def make_windows(
 
     The random phase (drawn from ``rng``, so deterministic by seed) moves the window
     boundaries each epoch, a cheap augmentation; ``stride=1`` yields one example per event.
-    ``flags`` (behaviour bitmasks per timeline position) add ``long_flags`` to the windows.
+    ``codes`` (behaviour bitmasks per timeline position) add ``long_codes`` to the windows.
 
     ``next_day`` adds, per user and day with training targets and an earlier history, one
     window in the serving situation: its input ends with the day before (what the online
@@ -476,7 +476,7 @@ def make_windows(
     what it is judged on. One U per user and day scores them all: more targets cost
     next to nothing and tell U about the day rather than one event of it.
     """
-    short_rows, long_rows, label_rows, targets, flag_rows = [], [], [], [], []
+    short_rows, long_rows, label_rows, targets, code_rows = [], [], [], [], []
     users, positions, query_labels = [], [], []
     no_labels = np.zeros(next_day_targets, dtype=np.int64)
     for u in range(timelines.n_users):
@@ -497,9 +497,9 @@ def make_windows(
             query_labels.append(no_labels)  # U serves from the day before: it learns below
             users.append(u)
             positions.append(timelines.offsets[u] + end)
-            if flags is not None:
+            if codes is not None:
                 start = timelines.offsets[u]
-                flag_rows.append(_left_padded(flags[start : start + end], long_len))
+                code_rows.append(_left_padded(codes[start : start + end], long_len))
         if not next_day:
             continue
         days = timelines.days[timelines.offsets[u] : timelines.offsets[u + 1]]
@@ -522,9 +522,9 @@ def make_windows(
             query_labels.append(labels)
             users.append(u)
             positions.append(timelines.offsets[u] + end)
-            if flags is not None:
+            if codes is not None:
                 start = timelines.offsets[u]
-                flag_rows.append(_left_padded(flags[start : start + cut], long_len))
+                code_rows.append(_left_padded(codes[start : start + cut], long_len))
     if not targets:
         raise UserFacingError("the training window holds no training events")
     return Windows(
@@ -534,7 +534,7 @@ def make_windows(
         targets=np.array(targets, dtype=np.int64),
         users=np.array(users, dtype=np.int64),
         days=timelines.days[np.array(positions, dtype=np.int64)],
-        long_flags=np.stack(flag_rows) if flags is not None else None,
+        long_codes=np.stack(code_rows) if codes is not None else None,
         query_labels=np.stack(query_labels) if next_day else None,
     )
 
@@ -544,20 +544,20 @@ def query_histories(
     queries: Queries,
     short_len: int,
     long_len: int,
-    flags: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Left-padded short and long histories of every query (and the long one's flags)."""
+    """Left-padded short and long histories of every query (and the long one's codes)."""
     short = np.zeros((len(queries), short_len), dtype=np.int64)
     long = np.zeros((len(queries), long_len), dtype=np.int64)
-    long_flags = None if flags is None else np.zeros((len(queries), long_len), dtype=np.int64)
+    long_codes = None if codes is None else np.zeros((len(queries), long_len), dtype=np.int64)
     for i, (u, cut) in enumerate(zip(queries.users, queries.cuts, strict=True)):
         start = int(timelines.offsets[int(u)])
         history = timelines.items[start : start + int(cut)]
         short[i] = _left_padded(history, short_len)
         long[i] = _left_padded(history, long_len)
-        if long_flags is not None and flags is not None:
-            long_flags[i] = _left_padded(flags[start : start + int(cut)], long_len)
-    return short, long, long_flags
+        if long_codes is not None and codes is not None:
+            long_codes[i] = _left_padded(codes[start : start + int(cut)], long_len)
+    return short, long, long_codes
 
 
 def item_counts(timelines: Timelines, train_end: np.ndarray, n_rows: int) -> np.ndarray:

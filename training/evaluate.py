@@ -49,7 +49,7 @@ class EvalInputs:
     per timeline position, and which item rows may be recommended (None: every row)."""
 
     features: FeatureHistory | None = None
-    flags: np.ndarray | None = None
+    codes: np.ndarray | None = None
     servable: np.ndarray | None = None
 
 
@@ -145,8 +145,8 @@ def rankings_by_filter(
     was_training = isinstance(scorer, torch.nn.Module) and scorer.training
     if isinstance(scorer, torch.nn.Module):
         scorer.eval()
-    short, long, long_flags = query_histories(
-        timelines, queries, spec.short_len, spec.long_len, inputs.flags
+    short, long, long_codes = query_histories(
+        timelines, queries, spec.short_len, spec.long_len, inputs.codes
     )
     features = inputs.features
     with_ranker = with_rank and isinstance(scorer, GRank) and scorer.config.use_ranker
@@ -158,7 +158,7 @@ def rankings_by_filter(
         if features is not None:
             user = features.user_context(
                 long[rows],
-                None if long_flags is None else long_flags[rows],
+                None if long_codes is None else long_codes[rows],
                 timelines.user_ids[queries.users[rows]],
                 days,
                 device,

@@ -60,7 +60,7 @@ class FeatureHistory:
     def user_context(
         self,
         long_seq: np.ndarray,
-        long_flags: np.ndarray | None,
+        long_codes: np.ndarray | None,
         user_ids: np.ndarray,
         days: np.ndarray,
         device: torch.device,
@@ -78,7 +78,7 @@ class FeatureHistory:
                 categorical = torch.as_tensor(self.user_categorical[asof, slot], device=device)
         return UserContext(
             long_seq=torch.as_tensor(long_seq, device=device),
-            long_flags=None if long_flags is None else torch.as_tensor(long_flags, device=device),
+            long_codes=None if long_codes is None else torch.as_tensor(long_codes, device=device),
             numeric=numeric,
             categorical=categorical,
         )

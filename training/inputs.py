@@ -2,9 +2,9 @@
 
 Training (point in time, from the offline tables) and serving (online, through Feast) must
 turn the same feature values into the same numbers, or the model serves on inputs it never
-saw. Every encoding therefore lives here, once, and both sides call it: behaviour flags from
-(event type, value), the scaling of numeric features, the hashing of categorical ones. The
-model's config carries the :class:`InputSpec` it was trained with, so serving encodes with
+saw. Every encoding therefore lives here, once, and both sides call it: event codes from
+(event type, value, time), the scaling of numeric features, the hashing of categorical
+ones. The model's config carries the :class:`InputSpec` it was trained with, so serving encodes with
 the checkpoint's own spec, not with today's settings.
 
 This module is part of the model definition (serving imports it): numpy only, no Spark,
@@ -20,6 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# An event code holds the event's behaviour bits below TIME_SHIFT and, for a model with
+# time gaps, the event's unix second above: one int64 per event carries both through
+# every window, query and online lookup (padding: 0).
+TIME_SHIFT = 8
+US_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class InputSpec:
     - ``popularity_prior``: an ``item_features`` count column (e.g. ``pop_7d``, same point
       in time, encoded like ``item_numeric``) that the served score adds, times the
       model's ``prior_weight``, to each candidate's Ranker score (None: no prior).
+    - ``time_gaps``: each short-history token also carries the time since the user's
+      event before it (log-scaled buckets), so the Generator can tell a burst of ratings
+      from a return after months.
     """
 
     behaviors: tuple[BehaviorRule, ...] = ()
@@ -59,6 +68,16 @@ class InputSpec:
     categorical_buckets: int = 1024
     item_numeric: tuple[str, ...] = ()
     popularity_prior: str | None = None
+    time_gaps: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.behaviors) > TIME_SHIFT:
+            raise ValueError(f"at most {TIME_SHIFT} behaviour rules fit an event code")
+
+    @property
+    def uses_event_codes(self) -> bool:
+        """Whether the model reads per-event codes (:func:`event_codes`) beside the items."""
+        return bool(self.behaviors) or self.time_gaps
 
     @property
     def uses_user_features(self) -> bool:
@@ -81,6 +100,7 @@ class InputSpec:
             "categorical_buckets": self.categorical_buckets,
             "item_numeric": list(self.item_numeric),
             "popularity_prior": self.popularity_prior,
+            "time_gaps": self.time_gaps,
         }
 
     @classmethod
@@ -95,6 +115,7 @@ class InputSpec:
             categorical_buckets=int(values.get("categorical_buckets", 1024)),
             item_numeric=tuple(values.get("item_numeric", ())),
             popularity_prior=values.get("popularity_prior"),
+            time_gaps=bool(values.get("time_gaps", False)),
         )
 
 
@@ -118,6 +139,7 @@ def select_groups(spec: InputSpec, groups: Sequence[str]) -> InputSpec:
         categorical_buckets=spec.categorical_buckets,
         item_numeric=spec.item_numeric if "item_features" in groups else (),
         popularity_prior=spec.popularity_prior,
+        time_gaps=spec.time_gaps,
     )
 
 
@@ -142,6 +164,24 @@ def behavior_flags(
                     match &= numbers <= rule.max_value
         flags[match] |= 1 << bit
     return flags
+
+
+def event_codes(
+    spec: InputSpec, event_types: np.ndarray, values: np.ndarray, times_us: np.ndarray
+) -> np.ndarray | None:
+    """int64 code per event (see ``TIME_SHIFT``), or None for a model that reads none.
+
+    ``times_us`` are unix microseconds, aligned with the other arrays. Training computes
+    codes over whole timelines, serving over the online sequence; both then keep the
+    same newest events, so each window holds the same numbers on both sides.
+    """
+    if not spec.uses_event_codes:
+        return None
+    codes = behavior_flags(spec.behaviors, event_types, values)
+    if spec.time_gaps:
+        seconds = np.asarray(times_us, dtype=np.int64) // US_PER_SECOND
+        codes |= np.maximum(seconds, 0) << TIME_SHIFT
+    return codes
 
 
 def scale_numeric(values: np.ndarray) -> np.ndarray:

@@ -30,22 +30,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import GRankConfig
+from training.inputs import TIME_SHIFT
 
 ITEM_TABLE_KEY = "item_embedding.weight"  # state-dict name of the shared item table
+# time-gap buckets: 0 padding, 1 no earlier event, 2 + floor(log2(1 + seconds)) up to the
+# last bucket (2^29 s, 17 years, and beyond)
+GAP_BUCKETS = 32
+
+
+def gap_buckets(codes: torch.Tensor) -> torch.Tensor:
+    """[B, L] bucket of each slot's time since the event before it, from codes [B, L + 1].
+
+    ``codes`` are left-padded event codes whose first column is the predecessor of the
+    first slot. Buckets grow with log2 of the gap in seconds: a minute and an hour, a day
+    and a month fall in different buckets, two ratings typed a second apart in the same.
+    """
+    seconds = codes >> TIME_SHIFT
+    present = seconds > 0
+    gaps = (seconds[:, 1:] - seconds[:, :-1]).clamp(min=0).double()
+    buckets = (2 + torch.log2(1 + gaps).floor().long()).clamp(max=GAP_BUCKETS - 1)
+    buckets = torch.where(present[:, :-1], buckets, torch.ones_like(buckets))
+    return torch.where(present[:, 1:], buckets, torch.zeros_like(buckets))
 
 
 @dataclass(frozen=True)
 class UserContext:
     """The user-side inputs besides the short sequence, as tensors (training/inputs.py).
 
-    ``long_seq`` [B, Ll] with ``long_flags`` [B, Ll] (behaviour bitmasks, aligned);
+    ``long_seq`` [B, Ll] with ``long_codes`` [B, Ll] (event codes, aligned:
+    ``training.inputs.event_codes``);
     ``numeric`` [B, Fu] (scaled) and ``categorical`` [B, Cu] (hashed buckets) are the user's
     features as of the day before the prediction. Any part the config does not use may
     be None.
     """
 
     long_seq: torch.Tensor | None = None
-    long_flags: torch.Tensor | None = None
+    long_codes: torch.Tensor | None = None
     numeric: torch.Tensor | None = None
     categorical: torch.Tensor | None = None
 
@@ -141,6 +161,8 @@ class GRank(nn.Module):
             self.register_buffer("user_numeric_high", torch.full((width,), torch.inf))
         if spec.user_categorical:
             self.user_categories = nn.Embedding(spec.categorical_buckets, d, padding_idx=0)
+        if spec.time_gaps:
+            self.gap_embedding = nn.Embedding(GAP_BUCKETS, d, padding_idx=0)
         if config.use_aux:
             self.aux_input = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
             self.aux_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
@@ -230,10 +252,7 @@ class GRank(nn.Module):
     # -------------------------------------------------------------- generator
     def _fit(self, seq: torch.Tensor, length: int) -> torch.Tensor:
         """Keep the newest ``length`` ids (unknown ones as 0), left-padding shorter sequences."""
-        seq = self.known(seq)
-        if seq.shape[1] >= length:
-            return seq[:, seq.shape[1] - length :]
-        return F.pad(seq, (length - seq.shape[1], 0))
+        return _newest(self.known(seq), length)
 
     def _profile(self, user: UserContext | None, batch: int) -> torch.Tensor | None:
         """The feature part of the query token U: pooled behaviours and the user's profile."""
@@ -244,9 +263,9 @@ class GRank(nn.Module):
             raise ValueError("this model reads user features: pass a UserContext")
         parts: list[torch.Tensor] = []
         if spec.behaviors:
-            assert user.long_seq is not None and user.long_flags is not None
+            assert user.long_seq is not None and user.long_codes is not None
             seq = self._fit(user.long_seq, self.config.long_seq_len)
-            flags = self._fit(user.long_flags, self.config.long_seq_len)
+            flags = _newest(user.long_codes, self.config.long_seq_len)
             items = self.embed(seq)
             pooled = []
             for bit in range(len(spec.behaviors)):
@@ -286,6 +305,11 @@ class GRank(nn.Module):
         profile = self._profile(user, batch)
         if profile is not None:
             query = query + profile
+        if self.config.inputs.time_gaps:
+            if user is None or user.long_codes is None:
+                raise ValueError("this model reads time gaps: pass a UserContext with codes")
+            # the short sequence is the long one's newest slots; one more gives the gaps
+            items = items + self.gap_embedding(gap_buckets(_newest(user.long_codes, length + 1)))
         tokens = torch.cat([items, query.unsqueeze(1)], dim=1) + self.short_positions.weight
         hist = self.embed_drop(tokens)
         # causal mask over [history, U]; padding keys hidden; every token sees itself, so a
@@ -389,3 +413,10 @@ class GRank(nn.Module):
             column = spec.item_columns.index(spec.popularity_prior)
             scores = scores + prior * item_features[..., column]
         return scores
+
+
+def _newest(seq: torch.Tensor, length: int) -> torch.Tensor:
+    """The newest ``length`` columns of left-padded ``seq``, left-padding shorter ones with 0."""
+    if seq.shape[1] >= length:
+        return seq[:, seq.shape[1] - length :]
+    return F.pad(seq, (length - seq.shape[1], 0))

@@ -33,7 +33,7 @@ from training.config import EvalConfig, FitConfig, GRankConfig, LossWeights
 from training.data import Timelines, item_counts, leave_last_out, read_timelines
 from training.evaluate import EvalInputs, Scorer, evaluate_by_filter
 from training.features import read_feature_history
-from training.inputs import FEATURE_GROUPS, InputSpec, behavior_flags, select_groups
+from training.inputs import FEATURE_GROUPS, InputSpec, event_codes, select_groups
 from training.losses import grank_batch_loss, log_q, two_tower_batch_loss
 from training.model import GRank
 from training.temporal import TemporalSplit, global_temporal_split, preprocess, quantile_time
@@ -122,12 +122,10 @@ def load(job: OfflineJob, device: torch.device) -> OfflineData:
                 job.feature_ttl_days,
                 device,
             )
-            flags = (
-                behavior_flags(spec.behaviors, timelines.event_types(), timelines.event_values())
-                if spec.behaviors
-                else None
+            codes = event_codes(
+                spec, timelines.event_types(), timelines.event_values(), timelines.times
             )
-            histories[spec] = EvalInputs(history, flags, servable)
+            histories[spec] = EvalInputs(history, codes, servable)
         return histories[spec]
 
     return OfflineData(timelines, split, servable, features_of)

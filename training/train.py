@@ -114,7 +114,7 @@ def train_batch(
     days = windows.days[rows]
     user = features.user_context(
         windows.long[rows],
-        None if windows.long_flags is None else windows.long_flags[rows],
+        None if windows.long_codes is None else windows.long_codes[rows],
         timelines.user_ids[windows.users[rows]],
         days,
         device,
@@ -330,7 +330,7 @@ class _Fit:
             spec.long_len,
             config.stride,
             self.rng,
-            self.inputs.flags,
+            self.inputs.codes,
             config.next_day_windows,
             config.next_day_targets,
         )

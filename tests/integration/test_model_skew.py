@@ -38,7 +38,13 @@ def root(spark, ml100k_settings, tmp_path_factory) -> Path:
 
 
 def grank(root: Path, *args: str) -> tuple[int, str]:
-    env = {"GRANK_DATA_ROOT": str(root), "GRANK_DATASET": "ml-100k"}
+    # a model that reads every feature group and the events' times: every input compared
+    env = {
+        "GRANK_DATA_ROOT": str(root),
+        "GRANK_DATASET": "ml-100k",
+        "GRANK_TRAIN__FEATURE_GROUPS": '["behaviors", "user_profile", "item_features"]',
+        "GRANK_TRAIN__TIME_GAPS": "true",
+    }
     result = CliRunner().invoke(cli, list(args), env=env)
     if isinstance(result.exception, UserFacingError):
         return 1, result.output + f"error: {result.exception}"

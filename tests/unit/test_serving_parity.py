@@ -29,6 +29,7 @@ from training.features import FeatureHistory
 from training.inputs import (
     BehaviorRule,
     InputSpec,
+    event_codes,
     hash_category,
     scale_numeric,
     standardize_items,
@@ -53,6 +54,7 @@ SPEC = InputSpec(
         (1.0, 0.0, SPEC),
         (0.5, 0.0, SPEC),
         (0.5, 1.0, replace(SPEC, item_numeric=(), popularity_prior="pop_7d")),
+        (1.0, 0.0, replace(SPEC, time_gaps=True)),
     ],
 )
 def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
@@ -83,11 +85,15 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
     # recommendable on both sides
     items = list(range(1, 13))
     values = [5.0, 1.0] * 6
+    # on the day before DAY, gaps of a second to hours apart
+    gaps_s = [0, 2, 40, 700, 3000, 90, 5, 20000, 1, 600, 10, 30000]
+    times = ((day_number(DAY) - 1) * US_PER_DAY + np.cumsum(gaps_s) * 1_000_000).tolist()
     history = UserHistory(
         short=tuple(items[-SHORT:]),
         long=tuple(items[-LONG:]),
         event_types=("rating",) * LONG,
         values=tuple(values[-LONG:]),
+        times=tuple(times[-LONG:]),
         features={"events_7d": 3, "gender": "F"},
     )
     source = StaticUserSource({7: history}, {"pop_7d": pop_7d})
@@ -101,7 +107,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
         user_ids=np.array([7]),
         offsets=np.array([0, len(items)]),
         items=np.array(items),
-        times=np.full(len(items), (day_number(DAY) - 1) * US_PER_DAY),
+        times=np.array(times),
         first_target=np.zeros(1, dtype=np.int64),
         first_day=DAY,
         last_day=DAY,
@@ -129,7 +135,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
         user_categorical=np.array([[[0], [0]], [[0], [hash_category("gender", "F", 1024)]]]),
         item_table=torch.as_tensor(item_table),
     )
-    flags = np.array([1, 0] * 6)
+    codes = event_codes(spec, np.array(["rating"] * 12, object), np.array(values), np.array(times))
     servable = np.ones(N_ITEMS + 1, dtype=bool)
     ranked = rankings(
         model,
@@ -137,7 +143,7 @@ def test_serving_and_evaluation_rank_the_same_items_in_the_same_order(
         queries,
         EvalConfig(SHORT, LONG, k1=N_ITEMS, seen_len=LONG),
         torch.device("cpu"),
-        EvalInputs(features, flags, servable),
+        EvalInputs(features, codes, servable),
     )["rank"][0]
     evaluated = [int(i) for i in ranked if int(i) != 0]
     assert served.items == evaluated[: len(served.items)]

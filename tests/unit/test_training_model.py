@@ -17,7 +17,7 @@ from training.config import EvalConfig, FitConfig
 from training.data import Queries, Timelines, leave_last_out
 from training.evaluate import NO_INPUTS, EvalInputs, rankings, rankings_by_filter
 from training.features import FeatureHistory
-from training.inputs import InputSpec
+from training.inputs import TIME_SHIFT, BehaviorRule, InputSpec, event_codes
 from training.losses import (
     LossWeights,
     TrainBatch,
@@ -28,7 +28,7 @@ from training.losses import (
     ntp_loss,
     top_ranker_loss,
 )
-from training.model import GRank, GRankConfig
+from training.model import GAP_BUCKETS, GRank, GRankConfig, UserContext, gap_buckets
 from training.train import calibrate_served_order, fit, weight_average
 
 
@@ -577,7 +577,6 @@ def test_features_reach_the_query_token_and_the_ranker():
     """Each feature group changes what it should, and only that: the profile and the pooled
     behaviours move the user vector, item features move the Ranker's scores."""
     from training.inputs import BehaviorRule, InputSpec
-    from training.model import UserContext
 
     spec = InputSpec(
         behaviors=(BehaviorRule("liked", (), min_value=4.0),),
@@ -610,8 +609,8 @@ def test_features_reach_the_query_token_and_the_ranker():
     vectors = model.user_vectors(SHORT, base)
     for changed in (
         UserContext(long, torch.ones(2, 8, dtype=torch.long), base.numeric, base.categorical),
-        UserContext(long, base.long_flags, torch.ones(2, 1), base.categorical),
-        UserContext(long, base.long_flags, base.numeric, torch.full((2, 1), 7)),
+        UserContext(long, base.long_codes, torch.ones(2, 1), base.categorical),
+        UserContext(long, base.long_codes, base.numeric, torch.full((2, 1), 7)),
     ):
         assert not torch.allclose(vectors, model.user_vectors(SHORT, changed))
     with pytest.raises(ValueError, match="reads user features"):
@@ -623,6 +622,48 @@ def test_features_reach_the_query_token_and_the_ranker():
     assert not torch.allclose(popular, unpopular)
     with pytest.raises(ValueError, match="reads item features"):
         model.rank_scores(long, cands, gen)
+
+
+def test_event_codes_carry_behaviour_bits_below_and_the_second_above():
+    liked = BehaviorRule("liked", ("rating",), min_value=4.0)
+    kinds = np.array(["rating", "rating", "view"], dtype=object)
+    values = np.array([5.0, 1.0, np.nan])
+    times_us = np.array([1_000_000, 2_500_000, 90_000_000])
+    assert event_codes(InputSpec(), kinds, values, times_us) is None
+    assert event_codes(InputSpec(behaviors=(liked,)), kinds, values, times_us).tolist() == [1, 0, 0]
+    both = event_codes(InputSpec(behaviors=(liked,), time_gaps=True), kinds, values, times_us)
+    assert (both >> TIME_SHIFT).tolist() == [1, 2, 90]  # whole seconds
+    assert (both & ((1 << TIME_SHIFT) - 1)).tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="behaviour rules fit"):
+        InputSpec(behaviors=(liked,) * (TIME_SHIFT + 1))
+
+
+def test_gap_buckets_grow_with_log2_of_the_seconds_since_the_event_before():
+    seconds = torch.tensor([[0, 0, 100, 100, 101, 104, 100 + 2**40]])
+    buckets = gap_buckets(seconds << TIME_SHIFT | 1)  # behaviour bits do not count
+    # padding, no earlier event, 0 s, 1 s, 3 s, and a gap beyond the last bucket
+    assert buckets.tolist() == [[0, 1, 2, 3, 4, GAP_BUCKETS - 1]]
+
+
+def test_a_model_with_time_gaps_reads_the_times_of_its_short_history():
+    torch.manual_seed(0)
+    model = tiny(long_seq_len=8, inputs=InputSpec(time_gaps=True)).eval()
+    long = torch.randint(1, 40, (2, 8))
+    short = long[:, -6:]
+    seconds = torch.arange(1, 9).repeat(2, 1) * 1000
+
+    def vectors(times: torch.Tensor) -> torch.Tensor:
+        codes = times << TIME_SHIFT
+        return model.user_vectors(short, UserContext(long, codes))
+
+    base = vectors(seconds)
+    assert torch.allclose(base, vectors(seconds + 10**6))  # the same gaps, later
+    assert torch.allclose(base, vectors(torch.cat([seconds[:, :1] - 10**6, seconds[:, 1:]], 1)))
+    later = seconds.clone()
+    later[:, -1] += 10**6  # the newest event came a long while after the one before
+    assert not torch.allclose(base, vectors(later))
+    with pytest.raises(ValueError, match="reads time gaps"):
+        model.user_vectors(short)
 
 
 def test_the_ranker_learns_each_served_item_against_the_generator_top_it_reorders():
