@@ -662,6 +662,11 @@ def test_a_model_with_time_gaps_reads_the_times_of_its_short_history():
     later = seconds.clone()
     later[:, -1] += 10**6  # the newest event came a long while after the one before
     assert not torch.allclose(base, vectors(later))
+    # no slot reads a later event's time: the older slots' states stay as they were
+    states = [
+        model.generator(short, user=UserContext(long, t << TIME_SHIFT))[0] for t in (seconds, later)
+    ]
+    assert torch.allclose(states[0][:, :-2], states[1][:, :-2])
     with pytest.raises(ValueError, match="reads time gaps"):
         model.user_vectors(short)
 
