@@ -4,8 +4,8 @@ Training (point in time, from the offline tables) and serving (online, through F
 turn the same feature values into the same numbers, or the model serves on inputs it never
 saw. Every encoding therefore lives here, once, and both sides call it: event codes from
 (event type, value, time), the scaling of numeric features, the hashing of categorical
-ones. The model's config carries the :class:`InputSpec` it was trained with, so serving encodes with
-the checkpoint's own spec, not with today's settings.
+ones. The model's config carries the :class:`InputSpec` it was trained with, so serving
+encodes with the checkpoint's own spec, not with today's settings.
 
 This module is part of the model definition (serving imports it): numpy only, no Spark,
 Feast or pandas.
