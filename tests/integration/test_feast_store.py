@@ -60,12 +60,18 @@ def sequence_of(user_id: int, day: date) -> list[int]:
     return [user_id, 1000 + (day - DAY1).days]
 
 
+def times_of(user_id: int, day: date) -> list[int]:
+    """The event times (us UTC) of :func:`sequence_of`: one second apart from ``day``'s start."""
+    start = day_start_us(day)
+    return [start + 1_000_000 * (i + 1) for i in range(len(sequence_of(user_id, day)))]
+
+
 def write_feature_tables(features_dir: Path, day: date, user_ids: list[int]) -> None:
     """Contract-shaped partitions of the three online tables for ``day`` (pyarrow, us UTC)."""
     start = day_start_us(day)
     end_of_day = start + US_PER_DAY - 1
     seqs = [sequence_of(u, day) for u in user_ids]
-    ts_seqs = [[start + 1_000_000 * (i + 1) for i in range(len(s))] for s in seqs]
+    ts_seqs = [times_of(u, day) for u in user_ids]
     last_ts = [t[-1] for t in ts_seqs]
     n = len(user_ids)
 

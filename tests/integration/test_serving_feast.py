@@ -9,9 +9,8 @@ import numpy as np
 
 from features.config import StoreConfig
 from features.feature_store import materialize_window, open_store, register
-from features.lake import day_start_us
 from serving.sequences import FeastUserSource, UserHistory
-from tests.integration.test_feast_store import DAY1, sequence_of, write_feature_tables
+from tests.integration.test_feast_store import DAY1, sequence_of, times_of, write_feature_tables
 from tests.integration.test_serving_app import running_server
 from tests.integration.test_snapshots import N_ITEMS, make_refresh, publish
 
@@ -32,7 +31,7 @@ def test_recommend_reads_histories_from_the_feast_online_store(tmp_path: Path) -
             long=expected,
             event_types=("rating",) * len(expected),
             values=(4.0,) * len(expected),
-            times=tuple(day_start_us(DAY1) + 1_000_000 * (i + 1) for i in range(len(expected))),
+            times=tuple(times_of(2, DAY1)),
         ),
         999: None,
     }
